@@ -1,0 +1,112 @@
+"""Read popserv's INI configuration and command-line overrides into one frozen Config."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import socket
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the file, section and key."""
+
+
+def _default_hostname() -> str:
+    return socket.getfqdn() or "localhost"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting popserv has; ``etc/popserv.ini`` documents each with its default."""
+
+    hostname: str = field(default_factory=_default_hostname)
+    mailroot: str = "popserv-data/mail"
+    users: str = "popserv-data/users"
+
+    pop3_listen: tuple[str, ...] = ("tcp:110",)
+    pop3_timeout: float = 600.0
+    pop3_login_timeout: float = 60.0
+    pop3_failure_delay: float = 1.0
+    pop3_login_delay: int = 0
+
+    def replace(self, **changes) -> Config:
+        """A copy with some settings changed (command-line overrides)."""
+        return dataclasses.replace(self, **changes)
+
+
+# (section, key) -> (Config field, parser)
+def _listeners(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+_KEYS = {
+    ("server", "hostname"): ("hostname", _text),
+    ("server", "mailroot"): ("mailroot", _text),
+    ("server", "users"): ("users", _text),
+    ("pop3", "listen"): ("pop3_listen", _listeners),
+    ("pop3", "timeout"): ("pop3_timeout", _positive_float),
+    ("pop3", "login_timeout"): ("pop3_login_timeout", _positive_float),
+    ("pop3", "failure_delay"): ("pop3_failure_delay", _non_negative_float),
+    ("pop3", "login_delay"): ("pop3_login_delay", _non_negative_int),
+}
+
+
+def config_from_string(text: str, source: str = "<string>") -> Config:
+    """Parse INI text; unknown sections or keys and bad values are errors naming them."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {e}") from None
+    known_sections = {section for section, _ in _KEYS}
+    values = {}
+    for section in parser.sections():
+        if section not in known_sections:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        for key, raw in parser.items(section):
+            if (section, key) not in _KEYS:
+                raise ConfigError(f"{source}: unknown key {key!r} in section [{section}]")
+            name, parse = _KEYS[(section, key)]
+            try:
+                values[name] = parse(raw)
+            except ValueError as e:
+                raise ConfigError(f"{source}: [{section}] {key} = {raw!r}: {e}") from None
+    return Config(**values)
+
+
+def read_config(path: str) -> Config:
+    """Read a configuration file; a missing or unreadable file is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from None
+    return config_from_string(text, source=path)

@@ -1,0 +1,101 @@
+"""The contracts between popserv's layers: protocol, auth, realm and storage.
+
+This module imports nothing else from popserv, so every other module can depend on it.
+"""
+
+from zope.interface import Interface
+
+
+class MaildropLocked(Exception):
+    """Another session holds this maildrop (POP3 answers ``-ERR [IN-USE]``)."""
+
+
+class CommitFailed(Exception):
+    """Some messages marked deleted could not be removed at QUIT."""
+
+    def __init__(self, failed: int):
+        super().__init__(f"{failed} deleted message(s) could not be removed")
+        self.failed = failed
+
+
+class UserDBUnavailable(Exception):
+    """The user database cannot be read (POP3 answers ``-ERR [SYS/TEMP]``)."""
+
+
+class IMaildrop(Interface):
+    """One user's mailbox as a POP3 session sees it: a snapshot fixed at login.
+
+    Message numbers of the protocol are ``index + 1``; indexes are 0-based here.
+    """
+
+    def messages():
+        """The snapshot: a sequence of ``(uidl, size)`` in message-number order.
+
+        ``uidl`` is a printable ASCII ``str`` (RFC 1939: 0x21-0x7E, at most 70
+        characters); ``size`` counts the octets with CRLF line ends, as sent on the
+        wire before dot-stuffing.  Deleted messages stay in the sequence.
+        """
+
+    def open(index):
+        """A binary file-like object positioned at the start of the stored message.
+
+        Raises ``OSError`` when the message cannot be read.
+        """
+
+    def delete(index):
+        """Mark a message deleted; nothing is removed before ``commit``."""
+
+    def is_deleted(index):
+        """Whether ``delete`` marked this message in this session."""
+
+    def undelete_all():
+        """Unmark every message (RSET)."""
+
+    def commit():
+        """Remove the marked messages (the UPDATE state).
+
+        Returns a Deferred that fires with ``None``, or fails with ``CommitFailed``
+        when some marked messages could not be removed.
+        """
+
+    def close():
+        """Release the maildrop lock; idempotent, deletes nothing."""
+
+
+class IMaildropStore(Interface):
+    """Where users' maildrops live; opens and locks them."""
+
+    def open_maildrop(user):
+        """Lock ``user``'s maildrop and take its snapshot.
+
+        Returns a Deferred firing with an ``IMaildrop``, or failing with
+        ``MaildropLocked`` when another session holds it.
+        """
+
+    def path_for(user):
+        """The Maildir directory of ``user`` (``str``)."""
+
+    def create(user):
+        """Create ``user``'s Maildir (``tmp``, ``new``, ``cur``) if missing."""
+
+
+class IUserDB(Interface):
+    """The user database: who exists, and how their passwords are checked."""
+
+    def exists(user):
+        """Whether ``user`` (``str``) is a known user."""
+
+    def check(user, password):
+        """Verify ``password`` (``bytes``) for ``user``.
+
+        Returns a Deferred firing ``True`` or ``False``; the hash runs off the
+        reactor thread, and an unknown user costs the same as a wrong password.
+        Fails with ``UserDBUnavailable`` when the database cannot be read.
+        """
+
+    def secret(user):
+        """A plaintext-equivalent secret (``bytes``) for APOP / CRAM-MD5, or ``None``."""
+
+    def scram(user):
+        """Stored SCRAM keys for ``user``, or ``None``."""
+
