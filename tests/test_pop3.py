@@ -1,0 +1,635 @@
+"""The POP3 protocol, command by command and state by state (RFC 1939, RFC 2449)."""
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from popserv import pop3
+from popserv.config import Config
+from popserv.interfaces import CommitFailed, UserDBUnavailable
+from popserv.pop3 import POP3Factory, Reply, TopLimiter, WireEncoder
+from popserv.realm import MaildropRealm
+from popserv.testing import FakeMaildropStore
+
+MSG1 = b"From: a@example.org\nSubject: one\n\nHello\n.\n..two dots\n"
+MSG2 = b"Subject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"
+MSG3 = b"Subject: three\n\nno final newline"
+
+
+def wire(message: bytes) -> bytes:
+    """The CRLF form of a message, before dot-stuffing: what LIST sizes count."""
+    return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class PausingTransport(StringTransport):
+    """A transport whose buffer fills after ``limit`` bytes, like a slow reader's."""
+
+    limit = 100
+
+    def write(self, data):
+        super().write(data)
+        if self.producer is not None and self.streaming and len(self.value()) > self.limit:
+            self.producer.pauseProducing()
+
+
+class ControlledChecker:
+    """A checker whose answers the test fires itself, to hold a login in progress."""
+
+    credentialInterfaces = InMemoryUsernamePasswordDatabaseDontUse.credentialInterfaces
+
+    def __init__(self):
+        self.pending = []
+
+    def requestAvatarId(self, credentials):
+        d = defer.Deferred()
+        self.pending.append((credentials, d))
+        return d
+
+
+class POP3TestCase(unittest.TestCase):
+    """A POP3 session over a StringTransport, with a fake maildrop store."""
+
+    peer = IPv4Address("TCP", "192.0.2.7", 40000)
+    config = Config(hostname="pop.example.org", pop3_failure_delay=1.0)
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.store = FakeMaildropStore({"alice": [MSG1, MSG2, MSG3], "bob": []})
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret", bob=b"hunter2")
+        self.portal = Portal(MaildropRealm(self.store), [checker])
+        self.factory = POP3Factory(self.portal, self.config, clock=self.clock)
+        self.proto, self.transport = self.connect()
+        self.greeting = self.received()
+
+    def connect(self, transport_class=StringTransport):
+        proto = self.factory.buildProtocol(self.peer)
+        transport = transport_class(peerAddress=self.peer)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def send(self, data: bytes, proto=None) -> None:
+        (proto or self.proto).dataReceived(data)
+
+    def received(self, transport=None) -> bytes:
+        transport = transport or self.transport
+        data = transport.value()
+        transport.clear()
+        return data
+
+    def lines(self, transport=None) -> list:
+        return self.received(transport).split(b"\r\n")[:-1]
+
+    def login(self, user=b"alice", password=b"secret", proto=None, transport=None):
+        self.received(transport)
+        self.send(b"USER " + user + b"\r\nPASS " + password + b"\r\n", proto)
+        reply = self.lines(transport)
+        self.assertEqual(reply[-1][:3], b"+OK", reply)
+
+    def assert_reply(self, sent: bytes, expected: list) -> None:
+        self.received()
+        self.send(sent)
+        self.assertEqual(self.lines(), expected)
+
+
+class GreetingTests(POP3TestCase):
+    def test_greeting_is_ok_without_apop_timestamp(self):
+        """The greeting is +OK and carries no <timestamp>, since APOP is off."""
+        greeting = self.greeting
+        self.assertTrue(greeting.startswith(b"+OK "))
+        self.assertTrue(greeting.endswith(b"\r\n"))
+        self.assertNotIn(b"<", greeting)
+
+    def test_no_delay_is_asked_of_tcp(self):
+        """Replies go out without waiting for Nagle's algorithm."""
+        transport = StringTransport()
+        transport.setTcpNoDelay = lambda value: setattr(transport, "nodelay", value)
+        proto = self.factory.buildProtocol(self.peer)
+        proto.makeConnection(transport)
+        self.assertTrue(transport.nodelay)
+
+
+class CapaTests(POP3TestCase):
+    def test_capa_in_authorization(self):
+        """CAPA lists exactly the capabilities on offer before login."""
+        self.assert_reply(b"CAPA\r\n", [
+            Reply.CAPA, b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"PIPELINING",
+            b"AUTH-RESP-CODE", b"EXPIRE NEVER",
+            b"IMPLEMENTATION popserv-" + pop3.__version__.encode(), b".",
+        ])
+
+    def test_capa_in_transaction_drops_user(self):
+        """After login, CAPA no longer offers USER."""
+        self.login()
+        self.send(b"CAPA\r\n")
+        caps = self.lines()
+        self.assertEqual(caps[0], Reply.CAPA)
+        self.assertNotIn(b"USER", caps)
+        self.assertIn(b"UIDL", caps)
+
+    def test_login_delay_listed_when_configured(self):
+        """LOGIN-DELAY appears in CAPA only when a delay is configured."""
+        self.factory.config = self.config.replace(pop3_login_delay=300)
+        self.send(b"CAPA\r\n")
+        self.assertIn(b"LOGIN-DELAY 300", self.lines())
+
+    def test_capa_rejects_arguments(self):
+        """CAPA takes no argument."""
+        self.assert_reply(b"CAPA x\r\n", [Reply.BAD_ARGUMENTS])
+
+
+class AuthorizationTests(POP3TestCase):
+    def test_user_pass_logs_in(self):
+        """USER then PASS with the right password enters TRANSACTION."""
+        self.assert_reply(b"USER alice\r\n", [b"+OK"])
+        self.send(b"PASS secret\r\n")
+        self.assertEqual(self.lines(), [b"+OK Logged in, 3 messages (%d octets)." % (
+            len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))])
+        self.assertEqual(self.proto.state, pop3.TRANSACTION)
+
+    def test_commands_are_case_insensitive(self):
+        """Command keywords match in any case (RFC 1939 section 3)."""
+        self.send(b"user alice\r\npAsS secret\r\nstat\r\n")
+        self.assertEqual(self.lines()[-1], b"+OK 3 %d" % (
+            len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3))))
+
+    def test_wrong_password_fails_after_delay(self):
+        """A wrong password gets -ERR [AUTH], only after the failure delay."""
+        self.send(b"USER alice\r\nPASS wrong\r\n")
+        self.assertEqual(self.lines(), [b"+OK"])
+        self.clock.advance(0.9)
+        self.assertEqual(self.lines(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.lines(), [Reply.AUTH_FAILED])
+        self.assertEqual(self.proto.state, pop3.AUTHORIZATION)
+
+    def test_unknown_user_looks_like_wrong_password(self):
+        """An unknown user gets the same +OK to USER and the same reply and delay to PASS."""
+        self.send(b"USER mallory\r\nPASS secret\r\n")
+        self.assertEqual(self.lines(), [b"+OK"])
+        self.clock.advance(0.9)
+        self.assertEqual(self.lines(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.lines(), [Reply.AUTH_FAILED])
+
+    def test_client_may_retry_after_failure(self):
+        """After a failed login the session stays in AUTHORIZATION and may try again."""
+        self.send(b"USER alice\r\nPASS wrong\r\n")
+        self.clock.advance(1)
+        self.login()
+        self.assertEqual(self.proto.state, pop3.TRANSACTION)
+
+    def test_pass_needs_user(self):
+        """PASS without a preceding USER is refused."""
+        self.assert_reply(b"PASS secret\r\n", [Reply.USER_FIRST])
+
+    def test_user_needs_a_name(self):
+        """USER without a name is refused."""
+        self.assert_reply(b"USER\r\n", [Reply.BAD_USER])
+
+    def test_password_keeps_spaces(self):
+        """Everything after "PASS " is the password, spaces included."""
+        self.portal.checkers[
+            InMemoryUsernamePasswordDatabaseDontUse.credentialInterfaces[0]
+        ].addUser(b"carol", b" pass word ")
+        self.store.mailboxes["carol"] = []
+        self.login(b"carol", b" pass word ")
+
+    def test_undecodable_user_name_fails_like_a_bad_password(self):
+        """A user name that is not UTF-8 fails like any bad credentials."""
+        self.send(b"USER \xff\xfe\r\nPASS x\r\n")
+        self.clock.advance(1)
+        self.assertEqual(self.lines(), [b"+OK", Reply.AUTH_FAILED])
+
+    def test_locked_maildrop_is_in_use(self):
+        """A second session for a maildrop in use gets -ERR [IN-USE]."""
+        self.login()
+        proto2, transport2 = self.connect()
+        self.received(transport2)
+        proto2.dataReceived(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(self.lines(transport2), [b"+OK", Reply.IN_USE])
+        self.assertEqual(proto2.state, pop3.AUTHORIZATION)
+
+    def test_user_database_down_is_temporary_failure(self):
+        """When the user database cannot be read, the reply is -ERR [SYS/TEMP]."""
+        checker = ControlledChecker()
+        self.factory.portal = Portal(MaildropRealm(self.store), [checker])
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        checker.pending[0][1].errback(UserDBUnavailable())
+        self.assertEqual(self.lines(), [b"+OK", Reply.TEMP_FAILURE])
+
+    def test_login_delay_enforced(self):
+        """With LOGIN-DELAY, a second login within the delay is refused with its code."""
+        self.factory.config = self.config.replace(pop3_login_delay=60)
+        self.login()
+        self.send(b"QUIT\r\n")
+        proto2, transport2 = self.connect()
+        self.received(transport2)
+        self.clock.advance(30)
+        proto2.dataReceived(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(self.lines(transport2), [b"+OK", Reply.LOGIN_DELAY])
+        self.assertFalse(self.store.is_locked("alice"))
+        self.clock.advance(31)
+        self.login(proto=proto2, transport=transport2)
+
+
+class WrongInputTests(POP3TestCase):
+    def test_unknown_command(self):
+        """An unknown command gets -ERR and the session goes on."""
+        self.assert_reply(b"XYZZY\r\nNOOP\r\n", [Reply.UNKNOWN, Reply.WRONG_STATE])
+
+    def test_transaction_command_before_login(self):
+        """STAT, RETR and friends are refused in AUTHORIZATION."""
+        for command in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"UIDL", b"TOP 1 1", b"RSET"):
+            self.assert_reply(command + b"\r\n", [Reply.WRONG_STATE])
+
+    def test_authorization_command_after_login(self):
+        """USER and PASS are refused in TRANSACTION."""
+        self.login()
+        self.assert_reply(b"USER bob\r\nPASS x\r\n", [Reply.WRONG_STATE, Reply.WRONG_STATE])
+
+    def test_overlong_line(self):
+        """A line over 255 octets gets -ERR and the next command still works."""
+        self.assert_reply(b"NOOP " + b"x" * 300 + b"\r\nUSER alice\r\n",
+                          [Reply.LINE_TOO_LONG, b"+OK"])
+
+    def test_overlong_line_in_pieces(self):
+        """An over-long line arriving in pieces is answered once, when it ends."""
+        self.received()
+        for _ in range(10):
+            self.send(b"y" * 100)
+        self.assertEqual(self.lines(), [])
+        self.send(b"yyy\r\nUSER x\r\n")
+        self.assertEqual(self.lines(), [Reply.LINE_TOO_LONG, b"+OK"])
+
+    def test_line_of_255_octets_is_accepted(self):
+        """A command line of exactly 255 octets with its CRLF is within the limit."""
+        self.assert_reply(b"USER " + b"u" * 248 + b"\r\n", [b"+OK"])
+
+    def test_bare_lf_ends_a_line(self):
+        """A client sending bare LF line ends is understood."""
+        self.assert_reply(b"USER alice\n", [b"+OK"])
+
+    def test_empty_line(self):
+        """An empty line is an unknown command."""
+        self.assert_reply(b"\r\n", [Reply.UNKNOWN])
+
+
+class TransactionTests(POP3TestCase):
+    def setUp(self):
+        super().setUp()
+        self.login()
+
+    def test_stat(self):
+        """STAT answers the count and total size of messages not deleted."""
+        total = len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3))
+        self.assert_reply(b"STAT\r\n", [b"+OK 3 %d" % total])
+
+    def test_list_all(self):
+        """LIST answers one "number size" line per message, sizes with CRLF line ends."""
+        total = len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3))
+        self.assert_reply(b"LIST\r\n", [
+            b"+OK 3 messages (%d octets)" % total,
+            b"1 %d" % len(wire(MSG1)), b"2 %d" % len(wire(MSG2)), b"3 %d" % len(wire(MSG3)),
+            b".",
+        ])
+
+    def test_list_one(self):
+        """LIST n answers that message's size on one line."""
+        self.assert_reply(b"LIST 2\r\n", [b"+OK 2 %d" % len(wire(MSG2))])
+
+    def test_bad_message_numbers(self):
+        """Missing, non-numeric, signed, zero, huge and out-of-range numbers get -ERR."""
+        cases = {
+            b"RETR": Reply.NO_MESSAGE_NUMBER,
+            b"RETR x": Reply.BAD_MESSAGE_NUMBER,
+            b"RETR -1": Reply.BAD_MESSAGE_NUMBER,
+            b"RETR +1": Reply.BAD_MESSAGE_NUMBER,
+            b"RETR 1x": Reply.BAD_MESSAGE_NUMBER,
+            b"RETR 0": Reply.NO_SUCH_MESSAGE,
+            b"RETR 4": Reply.NO_SUCH_MESSAGE,
+            b"RETR 99999999999999999999": Reply.BAD_MESSAGE_NUMBER,
+            b"LIST 4": Reply.NO_SUCH_MESSAGE,
+            b"LIST 1 2": Reply.BAD_ARGUMENTS,
+            b"DELE": Reply.NO_MESSAGE_NUMBER,
+            b"UIDL 0": Reply.NO_SUCH_MESSAGE,
+            b"TOP 1": Reply.BAD_ARGUMENTS,
+            b"TOP 1 x": Reply.BAD_LINE_COUNT,
+            b"TOP 1 -1": Reply.BAD_LINE_COUNT,
+            b"STAT 1": Reply.BAD_ARGUMENTS,
+        }
+        for command, reply in cases.items():
+            self.assert_reply(command + b"\r\n", [reply])
+        self.assert_reply(b"NOOP\r\n", [b"+OK"])
+
+    def test_uidl(self):
+        """UIDL lists the unique ids; UIDL n gives one."""
+        uidls = [uidl.encode() for uidl, _ in self.proto.maildrop.messages()]
+        self.assert_reply(b"UIDL\r\n", [b"+OK", b"1 " + uidls[0], b"2 " + uidls[1],
+                                         b"3 " + uidls[2], b"."])
+        self.assert_reply(b"UIDL 3\r\n", [b"+OK 3 " + uidls[2]])
+
+    def test_retr_crlf_and_dot_stuffing(self):
+        """RETR sends CRLF line ends, stuffs dot-led lines, and ends with a lone dot."""
+        self.received()
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.received(), b"+OK %d octets\r\n" % len(wire(MSG1))
+                         + b"From: a@example.org\r\nSubject: one\r\n\r\nHello\r\n"
+                         b"..\r\n...two dots\r\n.\r\n")
+
+    def test_retr_size_matches_list(self):
+        """What RETR sends before the terminator, un-stuffed, is exactly LIST's size."""
+        for number, message in ((1, MSG1), (2, MSG2), (3, MSG3)):
+            self.received()
+            self.send(b"RETR %d\r\n" % number)
+            first, _, body = self.received().partition(b"\r\n")
+            self.assertEqual(first, b"+OK %d octets" % len(wire(message)))
+            body = body.replace(b"\r\n..", b"\r\n.")
+            self.assertTrue(body.endswith(b"\r\n.\r\n"))
+            body = body[:-3]
+            if not message.endswith(b"\n"):
+                # The line end added before the terminator is not part of the message.
+                body = body[:-2]
+            self.assertEqual(body, wire(message))
+
+    def test_retr_without_final_newline(self):
+        """A message not ending in a newline still gets the terminator on its own line."""
+        self.received()
+        self.send(b"RETR 3\r\n")
+        self.assertTrue(self.received().endswith(b"no final newline\r\n.\r\n"))
+
+    def test_top_headers_only(self):
+        """TOP n 0 sends the header and the blank line."""
+        self.received()
+        self.send(b"TOP 2 0\r\n")
+        self.assertEqual(self.received(), b"+OK\r\nSubject: two\r\n\r\n.\r\n")
+
+    def test_top_some_lines(self):
+        """TOP n k sends the header and k body lines."""
+        self.received()
+        self.send(b"TOP 2 2\r\n")
+        self.assertEqual(self.received(), b"+OK\r\nSubject: two\r\n\r\nline 1\r\nline 2\r\n.\r\n")
+
+    def test_top_beyond_the_body_sends_it_all(self):
+        """TOP n k with k past the end sends the whole message, as fetchmail needs."""
+        self.received()
+        self.send(b"TOP 1 99999999\r\n")
+        self.assertEqual(self.received(), b"+OK\r\nFrom: a@example.org\r\nSubject: one\r\n\r\n"
+                         b"Hello\r\n..\r\n...two dots\r\n.\r\n")
+
+    def test_dele_marks_only(self):
+        """DELE marks a message: it leaves LIST, STAT and UIDL and refuses RETR, LIST n, TOP."""
+        self.assert_reply(b"DELE 2\r\n", [b"+OK Message 2 deleted."])
+        for command in (b"RETR 2", b"LIST 2", b"TOP 2 0", b"DELE 2", b"UIDL 2"):
+            self.assert_reply(command + b"\r\n", [Reply.DELETED])
+        self.received()
+        self.send(b"LIST\r\n")
+        listing = self.lines()
+        self.assertEqual(listing[1:], [b"1 %d" % len(wire(MSG1)), b"3 %d" % len(wire(MSG3)),
+                                       b"."])
+        self.assertEqual(len(self.store.mailboxes["alice"]), 3)
+
+    def test_rset_undeletes(self):
+        """RSET unmarks every deleted message."""
+        self.send(b"DELE 1\r\nDELE 3\r\n")
+        self.assert_reply(b"RSET\r\n", [b"+OK 3 messages (%d octets)." % (
+            len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))])
+        self.assert_reply(b"LIST 1\r\n", [b"+OK 1 %d" % len(wire(MSG1))])
+
+    def test_noop(self):
+        """NOOP answers +OK."""
+        self.assert_reply(b"NOOP\r\n", [b"+OK"])
+
+    def test_quit_commits_deletions(self):
+        """QUIT from TRANSACTION removes the marked messages, then answers +OK and closes."""
+        self.send(b"DELE 1\r\nDELE 3\r\n")
+        self.assert_reply(b"QUIT\r\n", [b"+OK Logging out, 2 messages deleted."])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.store.mailboxes["alice"], [MSG2])
+        self.assertFalse(self.store.is_locked("alice"))
+
+    def test_drop_deletes_nothing(self):
+        """A dropped connection deletes nothing and releases the lock."""
+        self.send(b"DELE 1\r\nDELE 2\r\n")
+        self.proto.connectionLost(None)
+        self.assertEqual(len(self.store.mailboxes["alice"]), 3)
+        self.assertFalse(self.store.is_locked("alice"))
+
+    def test_timeout_deletes_nothing(self):
+        """The autologout timer closes the session without deleting anything."""
+        self.send(b"DELE 1\r\n")
+        self.clock.advance(599)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.lines()[-1], Reply.TIMEOUT)
+        self.proto.connectionLost(None)
+        self.assertEqual(len(self.store.mailboxes["alice"]), 3)
+
+    def test_commit_failure(self):
+        """When deleted messages cannot be removed, QUIT answers -ERR (RFC 1939 section 6)."""
+        self.proto.maildrop.commit = lambda: defer.fail(CommitFailed(1))
+        self.send(b"DELE 1\r\n")
+        self.assert_reply(b"QUIT\r\n", [Reply.COMMIT_FAILED])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.store.is_locked("alice"))
+
+    def test_unreadable_message(self):
+        """A message that cannot be read gets -ERR [SYS/PERM]; the others still come."""
+        opened = self.proto.maildrop.open
+
+        def open_but_one(index):
+            if index == 1:
+                raise PermissionError("unreadable")
+            return opened(index)
+
+        self.proto.maildrop.open = open_but_one
+        self.assert_reply(b"RETR 2\r\n", [Reply.UNREADABLE])
+        self.received()
+        self.send(b"RETR 1\r\n")
+        self.assertTrue(self.received().endswith(b"\r\n.\r\n"))
+
+    def test_snapshot_is_fixed(self):
+        """Mail arriving during a session is not in its snapshot (numbers stay stable)."""
+        self.store.mailboxes["alice"].append(b"Subject: late\n\nhi\n")
+        self.assert_reply(b"LIST 4\r\n", [Reply.NO_SUCH_MESSAGE])
+
+
+class PipeliningTests(POP3TestCase):
+    def test_commands_in_one_packet_answered_in_order(self):
+        """Many commands in one packet are answered in order (RFC 2449 PIPELINING)."""
+        checker = ControlledChecker()
+        self.factory.portal = Portal(MaildropRealm(self.store), [checker])
+        self.received()
+        self.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST 1\r\nNOOP\r\n")
+        self.assertEqual(self.lines(), [b"+OK"])
+        checker.pending[0][1].callback("alice")
+        replies = self.lines()
+        self.assertTrue(replies[0].startswith(b"+OK Logged in"))
+        self.assertEqual(replies[1][:6], b"+OK 3 ")
+        self.assertEqual(replies[2:], [b"+OK 1 %d" % len(wire(MSG1)), b"+OK"])
+
+    def test_commands_wait_for_a_streaming_retr(self):
+        """Commands sent during a RETR are answered after its terminator."""
+        big = b"Subject: big\n\n" + b"x" * 70 + b"\n" + b".line\n" * 5000
+        self.store.mailboxes["bob"] = [big]
+        proto, transport = self.connect(PausingTransport)
+        self.login(b"bob", b"hunter2", proto=proto, transport=transport)
+        proto.dataReceived(b"RETR 1\r\nNOOP\r\nSTAT\r\n")
+        out = transport.value()
+        self.assertNotIn(b"\r\n.\r\n", out)
+        while transport.producer is not None:
+            transport.clear()
+            transport.producer.resumeProducing()
+            out += transport.value()
+        transport.clear()
+        body, _, rest = out.partition(b"\r\n.\r\n")
+        self.assertEqual(rest, b"+OK\r\n+OK 1 %d\r\n" % len(wire(big)))
+        self.assertEqual(body.split(b"\r\n", 1)[1].replace(b"\r\n..", b"\r\n.") + b"\r\n",
+                         wire(big))
+
+    def test_login_failure_holds_pipelined_commands(self):
+        """Commands pipelined after a bad PASS wait for its delayed reply."""
+        self.received()
+        self.send(b"USER alice\r\nPASS bad\r\nUSER alice\r\nPASS secret\r\nSTAT\r\n")
+        self.assertEqual(self.lines(), [b"+OK"])
+        self.clock.advance(1)
+        replies = self.lines()
+        self.assertEqual(replies[0], Reply.AUTH_FAILED)
+        self.assertEqual(replies[1], b"+OK")
+        self.assertTrue(replies[2].startswith(b"+OK Logged in"))
+        self.assertTrue(replies[3].startswith(b"+OK 3 "))
+
+
+class StreamingTests(POP3TestCase):
+    def test_retr_reads_in_chunks_with_backpressure(self):
+        """RETR of a large message reads a chunk at a time and stops when the buffer is full."""
+        big = b"Subject: big\n\n" + (b"y" * 999 + b"\n") * 1000
+        self.store.mailboxes["bob"] = [big]
+        proto, transport = self.connect(PausingTransport)
+        self.login(b"bob", b"hunter2", proto=proto, transport=transport)
+        reads = []
+        opened = proto.maildrop.open
+        def spy_open(index):
+            source = opened(index)
+            real_read = source.read
+            def read(n=-1):
+                reads.append(n)
+                return real_read(n)
+            source.read = read
+            return source
+        proto.maildrop.open = spy_open
+        self.patch(pop3, "CHUNK_SIZE", 4096)
+        proto.dataReceived(b"RETR 1\r\n")
+        self.assertEqual(reads, [4096])
+        self.assertIsNotNone(transport.producer)
+        got = transport.value()
+        while transport.producer is not None:
+            transport.clear()
+            transport.producer.resumeProducing()
+            got += transport.value()
+        self.assertTrue(all(n == 4096 for n in reads))
+        self.assertGreater(len(reads), len(big) // 4096)
+        self.assertTrue(got.endswith(b"\r\n.\r\n"))
+
+    def test_disconnect_during_retr_closes_the_file(self):
+        """A client that goes away mid-RETR leaves no open file and no lock."""
+        self.store.mailboxes["bob"] = [b"x" * 100000]
+        proto, transport = self.connect(PausingTransport)
+        self.login(b"bob", b"hunter2", proto=proto, transport=transport)
+        proto.dataReceived(b"RETR 1\r\n")
+        streamer = transport.producer
+        proto.connectionLost(None)
+        self.assertTrue(streamer._source.closed)
+        self.assertFalse(self.store.is_locked("bob"))
+
+
+class TimeoutTests(POP3TestCase):
+    def test_login_timer_is_shorter(self):
+        """Before login, the session is dropped after the shorter login timeout."""
+        self.clock.advance(self.config.pop3_login_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_activity_resets_timer(self):
+        """Each command restarts the autologout timer."""
+        self.login()
+        self.clock.advance(500)
+        self.send(b"NOOP\r\n")
+        self.clock.advance(500)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class LoggingTests(POP3TestCase):
+    def test_login_and_logout_are_logged(self):
+        """A login and a logout each log one event with the user, the peer and counts."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.login()
+        self.send(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+        formats = [e["log_format"].split(":")[0] for e in events]
+        self.assertIn("pop3.login", formats)
+        logout = [e for e in events if e["log_format"].startswith("pop3.logout")][0]
+        self.assertEqual((logout["user"], logout["peer"], logout["retrieved"], logout["deleted"]),
+                         ("alice", "192.0.2.7", 1, 1))
+
+    def test_failed_login_logged_without_password(self):
+        """A failed login logs the peer, the user and the reason, never the password."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.send(b"USER alice\r\nPASS topsecret\r\n")
+        failed = [e for e in events if e["log_format"].startswith("pop3.login_failed")]
+        self.assertEqual(len(failed), 1)
+        self.assertEqual((failed[0]["user"], failed[0]["peer"], failed[0]["reason"]),
+                         ("alice", "192.0.2.7", "bad credentials"))
+        self.assertNotIn("topsecret", repr(failed[0]))
+
+
+class WireEncoderTests(unittest.TestCase):
+    def encode(self, chunks):
+        encoder = WireEncoder()
+        return b"".join(encoder.encode(c) for c in chunks) + encoder.finish()
+
+    def test_crlf_split_across_chunks(self):
+        """A CRLF split between two reads stays one line end."""
+        self.assertEqual(self.encode([b"a\r", b"\nb\n"]), b"a\r\nb\r\n.\r\n")
+
+    def test_dot_at_chunk_start(self):
+        """A dot-led line starting a new chunk is stuffed."""
+        self.assertEqual(self.encode([b"a\n", b".b\n"]), b"a\r\n..b\r\n.\r\n")
+
+    def test_dot_first_in_message(self):
+        """A message whose first line starts with a dot is stuffed."""
+        self.assertEqual(self.encode([b".x"]), b"..x\r\n.\r\n")
+
+    def test_lone_dot_line(self):
+        """A line holding only a dot becomes two dots."""
+        self.assertEqual(self.encode([b"a\n.\nb\n"]), b"a\r\n..\r\nb\r\n.\r\n")
+
+    def test_empty_message(self):
+        """An empty message is just the terminator."""
+        self.assertEqual(self.encode([]), b".\r\n")
+
+
+class TopLimiterTests(unittest.TestCase):
+    def run_top(self, message, lines, size):
+        limiter = TopLimiter(lines)
+        out = b""
+        for i in range(0, len(message), size):
+            part, done = limiter.feed(message[i:i + size])
+            out += part
+            if done:
+                break
+        return out
+
+    def test_header_end_split_across_chunks(self):
+        """The blank line ending the header is found whatever the chunking."""
+        message = b"A: 1\r\nB: 2\r\n\r\nbody 1\r\nbody 2\r\n"
+        for size in range(1, len(message) + 1):
+            self.assertEqual(self.run_top(message, 1, size), b"A: 1\r\nB: 2\r\n\r\nbody 1\r\n")
+
+    def test_no_body(self):
+        """A message with no blank line passes whole."""
+        self.assertEqual(self.run_top(b"A: 1\nB: 2\n", 0, 3), b"A: 1\nB: 2\n")
