@@ -1,0 +1,193 @@
+"""The ``popserv`` admin command: add and remove users, set passwords, list users.
+
+It edits the users file that the server re-reads on change, so no restart is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import shutil
+import sys
+import unicodedata
+from collections.abc import Sequence
+
+from popserv import auth
+from popserv.config import Config, ConfigError, read_config
+
+SCHEMES = ("ARGON2ID", "PLAIN")
+
+
+class AdminError(Exception):
+    """An expected failure, shown as ``popserv: <message>`` with exit status 1."""
+
+
+def _paths(args: argparse.Namespace) -> tuple[str, str]:
+    """The users file and mail root: from --config or the defaults, then --users/--mailroot."""
+    # An explicit hostname spares Config the FQDN lookup; only the paths matter here.
+    config = read_config(args.config) if args.config else Config(hostname="localhost")
+    return args.users or config.users, args.mailroot or config.mailroot
+
+
+def _store(mailroot: str):
+    from popserv.maildir import MaildirStore
+
+    return MaildirStore(mailroot)
+
+
+def check_user_name(user: str, mailroot: str) -> None:
+    """Refuse a name the users file or the Maildir store cannot hold."""
+    if not user:
+        raise AdminError("the user name is empty")
+    try:
+        user.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdminError(f"user name {user!r} is not valid UTF-8") from None
+    if user.startswith("#"):
+        raise AdminError(f"user name {user!r} starts with '#' (a comment in the users file)")
+    for c in user:
+        if c == ":" or c.isspace() or unicodedata.category(c) == "Cc":
+            raise AdminError(f"user name {user!r} contains {c!r}")
+    try:
+        _store(mailroot).path_for(user)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
+
+
+def read_password(from_stdin: bool) -> bytes:
+    """One line of stdin, or a prompt asked twice; an empty password is refused."""
+    if from_stdin:
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        line = stream.readline()
+        if isinstance(line, str):
+            line = line.encode("utf-8", "surrogateescape")
+        password = line.removesuffix(b"\n").removesuffix(b"\r")
+    else:
+        try:
+            first = getpass.getpass("Password: ")
+            second = getpass.getpass("Retype password: ")
+        except EOFError:
+            raise AdminError("no password given") from None
+        if first != second:
+            raise AdminError("the passwords do not match")
+        password = first.encode("utf-8", "surrogateescape")
+    if not password:
+        raise AdminError("the password is empty")
+    return password
+
+
+def _password_field(args: argparse.Namespace) -> str:
+    password = read_password(args.password_stdin)
+    try:
+        return auth.hash_password(password, args.scheme)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
+
+
+def _require_user(users: auth.UsersFile, user: str) -> None:
+    if users.get(user) is None:
+        raise AdminError(f"no such user: {user!r} in {users.path}")
+
+
+def adduser(args: argparse.Namespace) -> None:
+    """Add a user with a hashed password, and create the user's Maildir."""
+    users_path, mailroot = _paths(args)
+    users = auth.UsersFile.read(users_path)
+    check_user_name(args.user, mailroot)
+    if users.get(args.user) is not None:
+        raise AdminError(f"user {args.user!r} already exists in {users_path}")
+    field = _password_field(args)
+    _store(mailroot).create(args.user)
+    users.add(args.user, field)
+    users.write()
+
+
+def passwd(args: argparse.Namespace) -> None:
+    """Replace a user's password hash, keeping the line's other fields."""
+    users_path, _ = _paths(args)
+    users = auth.UsersFile.read(users_path)
+    _require_user(users, args.user)
+    users.set_password(args.user, _password_field(args))
+    users.write()
+
+
+def deluser(args: argparse.Namespace) -> None:
+    """Remove a user's line; the Maildir stays unless --remove-mail."""
+    users_path, mailroot = _paths(args)
+    users = auth.UsersFile.read(users_path)
+    _require_user(users, args.user)
+    users.remove(args.user)
+    users.write()
+    if args.remove_mail:
+        try:
+            path = _store(mailroot).path_for(args.user)
+        except ValueError:
+            return  # a name the store refuses has no Maildir
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def list_users(args: argparse.Namespace) -> None:
+    """Print the user names, one per line, in file order."""
+    users_path, _ = _paths(args)
+    for user in auth.UsersFile.read(users_path).users():
+        print(user)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per action, each with the path options."""
+    paths = argparse.ArgumentParser(add_help=False)
+    paths.add_argument("--config", metavar="FILE", help="read users and mailroot from FILE")
+    paths.add_argument("--users", metavar="FILE", help="the users file (overrides --config)")
+    paths.add_argument("--mailroot", metavar="DIR", help="the Maildir root (overrides --config)")
+
+    password = argparse.ArgumentParser(add_help=False)
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    password.add_argument(
+        "--scheme", type=str.upper, choices=SCHEMES, default="ARGON2ID", help="password scheme"
+    )
+
+    parser = argparse.ArgumentParser(prog="popserv", description="Manage popserv's users.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add = commands.add_parser("adduser", parents=[paths, password], help="add a user")
+    add.add_argument("user")
+    add.set_defaults(run=adduser)
+
+    change = commands.add_parser("passwd", parents=[paths, password], help="set a password")
+    change.add_argument("user")
+    change.set_defaults(run=passwd)
+
+    remove = commands.add_parser("deluser", parents=[paths], help="remove a user")
+    remove.add_argument("user")
+    remove.add_argument("--remove-mail", action="store_true", help="also delete the Maildir")
+    remove.set_defaults(run=deluser)
+
+    show = commands.add_parser("list", parents=[paths], help="list the users")
+    show.set_defaults(run=list_users)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one admin command; the exit status is 0, 1 for an error, 2 for bad usage."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error or the help
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        args.run(args)
+    except (AdminError, ConfigError) as e:
+        print(f"popserv: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"popserv: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,250 @@
+"""Tests for the ``popserv`` admin command, run in-process with temporary directories."""
+
+from __future__ import annotations
+
+import getpass
+import io
+import os
+import stat
+import sys
+
+import argon2
+from twisted.trial import unittest
+
+from popserv import admin, auth
+
+CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+class SyncReactor:
+    """Runs PasswdFile's verification at once, so the tests need no threads."""
+
+    def getThreadPool(self):
+        return self
+
+    def callInThreadWithCallback(self, on_result, f, *args):
+        on_result(True, f(*args))
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+
+class AdminTests(unittest.TestCase):
+    def setUp(self):
+        self.patch(auth, "HASHER", CHEAP)
+        self.root = os.path.abspath(self.mktemp())
+        os.mkdir(self.root)
+        self.users = os.path.join(self.root, "etc", "users")
+        self.mailroot = os.path.join(self.root, "mail")
+        self.stdout = io.StringIO()
+        self.stderr = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(sys, "stderr", self.stderr)
+
+    def run_admin(self, *argv: str, stdin: str = "") -> int:
+        self.patch(sys, "stdin", io.StringIO(stdin))
+        return admin.main(list(argv))
+
+    def paths(self) -> list[str]:
+        return ["--users", self.users, "--mailroot", self.mailroot]
+
+    def add(self, user: str, password: str = "secret", *extra: str) -> int:
+        return self.run_admin(
+            "adduser", user, "--password-stdin", *self.paths(), *extra, stdin=password + "\n"
+        )
+
+    def users_text(self) -> str:
+        with open(self.users, encoding="utf-8") as f:
+            return f.read()
+
+    def check(self, user: str, password: bytes) -> bool:
+        db = auth.PasswdFile(self.users, reactor=SyncReactor())
+        return self.successResultOf(db.check(user, password))
+
+    def assert_error(self, status: int, message: str) -> None:
+        self.assertEqual(status, 1)
+        self.assertEqual(self.stderr.getvalue(), f"popserv: {message}\n")
+
+    def test_adduser_writes_hash(self):
+        """adduser appends an Argon2id line, never the clear password, to a new 0600 file."""
+        self.assertEqual(self.add("alice", "s3cret-pass"), 0)
+        text = self.users_text()
+        self.assertTrue(text.startswith("alice:{ARGON2ID}$argon2id$v=19$"), text)
+        self.assertNotIn("s3cret-pass", text)
+        self.assertEqual(stat.S_IMODE(os.stat(self.users).st_mode), 0o600)
+        self.assertTrue(self.check("alice", b"s3cret-pass"))
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_adduser_creates_maildir(self):
+        """adduser creates the Maildir: <mailroot>/<user>, or <mailroot>/<domain>/<user>."""
+        self.add("alice")
+        self.add("bob@example.org")
+        for path in [("alice",), ("example.org", "bob")]:
+            for sub in ("tmp", "new", "cur"):
+                self.assertTrue(os.path.isdir(os.path.join(self.mailroot, *path, sub)), path)
+
+    def test_adduser_plain(self):
+        """--scheme PLAIN stores the password as it is."""
+        self.add("alice", "pw", "--scheme", "plain")
+        self.assertEqual(self.users_text(), "alice:{PLAIN}pw\n")
+
+    def test_adduser_keeps_password_spaces(self):
+        """Only the line end is stripped from a password read on stdin."""
+        self.add("alice", " pass word ")
+        self.assertTrue(self.check("alice", b" pass word "))
+
+    def test_adduser_prompt(self):
+        """Without --password-stdin the password is asked twice."""
+        answers = iter(["typed", "typed"])
+        self.patch(getpass, "getpass", lambda prompt="": next(answers))
+        self.assertEqual(self.run_admin("adduser", "alice", *self.paths()), 0)
+        self.assertTrue(self.check("alice", b"typed"))
+
+    def test_adduser_prompt_mismatch(self):
+        """Two different answers at the prompt add nobody."""
+        answers = iter(["one", "two"])
+        self.patch(getpass, "getpass", lambda prompt="": next(answers))
+        status = self.run_admin("adduser", "alice", *self.paths())
+        self.assert_error(status, "the passwords do not match")
+        self.assertFalse(os.path.exists(self.users))
+
+    def test_adduser_refuses_duplicate(self):
+        """An existing user is refused and the file is left alone."""
+        self.add("alice", "first")
+        before = self.users_text()
+        self.assert_error(
+            self.add("alice", "second"), f"user 'alice' already exists in {self.users}"
+        )
+        self.assertEqual(self.users_text(), before)
+
+    def test_adduser_refuses_empty_password(self):
+        """An empty password is refused."""
+        self.assert_error(self.add("alice", ""), "the password is empty")
+        self.assertFalse(os.path.exists(self.users))
+
+    def test_adduser_refuses_bad_names(self):
+        """Names with ':', whitespace, control characters, a leading '#' or a path are refused."""
+        for name in ["a:b", "a b", "a\tb", "a\x01b", "#a", "", "../x", ".hidden", "a@b@c", "x/y"]:
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertEqual(self.add(name), 1, name)
+            self.assertTrue(self.stderr.getvalue().startswith("popserv: "), name)
+        self.assertFalse(os.path.exists(self.users))
+        self.assertFalse(os.path.exists(self.mailroot))
+
+    def test_passwd(self):
+        """passwd replaces the hash: the old password fails, the new one works."""
+        self.add("alice", "old")
+        self.add("bob", "bobs")
+        status = self.run_admin("passwd", "alice", "--password-stdin", *self.paths(), stdin="new\n")
+        self.assertEqual(status, 0)
+        self.assertFalse(self.check("alice", b"old"))
+        self.assertTrue(self.check("alice", b"new"))
+        self.assertTrue(self.check("bob", b"bobs"))
+
+    def test_passwd_keeps_other_fields(self):
+        """passwd keeps the uid/gid/home fields and comments of the file."""
+        os.makedirs(os.path.dirname(self.users))
+        with open(self.users, "w", encoding="utf-8") as f:
+            f.write("# staff\nalice:{PLAIN}old:1000:1000::/home/alice::\n")
+        self.run_admin("passwd", "alice", "--password-stdin", *self.paths(), stdin="new\n")
+        lines = self.users_text().splitlines()
+        self.assertEqual(lines[0], "# staff")
+        self.assertTrue(lines[1].startswith("alice:{ARGON2ID}$argon2id$"))
+        self.assertTrue(lines[1].endswith(":1000:1000::/home/alice::"))
+
+    def test_passwd_unknown_user(self):
+        """passwd for an unknown user is an error."""
+        self.add("alice")
+        status = self.run_admin("passwd", "bob", "--password-stdin", *self.paths(), stdin="x\n")
+        self.assert_error(status, f"no such user: 'bob' in {self.users}")
+
+    def test_deluser_keeps_mail(self):
+        """deluser removes the line and keeps the Maildir."""
+        self.add("alice")
+        self.add("bob")
+        self.assertEqual(self.run_admin("deluser", "alice", *self.paths()), 0)
+        self.assertEqual(auth.UsersFile.read(self.users).users(), ["bob"])
+        self.assertTrue(os.path.isdir(os.path.join(self.mailroot, "alice", "new")))
+
+    def test_deluser_remove_mail(self):
+        """deluser --remove-mail also deletes the Maildir."""
+        self.add("bob@example.org")
+        status = self.run_admin("deluser", "bob@example.org", "--remove-mail", *self.paths())
+        self.assertEqual(status, 0)
+        self.assertFalse(os.path.exists(os.path.join(self.mailroot, "example.org", "bob")))
+        self.assertFalse(self.check("bob@example.org", b"secret"))
+
+    def test_deluser_unknown_user(self):
+        """deluser for an unknown user is an error."""
+        self.add("alice")
+        status = self.run_admin("deluser", "bob", *self.paths())
+        self.assert_error(status, f"no such user: 'bob' in {self.users}")
+
+    def test_list(self):
+        """list prints the user names in file order."""
+        for user in ["carol", "alice", "bob@example.org"]:
+            self.add(user)
+        self.assertEqual(self.run_admin("list", *self.paths()), 0)
+        self.assertEqual(self.stdout.getvalue(), "carol\nalice\nbob@example.org\n")
+
+    def test_list_no_file(self):
+        """list on a missing users file prints nothing."""
+        self.assertEqual(self.run_admin("list", *self.paths()), 0)
+        self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_config_file(self):
+        """--config supplies the users file and mail root; --users overrides it."""
+        config = os.path.join(self.root, "popserv.ini")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(f"[server]\nusers = {self.users}\nmailroot = {self.mailroot}\n")
+        status = self.run_admin(
+            "adduser", "alice", "--password-stdin", "--config", config, stdin="p\n"
+        )
+        self.assertEqual(status, 0)
+        self.assertTrue(self.check("alice", b"p"))
+        self.assertTrue(os.path.isdir(os.path.join(self.mailroot, "alice", "cur")))
+
+        other = os.path.join(self.root, "other-users")
+        self.run_admin("list", "--config", config, "--users", other)
+        self.assertEqual(self.stdout.getvalue(), "")
+        self.run_admin("list", "--config", config)
+        self.assertEqual(self.stdout.getvalue(), "alice\n")
+
+    def test_defaults(self):
+        """Without --config or paths, the Config defaults under the current directory are used."""
+        cwd = os.getcwd()
+        self.addCleanup(os.chdir, cwd)
+        os.chdir(self.root)
+        status = self.run_admin("adduser", "alice", "--password-stdin", stdin="p\n")
+        self.assertEqual(status, 0)
+        self.assertTrue(os.path.isfile(os.path.join(self.root, "popserv-data", "users")))
+        self.assertTrue(os.path.isdir(os.path.join(self.root, "popserv-data", "mail", "alice")))
+
+    def test_missing_config(self):
+        """A missing configuration file is an error naming it, without a traceback."""
+        missing = os.path.join(self.root, "nope.ini")
+        status = self.run_admin("list", "--config", missing)
+        self.assert_error(
+            status, f"{missing}: cannot read configuration: No such file or directory"
+        )
+
+    def test_unwritable_users_file(self):
+        """An OS error writing the users file is reported with the path."""
+        os.makedirs(self.users)  # a directory where the file should be
+        status = self.add("alice")
+        self.assertEqual(status, 1)
+        self.assertTrue(self.stderr.getvalue().startswith(f"popserv: {self.users}: "))
+
+    def test_usage_errors(self):
+        """Bad usage exits with status 2: no command, unknown command, missing user."""
+        self.assertEqual(self.run_admin(), 2)
+        self.assertEqual(self.run_admin("frobnicate"), 2)
+        self.assertEqual(self.run_admin("adduser"), 2)
+        self.assertEqual(self.run_admin("adduser", "a", "--scheme", "MD5"), 2)
+        self.assertIn("usage: popserv", self.stderr.getvalue())
+
+    def test_help(self):
+        """--help exits with status 0."""
+        self.assertEqual(self.run_admin("--help"), 0)
+        self.assertIn("adduser", self.stdout.getvalue())
