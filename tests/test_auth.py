@@ -313,6 +313,15 @@ class DovecotHashTests(unittest.TestCase):
         self.assertTrue(self.check(hashed, b"secret"))
         self.assertFalse(self.check(hashed, b"wrong"))
 
+    def test_doveadm_verifies_ours(self):
+        """Dovecot accepts a hash popserv makes (``doveadm pw -t``)."""
+        self.doveadm("ARGON2ID", "probe")
+        hashed = auth.hash_password("secret")
+        out = subprocess.run(
+            ["doveadm", "pw", "-t", hashed, "-p", "secret"], capture_output=True, text=True
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+
     def test_doveadm_argon2i(self):
         """A hash from ``doveadm pw -s ARGON2I`` verifies."""
         hashed = self.doveadm("ARGON2I", "secret")
