@@ -1,0 +1,428 @@
+"""Maildir storage: per-session snapshots, the maildrop lock, UIDLs, sizes, committed deletions.
+
+Reads Maildirs as Dovecot, Courier and Postfix write them.  Knows nothing of sockets or
+protocols; blocking file-system work runs in the reactor's thread pool.
+
+Message order (RFC 1939 message numbers): by delivery time, that is the leading integer
+seconds of the file name, then the ``M<usecs>`` of its second part when present (a name
+without leading seconds uses the file's mtime); ties are broken by the unique part of the
+name, so the order survives flag changes and the ``new/`` -> ``cur/`` move.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
+
+log = Logger()
+
+LOCK_NAME = "popserv.lock"
+SIZE_CACHE_NAME = "popserv-sizes"
+CHUNK_SIZE = 64 * 1024
+MAX_UIDL_LENGTH = 70
+
+_SUBDIRS = ("tmp", "new", "cur")
+_MESSAGE_DIRS = ("new", "cur")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_SECONDS_RE = re.compile(r"(\d+)\.([^.]*)")
+_USECS_RE = re.compile(r"M(\d+)")
+
+
+# Sizes on the wire
+
+
+def crlf_size_of_chunks(chunks: Iterable[bytes]) -> int:
+    """Octets of a message with every bare LF counted as CRLF, as POP3 sends it.
+
+    A CR ending one chunk and an LF starting the next make one CRLF.
+    """
+    total = 0
+    after_cr = False
+    for chunk in chunks:
+        if not chunk:
+            continue
+        total += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
+        if after_cr and chunk[:1] == b"\n":
+            total -= 1
+        after_cr = chunk[-1:] == b"\r"
+    return total
+
+
+def crlf_size(data: bytes) -> int:
+    """The CRLF size of an in-memory message (see ``crlf_size_of_chunks``)."""
+    return crlf_size_of_chunks([data])
+
+
+def crlf_size_of_file(f: BinaryIO) -> int:
+    """The CRLF size of a binary file, streamed in 64 KiB chunks."""
+    return crlf_size_of_chunks(iter(lambda: f.read(CHUNK_SIZE), b""))
+
+
+# Names
+
+
+def user_parts(user: str) -> tuple[str, ...]:
+    """The path components of a user's Maildir below the mail root.
+
+    ``alice`` -> ``("alice",)``, ``alice@Example.ORG`` -> ``("example.org", "alice")``.
+    Raises ValueError for a name that could escape the root or hide as a dotfile.
+    """
+    if not isinstance(user, str):
+        raise TypeError(f"user name must be str, not {type(user).__name__}")
+    parts = user.split("@")
+    if len(parts) > 2:
+        raise ValueError(f"user name {user!r} has more than one '@'")
+    for part in parts:
+        if not part or part.startswith(".") or "/" in part:
+            raise ValueError(f"bad user name {user!r}")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+            raise ValueError(f"user name {user!r} contains control characters")
+    if len(parts) == 2:
+        local, domain = parts
+        return (domain.lower(), local)
+    return (user,)
+
+
+def unique_part(name: str) -> str:
+    """The unique part of a Maildir file name: everything before the first ``,`` or ``:``."""
+    return re.split(r"[,:]", name, maxsplit=1)[0]
+
+
+def _valid_uidl(text: str) -> bool:
+    return 0 < len(text) <= MAX_UIDL_LENGTH and all("\x21" <= c <= "\x7e" for c in text)
+
+
+def uidl_for(name: str) -> str:
+    """The UIDL of a Maildir file name: its unique part, or a stable hash of it.
+
+    The hash stands in when the unique part is not RFC 1939 material (printable
+    ASCII, 1 to 70 characters); it depends on the same part of the name, so it too
+    survives flag changes and the ``new/`` -> ``cur/`` move.
+    """
+    unique = unique_part(name)
+    if _valid_uidl(unique):
+        return unique
+    basis = unique or name.split(":", 1)[0]
+    return hashlib.sha256(os.fsencode(basis)).hexdigest()
+
+
+def wire_size_from_name(name: str) -> int | None:
+    """The ``W=`` size a delivery agent stored in the name, if any."""
+    for field in name.split(":", 1)[0].split(",")[1:]:
+        if field.startswith("W=") and field[2:].isdigit():
+            return int(field[2:])
+    return None
+
+
+def _delivery_key(name: str, mtime_ns: int) -> tuple[int, int]:
+    match = _SECONDS_RE.match(name)
+    if match is None:
+        return (mtime_ns // 1_000_000_000, 0)
+    usecs = _USECS_RE.search(match.group(2))
+    return (int(match.group(1)), int(usecs.group(1)) if usecs else 0)
+
+
+def _open_nofollow(path: str) -> BinaryIO:
+    """Open a message for reading, refusing symlinks a user might plant in their Maildir."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.fdopen(fd, "rb")
+
+
+def _mkdir(path: str) -> None:
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        pass
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _default_reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _in_thread(reactor, f, *args) -> Deferred:
+    from twisted.internet.threads import deferToThreadPool
+
+    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+# The snapshot
+
+
+@dataclass
+class _Entry:
+    uidl: str
+    size: int
+    path: str
+    order: tuple
+
+
+def _find_by_uidl(maildir: str, uidl: str) -> str | None:
+    """Where the message with this UIDL lives now (it may have moved or changed flags)."""
+    for sub in _MESSAGE_DIRS:
+        try:
+            with os.scandir(os.path.join(maildir, sub)) as it:
+                for entry in it:
+                    if not entry.name.startswith(".") and uidl_for(entry.name) == uidl:
+                        return entry.path
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _read_size_cache(path: str) -> dict[str, tuple[int, int]]:
+    try:
+        with _open_nofollow(path) as f:
+            text = f.read().decode("ascii")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        log.warn(  # noqa: G010 (twisted.logger has no warning())
+            "Ignoring unreadable size cache {path}: {reason}", path=path, reason=str(e)
+        )
+        return {}
+    cache = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+            log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "Ignoring corrupt size cache {path} (line {line})", path=path, line=number
+            )
+            return {}
+        cache[fields[0]] = (int(fields[1]), int(fields[2]))
+    return cache
+
+
+def _write_size_cache(path: str, cache: dict[str, tuple[int, int]]) -> None:
+    """Replace the cache atomically, so a reader sees the old or the new one, never half."""
+    tmp = path + ".tmp"
+    text = "".join(f"{uidl} {size} {mtime}\n" for uidl, (size, mtime) in sorted(cache.items()))
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE
+        )
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("ascii"))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warn(  # noqa: G010 (twisted.logger has no warning())
+            "Cannot write size cache {path}: {reason}", path=path, reason=str(e)
+        )
+
+
+def _scan(maildir: str) -> list[_Entry]:
+    """List ``new/`` and ``cur/`` into snapshot entries in message-number order."""
+    cache_path = os.path.join(maildir, SIZE_CACHE_NAME)
+    old_cache = _read_size_cache(cache_path)
+    new_cache: dict[str, tuple[int, int]] = {}
+    by_uidl: dict[str, _Entry] = {}
+    # new/ before cur/: a message moved between the two listings is seen twice, never missed.
+    for sub in _MESSAGE_DIRS:
+        with os.scandir(os.path.join(maildir, sub)) as it:
+            entries = list(it)
+        for dirent in entries:
+            name = dirent.name
+            try:
+                if name.startswith(".") or not dirent.is_file(follow_symlinks=False):
+                    continue
+                st = dirent.stat(follow_symlinks=False)
+                uidl = uidl_for(name)
+                size = wire_size_from_name(name)
+                if size is None:
+                    cached = old_cache.get(uidl)
+                    if cached is not None and cached[1] == st.st_mtime_ns:
+                        size = cached[0]
+                    else:
+                        with _open_nofollow(dirent.path) as f:
+                            size = crlf_size_of_file(f)
+                    new_cache[uidl] = (size, st.st_mtime_ns)
+            except FileNotFoundError:
+                continue  # removed by another agent while we listed
+            except OSError as e:
+                log.warn(  # noqa: G010 (twisted.logger has no warning())
+                    "Leaving unreadable message {path} out of the snapshot: {reason}",
+                    path=dirent.path,
+                    reason=str(e),
+                )
+                continue
+            earlier = by_uidl.get(uidl)
+            if earlier is not None and os.path.lexists(earlier.path):
+                # Not a move between our two listings: two files share a unique part.
+                log.warn(  # noqa: G010 (twisted.logger has no warning())
+                    "Duplicate UIDL {uidl}: keeping {path}, ignoring {other}",
+                    uidl=uidl,
+                    path=dirent.path,
+                    other=earlier.path,
+                )
+            order = (*_delivery_key(name, st.st_mtime_ns), unique_part(name))
+            by_uidl[uidl] = _Entry(uidl, size, dirent.path, order)
+    if new_cache != old_cache:
+        _write_size_cache(cache_path, new_cache)
+    return sorted(by_uidl.values(), key=lambda e: e.order)
+
+
+@implementer(IMaildrop)
+class MaildirMaildrop:
+    """One locked Maildir as one POP3 session sees it; see ``IMaildrop``."""
+
+    def __init__(self, user: str, path: str, lock_file: BinaryIO, entries: list[_Entry], reactor):
+        self.user = user
+        self.path = path
+        self._lock_file: BinaryIO | None = lock_file
+        self._entries = entries
+        self._snapshot = tuple((e.uidl, e.size) for e in entries)
+        self._deleted: set[int] = set()
+        self._reactor = reactor
+
+    def _entry(self, index: int) -> _Entry:
+        if not 0 <= index < len(self._entries):
+            raise IndexError(f"no message at index {index}")
+        return self._entries[index]
+
+    def messages(self) -> tuple[tuple[str, int], ...]:
+        """The snapshot taken at login, ``(uidl, size)`` in message-number order."""
+        return self._snapshot
+
+    def open(self, index: int) -> BinaryIO:
+        """The stored message, found again if it moved to ``cur/`` or changed flags."""
+        entry = self._entry(index)
+        try:
+            return _open_nofollow(entry.path)
+        except FileNotFoundError:
+            moved = _find_by_uidl(self.path, entry.uidl)
+            if moved is None:
+                raise
+            entry.path = moved
+            return _open_nofollow(moved)
+
+    def delete(self, index: int) -> None:
+        """Mark a message; it is removed only by ``commit``."""
+        self._entry(index)
+        self._deleted.add(index)
+
+    def is_deleted(self, index: int) -> bool:
+        """Whether this session marked the message."""
+        self._entry(index)
+        return index in self._deleted
+
+    def undelete_all(self) -> None:
+        """Forget every mark (RSET)."""
+        self._deleted.clear()
+
+    def commit(self) -> Deferred:
+        """Unlink the marked messages in a thread; fails with CommitFailed(n) if n remain."""
+        entries = [self._entries[i] for i in sorted(self._deleted)]
+        return _in_thread(self._reactor, self._remove, entries)
+
+    def _remove(self, entries: list[_Entry]) -> None:
+        failed = 0
+        touched = set()
+        for entry in entries:
+            path = entry.path
+            try:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    path = _find_by_uidl(self.path, entry.uidl)
+                    if path is not None:
+                        os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                failed += 1
+                log.warn(  # noqa: G010 (twisted.logger has no warning())
+                    "Cannot remove deleted message {path}: {reason}", path=path, reason=str(e)
+                )
+                continue
+            if path is not None:
+                touched.add(os.path.dirname(path))
+        for directory in sorted(touched):
+            try:
+                _fsync_dir(directory)
+            except OSError as e:
+                log.warn(  # noqa: G010 (twisted.logger has no warning())
+                    "Cannot fsync {path}: {reason}", path=directory, reason=str(e)
+                )
+        if failed:
+            raise CommitFailed(failed)
+
+    def close(self) -> None:
+        """Release the lock (closing its file descriptor); safe to call twice."""
+        lock_file, self._lock_file = self._lock_file, None
+        if lock_file is not None:
+            lock_file.close()
+
+
+@implementer(IMaildropStore)
+class MaildirStore:
+    """Users' Maildirs under one mail root, ``<root>/<user>`` or ``<root>/<domain>/<user>``."""
+
+    def __init__(self, mailroot: str, reactor=None):
+        self.mailroot = mailroot
+        self._reactor = reactor
+
+    def path_for(self, user: str) -> str:
+        """The Maildir of ``user``; ValueError for names that could escape the root."""
+        return os.path.join(self.mailroot, *user_parts(user))
+
+    def create(self, user: str) -> str:
+        """Create the Maildir (and missing parents) with mode 0700; returns its path."""
+        path = self.path_for(user)
+        missing = []
+        parent = path
+        while not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+            if not parent or parent == os.path.dirname(parent):
+                break
+        for directory in reversed(missing):
+            _mkdir(directory)
+        for sub in _SUBDIRS:
+            _mkdir(os.path.join(path, sub))
+        return path
+
+    def open_maildrop(self, user: str) -> Deferred:
+        """Lock and snapshot ``user``'s Maildir in a thread; fails with MaildropLocked."""
+        reactor = self._reactor if self._reactor is not None else _default_reactor()
+        return _in_thread(reactor, self._open_blocking, user, reactor)
+
+    def _open_blocking(self, user: str, reactor) -> MaildirMaildrop:
+        path = self.create(user)
+        lock_path = os.path.join(path, LOCK_NAME)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE)
+        # A file object, so that a maildrop dropped without close() still releases the lock.
+        lock_file = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise MaildropLocked(user) from None
+                raise
+            entries = _scan(path)
+        except BaseException:
+            lock_file.close()
+            raise
+        return MaildirMaildrop(user, path, lock_file, entries, reactor)
