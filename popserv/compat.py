@@ -1,0 +1,69 @@
+"""Serve a Twisted ``twisted.mail.pop3.IMailbox`` as a popserv ``IMaildrop`` avatar.
+
+Applications that already have Twisted mailboxes can mount popserv's protocol without
+rewriting their storage.  The adapter keeps popserv's rules where ``IMailbox`` is looser:
+DELE only marks, and the mailbox's own ``deleteMessage`` runs at QUIT.
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet import defer
+from twisted.mail.pop3 import IMailbox
+from zope.interface import implementer
+
+from popserv.interfaces import CommitFailed, IMaildrop
+
+
+@implementer(IMaildrop)
+class MailboxMaildrop:
+    """An ``IMaildrop`` over an ``IMailbox``; the snapshot is taken when adapted."""
+
+    def __init__(self, mailbox: IMailbox):
+        self.mailbox = mailbox
+        sizes = mailbox.listMessages()
+        snapshot = []
+        for index, size in enumerate(sizes):
+            uidl = mailbox.getUidl(index)
+            if isinstance(uidl, bytes):
+                uidl = uidl.decode("ascii")
+            snapshot.append((uidl, size))
+        self._snapshot = tuple(snapshot)
+        self._deleted: set[int] = set()
+
+    def messages(self):
+        return self._snapshot
+
+    def open(self, index: int):
+        source = self.mailbox.getMessage(index)
+        if isinstance(source, io.TextIOBase):
+            # Twisted's MaildirMailbox opens messages in text mode; POP3 sends bytes.
+            name = source.name
+            source.close()
+            source = open(name, "rb")
+        return source
+
+    def delete(self, index: int) -> None:
+        self._deleted.add(index)
+
+    def is_deleted(self, index: int) -> bool:
+        return index in self._deleted
+
+    def undelete_all(self) -> None:
+        self._deleted.clear()
+
+    def commit(self):
+        failed = 0
+        for index in sorted(self._deleted):
+            try:
+                self.mailbox.deleteMessage(index)
+            except Exception:
+                failed += 1
+        d = defer.maybeDeferred(self.mailbox.sync)
+        if failed:
+            d.addCallback(lambda _: defer.fail(CommitFailed(failed)))
+        return d
+
+    def close(self) -> None:
+        """IMailbox has no lock to release."""
