@@ -1,0 +1,162 @@
+"""Tests for popserv.config and for etc/popserv.ini, which must show every key at its default."""
+
+import os
+import re
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from popserv.config import _KEYS, Config, ConfigError, config_from_string, read_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "etc", "popserv.ini")
+
+EVERY_KEY = """\
+[server]
+hostname = mail.example.org
+mailroot = /var/mail/popserv
+users = /etc/popserv/users
+
+[pop3]
+listen =
+    tcp:110
+    tcp:1110:interface=127.0.0.1
+timeout = 900
+login_timeout = 30.5
+failure_delay = 0
+login_delay = 300
+"""
+
+
+class ConfigFromStringTests(SynchronousTestCase):
+    def test_empty(self):
+        """An empty text gives the built-in defaults."""
+        self.assertEqual(config_from_string(""), Config())
+
+    def test_every_key(self):
+        """Every key of every section sets its Config field, parsed to its type."""
+        self.assertEqual(
+            config_from_string(EVERY_KEY),
+            Config(
+                hostname="mail.example.org",
+                mailroot="/var/mail/popserv",
+                users="/etc/popserv/users",
+                pop3_listen=("tcp:110", "tcp:1110:interface=127.0.0.1"),
+                pop3_timeout=900.0,
+                pop3_login_timeout=30.5,
+                pop3_failure_delay=0.0,
+                pop3_login_delay=300,
+            ),
+        )
+
+    def test_every_key_is_exercised(self):
+        """The text above sets every key that config.py knows, so none goes untested."""
+        parsed = {
+            (section, key)
+            for section, key in _KEYS
+            if re.search(rf"^{key} =", EVERY_KEY.split(f"[{section}]")[1], re.M)
+        }
+        self.assertEqual(parsed, set(_KEYS))
+
+    def test_listeners_skip_blank_lines(self):
+        """A multi-line listen value gives one listener per non-blank line, stripped."""
+        config = config_from_string("[pop3]\nlisten =\n  tcp:110\n\n  unix:/run/pop3.sock  \n")
+        self.assertEqual(config.pop3_listen, ("tcp:110", "unix:/run/pop3.sock"))
+
+    def test_single_line_listener(self):
+        """A listen value on one line is a list of one listener."""
+        config = config_from_string("[pop3]\nlisten = tcp:995\n")
+        self.assertEqual(config.pop3_listen, ("tcp:995",))
+
+    def test_unknown_section(self):
+        """An unknown section is an error naming the source and the section."""
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string("[smtpd]\nlisten = tcp:25\n", source="site.ini")
+        self.assertIn("site.ini", str(cm.exception))
+        self.assertIn("[smtpd]", str(cm.exception))
+
+    def test_unknown_key(self):
+        """An unknown key is an error naming the source, section and key."""
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string("[pop3]\nlisten = tcp:110\ntimout = 5\n", source="site.ini")
+        message = str(cm.exception)
+        self.assertIn("site.ini", message)
+        self.assertIn("[pop3]", message)
+        self.assertIn("timout", message)
+
+    def test_key_in_wrong_section(self):
+        """A known key under the wrong section is unknown there."""
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string("[server]\ntimeout = 5\n", source="site.ini")
+        self.assertIn("timeout", str(cm.exception))
+        self.assertIn("[server]", str(cm.exception))
+
+    def test_bad_values(self):
+        """A value that does not parse is an error naming the file, section, key and value."""
+        cases = [
+            ("pop3", "timeout", "soon"),
+            ("pop3", "timeout", "0"),
+            ("pop3", "login_timeout", "-1"),
+            ("pop3", "failure_delay", "-0.5"),
+            ("pop3", "login_delay", "1.5"),
+            ("pop3", "login_delay", "-1"),
+            ("server", "mailroot", ""),
+            ("server", "users", ""),
+        ]
+        for section, key, value in cases:
+            try:
+                config_from_string(f"[{section}]\n{key} = {value}\n", source="site.ini")
+            except ConfigError as e:
+                message = str(e)
+            else:
+                self.fail(f"[{section}] {key} = {value!r} was accepted")
+            for part in ("site.ini", f"[{section}]", key, repr(value)):
+                self.assertIn(part, message)
+
+    def test_syntax_error(self):
+        """Text that is not INI is an error naming the source."""
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string("listen = tcp:110\n", source="site.ini")
+        self.assertIn("site.ini", str(cm.exception))
+
+
+class ReadConfigTests(SynchronousTestCase):
+    def test_reads_file(self):
+        """read_config parses the file it is given."""
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[server]\nmailroot = /srv/mail\n")
+        self.assertEqual(read_config(path), Config(mailroot="/srv/mail"))
+
+    def test_missing_file(self):
+        """A missing file is a ConfigError naming the path and the reason."""
+        path = self.mktemp()
+        with self.assertRaises(ConfigError) as cm:
+            read_config(path)
+        self.assertIn(path, str(cm.exception))
+        self.assertIn("No such file", str(cm.exception))
+
+    def test_errors_name_the_file(self):
+        """Errors inside a file name that file."""
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[pop3]\nbogus = 1\n")
+        with self.assertRaises(ConfigError) as cm:
+            read_config(path)
+        self.assertIn(path, str(cm.exception))
+        self.assertIn("bogus", str(cm.exception))
+
+
+class SampleFileTests(SynchronousTestCase):
+    def test_sample_matches_defaults(self):
+        """etc/popserv.ini sets every key to the built-in default (hostname is per machine)."""
+        config = read_config(SAMPLE)
+        self.assertEqual(config.replace(hostname=Config().hostname), Config())
+
+    def test_sample_shows_every_key(self):
+        """Every known key appears in etc/popserv.ini under its own section."""
+        with open(SAMPLE, encoding="utf-8") as f:
+            text = f.read()
+        sections = dict(re.findall(r"^\[(\w+)\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S))
+        for section, key in _KEYS:
+            self.assertIn(section, sections)
+            self.assertRegex(sections[section], rf"(?m)^(# )?{key} =", (section, key))
