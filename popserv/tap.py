@@ -1,0 +1,126 @@
+"""``twistd popserv``: command-line options over the configuration file, and the service."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from popserv.config import Config, ConfigError, read_config
+
+_EXAMPLE_LISTENER = "tcp:1110:interface=127.0.0.1"
+
+
+class Options(usage.Options):
+    """Options of ``twistd popserv``; each one overrides the same key of the config file."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve POP3 (RFC 1939) from Maildirs. Settings come from the built-in defaults, "
+        "then the file given with --config, then the options below, which override the "
+        "same key of the file. See etc/popserv.ini for every key and its default. "
+        "Listeners are Twisted endpoint strings, such as tcp:110 or "
+        f"{_EXAMPLE_LISTENER}; give --pop3 once per listener."
+    )
+
+    optParameters = [
+        [
+            "config",
+            None,
+            None,
+            "Read settings from this INI file (see etc/popserv.ini); "
+            "without it, the built-in defaults apply.",
+        ],
+        [
+            "mailroot",
+            None,
+            None,
+            "Directory holding the users' Maildirs, created if missing "
+            "(overrides [server] mailroot of the config file).",
+        ],
+        [
+            "users",
+            None,
+            None,
+            "Passwd-style users file, created empty if missing; manage it with the "
+            "popserv command (overrides [server] users of the config file).",
+        ],
+        [
+            "hostname",
+            None,
+            None,
+            "Name this server gives itself in greetings "
+            "(overrides [server] hostname of the config file).",
+        ],
+    ]
+
+    compData = usage.Completions(
+        optActions={
+            "config": usage.CompleteFiles("*.ini"),
+            "mailroot": usage.CompleteDirs(),
+            "users": usage.CompleteFiles(),
+            "hostname": usage.CompleteHostnames(),
+        }
+    )
+
+    def __init__(self):
+        super().__init__()
+        self["pop3"] = []
+
+    def opt_pop3(self, description: str) -> None:
+        """A POP3 listener endpoint, repeatable; replaces [pop3] listen of the config file."""
+        self["pop3"].append(description)
+
+    def postOptions(self) -> None:
+        """Read the config file, apply the overrides, and check the listeners."""
+        config = self._read_config()
+        overrides = {}
+        for option in ("mailroot", "users", "hostname"):
+            value = self[option]
+            if value is not None:
+                if not value.strip():
+                    raise usage.UsageError(f"--{option} must not be empty")
+                overrides[option] = value.strip()
+        if self["pop3"]:
+            overrides["pop3_listen"] = tuple(self["pop3"])
+        config = config.replace(**overrides)
+        if not config.pop3_listen:
+            raise usage.UsageError(
+                f"no POP3 listener: pass --pop3 (e.g. --pop3 {_EXAMPLE_LISTENER}) "
+                "or set [pop3] listen in the config file"
+            )
+        for description in config.pop3_listen:
+            _check_endpoint(description)
+        self["popserv_config"] = config
+
+    def _read_config(self) -> Config:
+        if self["config"] is None:
+            return Config()
+        try:
+            return read_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(
+                f"{e}\nFix the file (etc/popserv.ini documents every key) or pass another "
+                "with --config."
+            ) from None
+
+
+def _check_endpoint(description: str) -> None:
+    """Turn a listener string that cannot make an endpoint into a UsageError; binds nothing."""
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:  # endpoint parsers raise ValueError, TypeError, OSError...
+        raise usage.UsageError(
+            f"invalid POP3 listener {description!r}: {e}\n"
+            "Give an endpoint string such as tcp:110 or "
+            f"{_EXAMPLE_LISTENER} (see Twisted's serverFromString documentation)."
+        ) from None
+
+
+def makeService(options: Options) -> IService:
+    """The popserv service for parsed ``twistd popserv`` options."""
+    from popserv import service
+
+    return service.make_service(options["popserv_config"])
