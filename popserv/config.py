@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 
@@ -29,6 +30,15 @@ class Config:
     pop3_login_timeout: float = 60.0
     pop3_failure_delay: float = 1.0
     pop3_login_delay: int = 0
+
+    pop3s_listen: tuple[str, ...] = ("tcp:995",)
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_self_signed_dir: str = "popserv-data/tls"
+
+    auth_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    auth_allow_plaintext: bool = False
 
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
@@ -61,6 +71,26 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+def _optional_text(text: str) -> str:
+    return text.strip()
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    networks = tuple(text.replace(",", " ").split())
+    for network in networks:
+        ipaddress.ip_network(network, strict=False)
+    return networks
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -76,6 +106,12 @@ _KEYS = {
     ("pop3", "login_timeout"): ("pop3_login_timeout", _positive_float),
     ("pop3", "failure_delay"): ("pop3_failure_delay", _non_negative_float),
     ("pop3", "login_delay"): ("pop3_login_delay", _non_negative_int),
+    ("pop3s", "listen"): ("pop3s_listen", _listeners),
+    ("tls", "cert"): ("tls_cert", _optional_text),
+    ("tls", "key"): ("tls_key", _optional_text),
+    ("tls", "self_signed_dir"): ("tls_self_signed_dir", _text),
+    ("auth", "trusted_networks"): ("auth_trusted_networks", _networks),
+    ("auth", "allow_plaintext"): ("auth_allow_plaintext", _boolean),
 }
 
 

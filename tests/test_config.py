@@ -24,6 +24,18 @@ timeout = 900
 login_timeout = 30.5
 failure_delay = 0
 login_delay = 300
+
+[pop3s]
+listen = tcp:9995:interface=127.0.0.1
+
+[tls]
+cert = /etc/ssl/pop.pem
+key = /etc/ssl/pop.key
+self_signed_dir = /var/lib/popserv/tls
+
+[auth]
+trusted_networks = 10.0.0.0/8, fd00::/8
+allow_plaintext = yes
 """
 
 
@@ -45,6 +57,12 @@ class ConfigFromStringTests(SynchronousTestCase):
                 pop3_login_timeout=30.5,
                 pop3_failure_delay=0.0,
                 pop3_login_delay=300,
+                pop3s_listen=("tcp:9995:interface=127.0.0.1",),
+                tls_cert="/etc/ssl/pop.pem",
+                tls_key="/etc/ssl/pop.key",
+                tls_self_signed_dir="/var/lib/popserv/tls",
+                auth_trusted_networks=("10.0.0.0/8", "fd00::/8"),
+                auth_allow_plaintext=True,
             ),
         )
 
@@ -56,6 +74,17 @@ class ConfigFromStringTests(SynchronousTestCase):
             if re.search(rf"^{key} =", EVERY_KEY.split(f"[{section}]")[1], re.M)
         }
         self.assertEqual(parsed, set(_KEYS))
+
+    def test_bad_network(self):
+        """A trusted network that is not an address or CIDR block is an error naming it."""
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string("[auth]\ntrusted_networks = 10.0.0.0/8 lan\n")
+        self.assertIn("trusted_networks", str(cm.exception))
+
+    def test_bad_boolean(self):
+        """A yes/no key with another value is an error."""
+        with self.assertRaises(ConfigError):
+            config_from_string("[auth]\nallow_plaintext = maybe\n")
 
     def test_listeners_skip_blank_lines(self):
         """A multi-line listen value gives one listener per non-blank line, stripped."""
