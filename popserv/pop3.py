@@ -6,12 +6,14 @@ portal, and knows nothing of files or directories.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import ClassVar
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -58,6 +60,10 @@ class Reply:
     UNREADABLE = b"-ERR [SYS/PERM] Message cannot be read."
     COMMIT_FAILED = b"-ERR [SYS/TEMP] Some deleted messages could not be removed."
     TIMEOUT = b"-ERR Disconnected for inactivity."
+    PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext login is not allowed without TLS; use STLS first."
+    ALREADY_TLS = b"-ERR TLS is already active."
+    NO_TLS = b"-ERR TLS is not available."
+    BEGIN_TLS = b"+OK Begin TLS negotiation."
     CAPA = b"+OK Capability list follows."
     BYE = b"+OK Bye."
 
@@ -246,6 +252,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             b"PASS": "do_PASS",
             b"QUIT": "do_QUIT",
             b"CAPA": "do_CAPA",
+            b"STLS": "do_STLS",
         },
         TRANSACTION: {
             b"STAT": "do_STAT",
@@ -280,6 +287,8 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._committing = False
         self._delayed = None
         self.peer = "?"
+        self.secure = False
+        self._trusted = False
         self.retrieved = 0
         self.deleted = 0
         self.bytes_sent = 0
@@ -291,6 +300,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.callLater = self.factory.clock.callLater
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
+        self._trusted = self.factory.is_trusted(peer)
+        # Implicit TLS (POP3S, port 995): the transport is already encrypted.
+        self.secure = ISSLTransport.providedBy(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             # Replies are written whole; Nagle would hold them for a delayed ACK.
@@ -300,6 +312,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def connectionLost(self, reason=None) -> None:
         self._connected = False
+        if reason is not None and self.secure and _is_tls_error(reason):
+            self.log.info("pop3.tls_failed: {peer}: {error}", peer=self.peer,
+                          error=reason.getErrorMessage())
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
@@ -449,14 +464,19 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     # -- capabilities --------------------------------------------------------
 
     def plaintext_allowed(self) -> bool:
-        """Whether USER/PASS may be used on this connection (the TLS policy refines this)."""
-        return True
+        """Whether passwords may be sent here: over TLS, from a trusted network, or by config.
+
+        As Dovecot's ``disable_plaintext_auth``: elsewhere USER/PASS are refused.
+        """
+        return self.secure or self._trusted or self.factory.config.auth_allow_plaintext
 
     def capabilities(self) -> list[bytes]:
         """What CAPA lists: exactly what this connection offers now (RFC 2449)."""
         caps = [b"TOP", b"UIDL"]
         if self.state == AUTHORIZATION and self.plaintext_allowed():
             caps.append(b"USER")
+        if self.state == AUTHORIZATION and self.factory.tls is not None and not self.secure:
+            caps.append(b"STLS")
         caps += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
         if self.factory.config.pop3_login_delay:
             caps.append(b"LOGIN-DELAY %d" % self.factory.config.pop3_login_delay)
@@ -469,9 +489,26 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     # -- AUTHORIZATION -------------------------------------------------------
 
+    def do_STLS(self, rest: bytes) -> None:
+        """Start TLS (RFC 2595); input pipelined behind STLS is thrown away, never run."""
+        self._no_arguments(rest)
+        if self.secure:
+            raise _CommandError(Reply.ALREADY_TLS)
+        if self.factory.tls is None:
+            raise _CommandError(Reply.NO_TLS)
+        self.send_line(Reply.BEGIN_TLS)
+        # Bytes sent before the handshake could be injected by anyone on the path
+        # (CVE-2011-0411): they are dropped, and the login starts afresh.
+        self._buffer = b""
+        self._discarding = False
+        self._pending_user = None
+        self.secure = True
+        self.transport.startTLS(self.factory.tls)
+        self.log.info("pop3.stls: {peer}", peer=self.peer)
+
     def do_USER(self, rest: bytes) -> None:
         if not self.plaintext_allowed():
-            raise _CommandError(Reply.AUTH_FAILED)
+            raise _CommandError(Reply.PLAINTEXT_REFUSED)
         name = rest.strip()
         if not name:
             raise _CommandError(Reply.BAD_USER)
@@ -480,6 +517,8 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.send_line(b"+OK")
 
     def do_PASS(self, rest: bytes) -> None:
+        if not self.plaintext_allowed():
+            raise _CommandError(Reply.PLAINTEXT_REFUSED)
         if self._pending_user is None:
             raise _CommandError(Reply.USER_FIRST)
         name, self._pending_user = self._pending_user, None
@@ -694,11 +733,43 @@ class POP3Factory(ServerFactory):
 
     protocol = POP3Server
 
-    def __init__(self, portal, config: Config | None = None, clock=None):
+    def __init__(self, portal, config: Config | None = None, clock=None, tls=None):
+        """``tls``: the server TLS connection creator for STLS, or None to not offer it."""
         if clock is None:
             from twisted.internet import reactor as clock
         self.portal = portal
         self.config = config if config is not None else Config()
         self.clock = clock
+        self.tls = tls
         #: user -> time of their last login, for LOGIN-DELAY.
         self.last_logins: dict[str, float] = {}
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._trusted = [ipaddress.ip_network(n, strict=False)
+                         for n in config.auth_trusted_networks]
+
+    def is_trusted(self, address) -> bool:
+        """Whether a peer may log in with a plaintext password without TLS.
+
+        Local (UNIX socket) peers are; IP peers when in ``auth_trusted_networks``.
+        """
+        if not isinstance(address, (IPv4Address, IPv6Address)):
+            return address is not None and getattr(address, "type", None) != "TCP"
+        try:
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if getattr(ip, "ipv4_mapped", None) is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._trusted)
+
+
+def _is_tls_error(reason: Failure) -> bool:
+    from OpenSSL.SSL import Error
+    return reason.check(Error) is not None

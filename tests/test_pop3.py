@@ -3,7 +3,7 @@
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -54,7 +54,8 @@ class POP3TestCase(unittest.TestCase):
     """A POP3 session over a StringTransport, with a fake maildrop store."""
 
     peer = IPv4Address("TCP", "192.0.2.7", 40000)
-    config = Config(hostname="pop.example.org", pop3_failure_delay=1.0)
+    config = Config(hostname="pop.example.org", pop3_failure_delay=1.0,
+                    auth_trusted_networks=("192.0.2.0/24",))
 
     def setUp(self):
         self.clock = task.Clock()
@@ -139,6 +140,96 @@ class CapaTests(POP3TestCase):
     def test_capa_rejects_arguments(self):
         """CAPA takes no argument."""
         self.assert_reply(b"CAPA x\r\n", [Reply.BAD_ARGUMENTS])
+
+
+class FakeTLSTransport(StringTransport):
+    """A StringTransport that records STLS's startTLS and what was buffered at that moment."""
+
+    tls = None
+
+    def startTLS(self, context):
+        self.tls = context
+        self.written_before_tls = self.value()
+
+
+class TLSPolicyTests(POP3TestCase):
+    """STLS (RFC 2595) and the plaintext policy (RFC 3206 [AUTH] hints)."""
+
+    peer = IPv4Address("TCP", "198.51.100.9", 40000)
+
+    def setUp(self):
+        super().setUp()
+        self.factory.tls = object()
+        self.proto, self.transport = self.connect(FakeTLSTransport)
+        self.received()
+
+    def test_capa_offers_stls_and_hides_user_in_clear(self):
+        """Without TLS from an untrusted network, CAPA lists STLS and not USER."""
+        self.send(b"CAPA\r\n")
+        caps = self.lines()
+        self.assertIn(b"STLS", caps)
+        self.assertNotIn(b"USER", caps)
+
+    def test_user_refused_in_clear(self):
+        """USER and PASS are refused with [AUTH] and a hint to use STLS."""
+        self.assert_reply(b"USER alice\r\nPASS secret\r\n",
+                          [Reply.PLAINTEXT_REFUSED, Reply.PLAINTEXT_REFUSED])
+        self.assertIn(b"STLS", Reply.PLAINTEXT_REFUSED)
+
+    def test_trusted_network_may_use_user(self):
+        """A client from a trusted network may log in without TLS."""
+        self.factory.config = self.config.replace(auth_trusted_networks=("198.51.100.0/24",))
+        proto, transport = self.connect()
+        self.login(proto=proto, transport=transport)
+
+    def test_allow_plaintext_config(self):
+        """The allow_plaintext setting lets legacy clients log in without TLS."""
+        self.factory.config = self.config.replace(auth_trusted_networks=(),
+                                                  auth_allow_plaintext=True)
+        proto, transport = self.connect()
+        self.login(proto=proto, transport=transport)
+
+    def test_ipv4_mapped_loopback_is_trusted(self):
+        """An IPv4-mapped IPv6 address counts as its IPv4 address."""
+        factory = POP3Factory(self.portal, Config(), clock=self.clock)
+        self.assertTrue(factory.is_trusted(IPv6Address("TCP", "::ffff:127.0.0.1", 1)))
+        self.assertTrue(factory.is_trusted(IPv6Address("TCP", "::1", 1)))
+        self.assertFalse(factory.is_trusted(IPv4Address("TCP", "203.0.113.1", 1)))
+
+    def test_stls_starts_tls_and_drops_pipelined_input(self):
+        """STLS answers +OK, starts TLS, and never runs commands sent behind it."""
+        self.send(b"STLS\r\nCAPA\r\nUSER alice\r\n")
+        self.assertIs(self.transport.tls, self.factory.tls)
+        self.assertEqual(self.transport.written_before_tls, Reply.BEGIN_TLS + b"\r\n")
+        self.assertEqual(self.lines(), [Reply.BEGIN_TLS])
+
+    def test_after_stls_capa_shows_user_not_stls(self):
+        """Once TLS is on, CAPA lists USER and no longer STLS."""
+        self.send(b"STLS\r\n")
+        self.received()
+        self.send(b"CAPA\r\n")
+        caps = self.lines()
+        self.assertIn(b"USER", caps)
+        self.assertNotIn(b"STLS", caps)
+        self.login()
+
+    def test_stls_twice(self):
+        """STLS once TLS is on gets -ERR."""
+        self.send(b"STLS\r\n")
+        self.assert_reply(b"STLS\r\n", [Reply.ALREADY_TLS])
+
+    def test_stls_in_transaction(self):
+        """STLS after login gets -ERR."""
+        self.send(b"STLS\r\n")
+        self.login()
+        self.assert_reply(b"STLS\r\n", [Reply.WRONG_STATE])
+
+    def test_stls_without_certificate(self):
+        """Without a TLS configuration, STLS is neither offered nor accepted."""
+        self.factory.tls = None
+        self.send(b"CAPA\r\n")
+        self.assertNotIn(b"STLS", self.lines())
+        self.assert_reply(b"STLS\r\n", [Reply.NO_TLS])
 
 
 class AuthorizationTests(POP3TestCase):
