@@ -29,6 +29,7 @@ class Config:
     pop3_timeout: float = 600.0
     pop3_login_timeout: float = 60.0
     pop3_failure_delay: float = 1.0
+    pop3_failure_delay_max: float = 15.0
     pop3_login_delay: int = 0
 
     pop3s_listen: tuple[str, ...] = ("tcp:995",)
@@ -39,6 +40,8 @@ class Config:
 
     auth_trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     auth_allow_plaintext: bool = False
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    auth_apop: bool = False
 
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
@@ -91,6 +94,18 @@ def _networks(text: str) -> tuple[str, ...]:
     return networks
 
 
+#: SASL mechanisms popserv implements (popserv.sasl).
+KNOWN_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")
+
+
+def _mechanisms(text: str) -> tuple[str, ...]:
+    names = tuple(text.replace(",", " ").upper().split())
+    for name in names:
+        if name not in KNOWN_MECHANISMS:
+            raise ValueError(f"unknown mechanism {name}; known: {' '.join(KNOWN_MECHANISMS)}")
+    return names
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -105,6 +120,7 @@ _KEYS = {
     ("pop3", "timeout"): ("pop3_timeout", _positive_float),
     ("pop3", "login_timeout"): ("pop3_login_timeout", _positive_float),
     ("pop3", "failure_delay"): ("pop3_failure_delay", _non_negative_float),
+    ("pop3", "failure_delay_max"): ("pop3_failure_delay_max", _non_negative_float),
     ("pop3", "login_delay"): ("pop3_login_delay", _non_negative_int),
     ("pop3s", "listen"): ("pop3s_listen", _listeners),
     ("tls", "cert"): ("tls_cert", _optional_text),
@@ -112,6 +128,8 @@ _KEYS = {
     ("tls", "self_signed_dir"): ("tls_self_signed_dir", _text),
     ("auth", "trusted_networks"): ("auth_trusted_networks", _networks),
     ("auth", "allow_plaintext"): ("auth_allow_plaintext", _boolean),
+    ("auth", "mechanisms"): ("auth_mechanisms", _mechanisms),
+    ("auth", "apop"): ("auth_apop", _boolean),
 }
 
 

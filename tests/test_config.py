@@ -23,6 +23,7 @@ listen =
 timeout = 900
 login_timeout = 30.5
 failure_delay = 0
+failure_delay_max = 4
 login_delay = 300
 
 [pop3s]
@@ -36,6 +37,8 @@ self_signed_dir = /var/lib/popserv/tls
 [auth]
 trusted_networks = 10.0.0.0/8, fd00::/8
 allow_plaintext = yes
+mechanisms = plain, SCRAM-SHA-256
+apop = yes
 """
 
 
@@ -56,6 +59,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 pop3_timeout=900.0,
                 pop3_login_timeout=30.5,
                 pop3_failure_delay=0.0,
+                pop3_failure_delay_max=4.0,
                 pop3_login_delay=300,
                 pop3s_listen=("tcp:9995:interface=127.0.0.1",),
                 tls_cert="/etc/ssl/pop.pem",
@@ -63,6 +67,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 tls_self_signed_dir="/var/lib/popserv/tls",
                 auth_trusted_networks=("10.0.0.0/8", "fd00::/8"),
                 auth_allow_plaintext=True,
+                auth_mechanisms=("PLAIN", "SCRAM-SHA-256"),
+                auth_apop=True,
             ),
         )
 
@@ -80,6 +86,12 @@ class ConfigFromStringTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as cm:
             config_from_string("[auth]\ntrusted_networks = 10.0.0.0/8 lan\n")
         self.assertIn("trusted_networks", str(cm.exception))
+
+    def test_unknown_mechanism(self):
+        """An unknown SASL mechanism is an error naming it."""
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string("[auth]\nmechanisms = PLAIN GSSAPI\n")
+        self.assertIn("GSSAPI", str(cm.exception))
 
     def test_bad_boolean(self):
         """A yes/no key with another value is an error."""
