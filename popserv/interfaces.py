@@ -3,6 +3,8 @@
 This module imports nothing else from popserv, so every other module can depend on it.
 """
 
+import errno
+
 from zope.interface import Interface
 
 
@@ -99,3 +101,50 @@ class IUserDB(Interface):
     def scram(user):
         """Stored SCRAM keys for ``user``, or ``None``."""
 
+
+
+class DeliveryFailed(Exception):
+    """A message could not be stored; nothing of it is in any mailbox.
+
+    ``error`` is the ``OSError`` behind it, if any; ``disk_full`` says whether that was
+    lack of space or quota (SMTP answers 452 4.3.1).
+    """
+
+    def __init__(self, reason: str, error: OSError | None = None):
+        super().__init__(reason)
+        self.error = error
+
+    @property
+    def disk_full(self) -> bool:
+        return self.error is not None and self.error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class IDelivery(Interface):
+    """One message being stored for some users; nothing is visible before ``finish``.
+
+    ``id`` is the unique part of the Maildir name (and so the message's UIDL); ``size``
+    counts the octets written so far.
+    """
+
+    def write(data):
+        """Append ``bytes`` to the message; raises ``DeliveryFailed`` (and aborts) on error."""
+
+    def finish():
+        """Make the message durable and visible to every recipient at once.
+
+        Returns a Deferred that fires once it is in each recipient's mailbox, or fails
+        with ``DeliveryFailed`` having left it in none.
+        """
+
+    def abort():
+        """Drop the message; idempotent."""
+
+
+class IDeliverer(Interface):
+    """Atomic delivery into users' mailboxes (what the SMTP receiver writes to)."""
+
+    def begin(users):
+        """Start a message for the ``users`` (``str`` names); returns an ``IDelivery``.
+
+        Raises ``DeliveryFailed`` when the message cannot even be started.
+        """
