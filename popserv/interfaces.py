@@ -102,7 +102,6 @@ class IUserDB(Interface):
         """Stored SCRAM keys for ``user``, or ``None``."""
 
 
-
 class DeliveryFailed(Exception):
     """A message could not be stored; nothing of it is in any mailbox.
 
