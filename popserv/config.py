@@ -43,6 +43,14 @@ class Config:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     auth_apop: bool = False
 
+    smtp_listen: tuple[str, ...] = ("tcp:25",)
+    smtp_domains: tuple[str, ...] = ()  # empty: the hostname and localhost
+    smtp_max_message_size: int = 25 * 1024 * 1024
+    smtp_max_recipients: int = 100
+    smtp_max_line_length: int = 1000
+    smtp_timeout: float = 300.0
+    smtp_max_connections_per_peer: int = 20
+
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
         return dataclasses.replace(self, **changes)
@@ -106,6 +114,21 @@ def _mechanisms(text: str) -> tuple[str, ...]:
     return names
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _domains(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.lower().rstrip(".") for n in text.replace(",", " ").split()))
+    for name in names:
+        if not name or "@" in name or "/" in name:
+            raise ValueError(f"bad domain name {name!r}")
+    return names
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -130,6 +153,13 @@ _KEYS = {
     ("auth", "allow_plaintext"): ("auth_allow_plaintext", _boolean),
     ("auth", "mechanisms"): ("auth_mechanisms", _mechanisms),
     ("auth", "apop"): ("auth_apop", _boolean),
+    ("smtp", "listen"): ("smtp_listen", _listeners),
+    ("smtp", "domains"): ("smtp_domains", _domains),
+    ("smtp", "max_message_size"): ("smtp_max_message_size", _positive_int),
+    ("smtp", "max_recipients"): ("smtp_max_recipients", _positive_int),
+    ("smtp", "max_line_length"): ("smtp_max_line_length", _positive_int),
+    ("smtp", "timeout"): ("smtp_timeout", _positive_float),
+    ("smtp", "max_connections_per_peer"): ("smtp_max_connections_per_peer", _positive_int),
 }
 
 

@@ -39,6 +39,17 @@ trusted_networks = 10.0.0.0/8, fd00::/8
 allow_plaintext = yes
 mechanisms = plain, SCRAM-SHA-256
 apop = yes
+
+[smtp]
+listen =
+    tcp:25
+    tcp:2525:interface=::1
+domains = Example.ORG, mail.example.org. localhost
+max_message_size = 1048576
+max_recipients = 10
+max_line_length = 2000
+timeout = 600
+max_connections_per_peer = 5
 """
 
 
@@ -69,6 +80,13 @@ class ConfigFromStringTests(SynchronousTestCase):
                 auth_allow_plaintext=True,
                 auth_mechanisms=("PLAIN", "SCRAM-SHA-256"),
                 auth_apop=True,
+                smtp_listen=("tcp:25", "tcp:2525:interface=::1"),
+                smtp_domains=("example.org", "mail.example.org", "localhost"),
+                smtp_max_message_size=1048576,
+                smtp_max_recipients=10,
+                smtp_max_line_length=2000,
+                smtp_timeout=600.0,
+                smtp_max_connections_per_peer=5,
             ),
         )
 
@@ -80,6 +98,16 @@ class ConfigFromStringTests(SynchronousTestCase):
             if re.search(rf"^{key} =", EVERY_KEY.split(f"[{section}]")[1], re.M)
         }
         self.assertEqual(parsed, set(_KEYS))
+
+    def test_bad_smtp_values(self):
+        """A zero size limit or a domain with an '@' is an error naming the key."""
+        for text, key in [
+            ("[smtp]\nmax_message_size = 0\n", "max_message_size"),
+            ("[smtp]\ndomains = example.org a@b\n", "domains"),
+        ]:
+            with self.assertRaises(ConfigError) as cm:
+                config_from_string(text)
+            self.assertIn(key, str(cm.exception))
 
     def test_bad_network(self):
         """A trusted network that is not an address or CIDR block is an error naming it."""
