@@ -1,4 +1,4 @@
-"""The ``popserv`` admin command: add and remove users, set passwords, list users.
+"""The ``popserv`` admin command: add and remove users, set passwords, make a certificate.
 
 It edits the users file that the server re-reads on change, so no restart is needed.
 """
@@ -9,6 +9,7 @@ import argparse
 import getpass
 import os
 import shutil
+import socket
 import sys
 import unicodedata
 from collections.abc import Sequence
@@ -135,6 +136,24 @@ def list_users(args: argparse.Namespace) -> None:
         print(user)
 
 
+def gencert(args: argparse.Namespace) -> None:
+    """Make a self-signed certificate and key; print their paths and SHA-256 fingerprint."""
+    from popserv import tls
+
+    config = read_config(args.config) if args.config else None
+    hostname = args.hostname or (config.hostname if config else socket.getfqdn())
+    directory = os.path.abspath(
+        args.dir or (config or Config(hostname=hostname)).tls_self_signed_dir
+    )
+    for path in tls.self_signed_paths(directory):
+        if os.path.exists(path) and not args.force:
+            raise AdminError(f"{path} already exists; pass --force to replace it")
+    cert_path, key_path = tls.generate_self_signed(hostname, directory)
+    print(f"certificate: {cert_path}")
+    print(f"key: {key_path}")
+    print(f"SHA-256 fingerprint: {tls.fingerprint(cert_path)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per action, each with the path options."""
     paths = argparse.ArgumentParser(add_help=False)
@@ -150,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheme", type=str.upper, choices=SCHEMES, default="ARGON2ID", help="password scheme"
     )
 
-    parser = argparse.ArgumentParser(prog="popserv", description="Manage popserv's users.")
+    parser = argparse.ArgumentParser(
+        prog="popserv", description="Manage popserv's users and TLS certificate."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add = commands.add_parser("adduser", parents=[paths, password], help="add a user")
@@ -168,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("list", parents=[paths], help="list the users")
     show.set_defaults(run=list_users)
+
+    cert = commands.add_parser(
+        "gencert", help="make a self-signed TLS certificate for the host name"
+    )
+    cert.add_argument("--config", metavar="FILE", help="take host name and directory from FILE")
+    cert.add_argument("--hostname", metavar="NAME", help="name the certificate is for")
+    cert.add_argument("--dir", metavar="DIR", help="where to write cert.pem and key.pem")
+    cert.add_argument("--force", action="store_true", help="replace an existing pair")
+    cert.set_defaults(run=gencert)
     return parser
 
 

@@ -183,6 +183,8 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
                 values[name] = parse(raw)
             except ValueError as e:
                 raise ConfigError(f"{source}: [{section}] {key} = {raw!r}: {e}") from None
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ConfigError(f"{source}: [tls] cert and key must be set together, or neither")
     return Config(**values)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
 
@@ -25,6 +28,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from popserv.maildir import MaildirStore
     from popserv.pop3 import POP3Factory
     from popserv.realm import MaildropRealm
+    from popserv.tls import load_or_create
 
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
@@ -34,21 +38,73 @@ def make_service(config: Config, reactor=None) -> MultiService:
     userdb = PasswdFile(users, reactor=reactor)
     realm = MaildropRealm(MaildirStore(mailroot, reactor=reactor))
     portal = Portal(realm, [UserDBChecker(userdb)])
-    factory = POP3Factory(portal, config, clock=reactor)
+    # One TLS object for STLS and every POP3S listener, so SIGHUP reloads them all.
+    tls = load_or_create(config)
+    factory = POP3Factory(portal, config, clock=reactor, tls=tls)
 
     top = MultiService()
     for index, description in enumerate(config.pop3_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"pop3-{index}")
         listener.setServiceParent(top)
+    tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
+    for index, description in enumerate(config.pop3s_listen):
+        listener = strports.service(description, tls_factory, reactor=reactor)
+        listener.setName(f"pop3s-{index}")
+        listener.setServiceParent(top)
+    reload_service = ReloadOnSIGHUP(tls.reload, reactor)
+    reload_service.setName("tls-reload")
+    reload_service.setServiceParent(top)
     log.info(
-        "popserv {hostname}: POP3 on {listeners}, Maildirs under {mailroot}, users in {users}",
+        "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
+        "Maildirs under {mailroot}, users in {users}",
         hostname=config.hostname,
         listeners=", ".join(config.pop3_listen),
+        tls_listeners=", ".join(config.pop3s_listen) or "none",
         mailroot=mailroot,
         users=users,
     )
     return top
+
+
+class ReloadOnSIGHUP(Service):
+    """Calls ``reload`` in the reactor thread on each SIGHUP, while the service runs.
+
+    Any handler installed before is still called, and is put back on stop.  Outside
+    the main thread (where signals cannot be caught) it does nothing.
+    """
+
+    def __init__(self, reload, reactor=None):
+        self._reload = reload
+        self._reactor = reactor
+        self._installed = False
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGHUP, self._received)
+        self._installed = True
+
+    def stopService(self) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGHUP, previous)
+            self._installed = False
+        return super().stopService()
+
+    def _received(self, signum, frame) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callFromThread(self._reload_now)
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+    def _reload_now(self) -> None:
+        log.info("popserv.sighup: re-reading the TLS certificate and key")
+        self._reload()
 
 
 def _make_private_dir(path: str) -> None:

@@ -20,7 +20,8 @@ class Options(usage.Options):
         "then the file given with --config, then the options below, which override the "
         "same key of the file. See etc/popserv.ini for every key and its default. "
         "Listeners are Twisted endpoint strings, such as tcp:110 or "
-        f"{_EXAMPLE_LISTENER}; give --pop3 once per listener."
+        f"{_EXAMPLE_LISTENER}; give --pop3 once per listener. POP3S (implicit TLS) "
+        "listeners are plain stream endpoints too, such as tcp:995: popserv adds TLS."
     )
 
     optParameters = [
@@ -52,6 +53,19 @@ class Options(usage.Options):
             "Name this server gives itself in greetings "
             "(overrides [server] hostname of the config file).",
         ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate chain, server certificate first; give --tls-key too "
+            "(overrides [tls] cert of the config file).",
+        ],
+        [
+            "tls-key",
+            None,
+            None,
+            "PEM private key of the certificate (overrides [tls] key of the config file).",
+        ],
     ]
 
     compData = usage.Completions(
@@ -60,16 +74,23 @@ class Options(usage.Options):
             "mailroot": usage.CompleteDirs(),
             "users": usage.CompleteFiles(),
             "hostname": usage.CompleteHostnames(),
+            "tls-cert": usage.CompleteFiles("*.pem"),
+            "tls-key": usage.CompleteFiles("*.pem"),
         }
     )
 
     def __init__(self):
         super().__init__()
         self["pop3"] = []
+        self["pop3s"] = []
 
     def opt_pop3(self, description: str) -> None:
         """A POP3 listener endpoint, repeatable; replaces [pop3] listen of the config file."""
         self["pop3"].append(description)
+
+    def opt_pop3s(self, description: str) -> None:
+        """A POP3S plain endpoint such as tcp:995, repeatable; replaces [pop3s] listen."""
+        self["pop3s"].append(description)
 
     def postOptions(self) -> None:
         """Read the config file, apply the overrides, and check the listeners."""
@@ -83,6 +104,11 @@ class Options(usage.Options):
                 overrides[option] = value.strip()
         if self["pop3"]:
             overrides["pop3_listen"] = tuple(self["pop3"])
+        if self["pop3s"]:
+            overrides["pop3s_listen"] = tuple(self["pop3s"])
+        for option, key in (("tls-cert", "tls_cert"), ("tls-key", "tls_key")):
+            if self[option] is not None:
+                overrides[key] = self[option].strip()
         config = config.replace(**overrides)
         if not config.pop3_listen:
             raise usage.UsageError(
@@ -91,6 +117,18 @@ class Options(usage.Options):
             )
         for description in config.pop3_listen:
             _check_endpoint(description)
+        for description in config.pop3s_listen:
+            _check_endpoint(description, "POP3S")
+            if description.split(":", 1)[0].lower() in ("ssl", "tls"):
+                raise usage.UsageError(
+                    f"POP3S listener {description!r} already has TLS: give a plain "
+                    "endpoint such as tcp:995, and popserv adds TLS with its certificate."
+                )
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise usage.UsageError(
+                "give a TLS certificate and its key together (--tls-cert and --tls-key, "
+                "or [tls] cert and key), or neither for a self-signed certificate"
+            )
         self["popserv_config"] = config
 
     def _read_config(self) -> Config:
@@ -105,7 +143,7 @@ class Options(usage.Options):
             ) from None
 
 
-def _check_endpoint(description: str) -> None:
+def _check_endpoint(description: str, kind: str = "POP3") -> None:
     """Turn a listener string that cannot make an endpoint into a UsageError; binds nothing."""
     from twisted.internet import reactor
 
@@ -113,7 +151,7 @@ def _check_endpoint(description: str) -> None:
         endpoints.serverFromString(reactor, description)
     except Exception as e:  # endpoint parsers raise ValueError, TypeError, OSError...
         raise usage.UsageError(
-            f"invalid POP3 listener {description!r}: {e}\n"
+            f"invalid {kind} listener {description!r}: {e}\n"
             "Give an endpoint string such as tcp:110 or "
             f"{_EXAMPLE_LISTENER} (see Twisted's serverFromString documentation)."
         ) from None

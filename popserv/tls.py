@@ -1,0 +1,237 @@
+"""Certificates and TLS contexts: load a PEM chain and key, or make a self-signed pair.
+
+``load_or_create`` gives one ``ReloadableTLS`` that both ``TLSMemoryBIOFactory``
+(implicit TLS, POP3S) and ``transport.startTLS`` (STLS, STARTTLS) accept; ``reload``
+swaps in freshly read files for new connections while open ones keep their own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.config import Config, ConfigError
+
+log = Logger()
+
+#: File names of the self-signed pair inside ``[tls] self_signed_dir``.
+SELF_SIGNED_CERT = "cert.pem"
+SELF_SIGNED_KEY = "key.pem"
+#: Validity of a self-signed certificate; Apple clients refuse server certificates
+#: valid for longer than 825 days.
+SELF_SIGNED_DAYS = 825
+
+
+class CertificateError(ConfigError):
+    """A certificate or key file that cannot be used, with a message naming the file."""
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CertificateError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _public_bytes(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_options(cert_path: str, key_path: str) -> CertificateOptions:
+    """``CertificateOptions`` (TLS 1.2 at least) for a PEM chain, leaf first, and its key."""
+    try:
+        chain = x509.load_pem_x509_certificates(_read(cert_path))
+    except ValueError:
+        raise CertificateError(f"{cert_path}: no PEM certificate in the file") from None
+    try:
+        key = serialization.load_pem_private_key(_read(key_path), password=None)
+    except TypeError:
+        raise CertificateError(
+            f"{key_path}: the private key is encrypted; give an unencrypted PEM key"
+        ) from None
+    except ValueError:
+        raise CertificateError(f"{key_path}: no PEM private key in the file") from None
+    if _public_bytes(key.public_key()) != _public_bytes(chain[0].public_key()):
+        raise CertificateError(
+            f"{key_path}: the private key does not match the first certificate of {cert_path}"
+        )
+    if chain[0].not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
+        log.warn(
+            "tls.expired: {cert} expired on {date}",
+            cert=cert_path,
+            date=chain[0].not_valid_after_utc.isoformat(),
+        )
+    # cryptography objects, not pyOpenSSL's deprecated X509/PKey wrappers.
+    options = CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+    try:
+        options.getContext()
+    except SSL.Error as e:
+        raise CertificateError(f"{cert_path}, {key_path}: OpenSSL refuses them: {e}") from None
+    return options
+
+
+def fingerprint(cert_path: str) -> str:
+    """The SHA-256 fingerprint of the file's first certificate, as ``AB:CD:...``."""
+    try:
+        cert = x509.load_pem_x509_certificates(_read(cert_path))[0]
+    except ValueError:
+        raise CertificateError(f"{cert_path}: no PEM certificate in the file") from None
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """The server side of TLS for every listener, with files that ``reload`` re-reads.
+
+    A connection takes the context current when it starts and keeps it, so a reload
+    changes the certificate for new connections only and drops no session.
+    """
+
+    def __init__(self, cert_path: str, key_path: str, *, self_signed: bool = False):
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.self_signed = self_signed
+        self.options = load_options(cert_path, key_path)
+        self.fingerprint = fingerprint(cert_path)
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return SSL.Connection(self.options.getContext(), None)
+
+    def getContext(self) -> SSL.Context:
+        """The current context, for APIs that want an old-style context factory."""
+        return self.options.getContext()
+
+    def reload(self) -> bool:
+        """Re-read the files; a file that cannot be used is logged and the old one kept."""
+        try:
+            options = load_options(self.cert_path, self.key_path)
+            new_fingerprint = fingerprint(self.cert_path)
+        except CertificateError as e:
+            log.error(
+                "tls.reload_failed: {error}; still serving {fingerprint}",
+                error=str(e),
+                fingerprint=self.fingerprint,
+            )
+            return False
+        self.options = options
+        self.fingerprint = new_fingerprint
+        log.info(
+            "tls.reloaded: {cert}, SHA-256 fingerprint {fingerprint}",
+            cert=self.cert_path,
+            fingerprint=self.fingerprint,
+        )
+        return True
+
+
+def self_signed_paths(directory: str) -> tuple[str, str]:
+    """Where the self-signed certificate and key of ``directory`` are kept."""
+    return os.path.join(directory, SELF_SIGNED_CERT), os.path.join(directory, SELF_SIGNED_KEY)
+
+
+def _san(hostname: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(hostname)))
+    except ValueError:
+        names.append(x509.DNSName(hostname.encode("idna").decode("ascii")))
+    if hostname != "localhost":
+        names.append(x509.DNSName("localhost"))
+    for address in ("127.0.0.1", "::1"):
+        if hostname != address:
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
+    return names
+
+
+def _write_atomically(path: str, data: bytes, mode: int) -> None:
+    temp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
+def generate_self_signed(hostname: str, directory: str) -> tuple[str, str]:
+    """Make an EC P-256 key (mode 0600) and a self-signed certificate for ``hostname``.
+
+    The certificate also names localhost, 127.0.0.1 and ::1, so local clients that
+    check names accept it once they trust it.  Returns ``(cert_path, key_path)``.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    cert_path, key_path = self_signed_paths(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
+        .add_extension(x509.SubjectAlternativeName(_san(hostname)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_atomically(key_path, key_pem, 0o600)
+    _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    log.info(
+        "tls.generated: self-signed certificate for {hostname} in {cert}",
+        hostname=hostname,
+        cert=cert_path,
+    )
+    return cert_path, key_path
+
+
+def load_or_create(config: Config) -> ReloadableTLS:
+    """The configured certificate and key, or a self-signed pair made on first use.
+
+    A self-signed certificate is announced with a warning giving its SHA-256
+    fingerprint, which users can compare with what their mail client shows.
+    """
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("[tls] cert and key must be given together (or neither)")
+    if config.tls_cert:
+        return ReloadableTLS(os.path.abspath(config.tls_cert), os.path.abspath(config.tls_key))
+    directory = os.path.abspath(config.tls_self_signed_dir)
+    cert_path, key_path = self_signed_paths(directory)
+    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        generate_self_signed(config.hostname, directory)
+    tls = ReloadableTLS(cert_path, key_path, self_signed=True)
+    log.warn(
+        "tls.self_signed: no [tls] cert and key are configured, so TLS uses the self-signed "
+        "certificate {cert} (SHA-256 fingerprint {fingerprint}); mail clients will warn "
+        "until they trust it. Configure a real certificate for production.",
+        cert=cert_path,
+        fingerprint=tls.fingerprint,
+    )
+    return tls
