@@ -31,6 +31,10 @@ class Config:
     pop3_failure_delay: float = 1.0
     pop3_failure_delay_max: float = 15.0
     pop3_login_delay: int = 0
+    pop3_max_connections: int = 1000
+    pop3_max_connections_per_peer: int = 50
+    pop3_max_bad_commands: int = 20
+    pop3_max_failures: int = 10
 
     pop3s_listen: tuple[str, ...] = ("tcp:995",)
 
@@ -145,6 +149,10 @@ _KEYS = {
     ("pop3", "failure_delay"): ("pop3_failure_delay", _non_negative_float),
     ("pop3", "failure_delay_max"): ("pop3_failure_delay_max", _non_negative_float),
     ("pop3", "login_delay"): ("pop3_login_delay", _non_negative_int),
+    ("pop3", "max_connections"): ("pop3_max_connections", _positive_int),
+    ("pop3", "max_connections_per_peer"): ("pop3_max_connections_per_peer", _positive_int),
+    ("pop3", "max_bad_commands"): ("pop3_max_bad_commands", _positive_int),
+    ("pop3", "max_failures"): ("pop3_max_failures", _positive_int),
     ("pop3s", "listen"): ("pop3s_listen", _listeners),
     ("tls", "cert"): ("tls_cert", _optional_text),
     ("tls", "key"): ("tls_key", _optional_text),

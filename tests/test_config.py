@@ -25,6 +25,10 @@ login_timeout = 30.5
 failure_delay = 0
 failure_delay_max = 4
 login_delay = 300
+max_connections = 500
+max_connections_per_peer = 5
+max_bad_commands = 3
+max_failures = 4
 
 [pop3s]
 listen = tcp:9995:interface=127.0.0.1
@@ -72,6 +76,10 @@ class ConfigFromStringTests(SynchronousTestCase):
                 pop3_failure_delay=0.0,
                 pop3_failure_delay_max=4.0,
                 pop3_login_delay=300,
+                pop3_max_connections=500,
+                pop3_max_connections_per_peer=5,
+                pop3_max_bad_commands=3,
+                pop3_max_failures=4,
                 pop3s_listen=("tcp:9995:interface=127.0.0.1",),
                 tls_cert="/etc/ssl/pop.pem",
                 tls_key="/etc/ssl/pop.key",
