@@ -118,12 +118,12 @@ class Options(usage.Options):
         for description in config.pop3_listen:
             _check_endpoint(description)
         for description in config.pop3s_listen:
-            _check_endpoint(description, "POP3S")
             if description.split(":", 1)[0].lower() in ("ssl", "tls"):
                 raise usage.UsageError(
                     f"POP3S listener {description!r} already has TLS: give a plain "
                     "endpoint such as tcp:995, and popserv adds TLS with its certificate."
                 )
+            _check_endpoint(description, "POP3S")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise usage.UsageError(
                 "give a TLS certificate and its key together (--tls-cert and --tls-key, "
