@@ -36,7 +36,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     _make_private_file(users)
 
     userdb = PasswdFile(users, reactor=reactor)
-    realm = MaildropRealm(MaildirStore(mailroot, reactor=reactor))
+    store = MaildirStore(mailroot, reactor=reactor)
+    realm = MaildropRealm(store)
     portal = Portal(realm, [UserDBChecker(userdb)])
     # One TLS object for STLS and every POP3S listener, so SIGHUP reloads them all.
     tls = load_or_create(config)
@@ -55,6 +56,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     reload_service = ReloadOnSIGHUP(tls.reload, reactor)
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
+    if config.smtp_listen:
+        _add_smtp(top, config, store, userdb, tls, reactor)
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "Maildirs under {mailroot}, users in {users}",
@@ -65,6 +68,21 @@ def make_service(config: Config, reactor=None) -> MultiService:
         users=users,
     )
     return top
+
+
+def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) -> None:
+    """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
+    from popserv.delivery import MaildirDeliverer, StaleTempCleaner
+    from popserv.smtp import SMTPFactory
+
+    StaleTempCleaner(store.mailroot).setServiceParent(top)
+    deliverer = MaildirDeliverer(store, config.hostname, reactor=reactor)
+    factory = SMTPFactory(deliverer, userdb, config, clock=reactor, context_factory=tls)
+    for index, description in enumerate(config.smtp_listen):
+        listener = strports.service(description, factory, reactor=reactor)
+        listener.setName(f"smtp-{index}")
+        listener.setServiceParent(top)
+    log.info("SMTP on {listeners}", listeners=", ".join(config.smtp_listen))
 
 
 class ReloadOnSIGHUP(Service):
