@@ -83,6 +83,8 @@ class Options(usage.Options):
         super().__init__()
         self["pop3"] = []
         self["pop3s"] = []
+        self["smtp"] = []
+        self["domain"] = []
 
     def opt_pop3(self, description: str) -> None:
         """A POP3 listener endpoint, repeatable; replaces [pop3] listen of the config file."""
@@ -91,6 +93,19 @@ class Options(usage.Options):
     def opt_pop3s(self, description: str) -> None:
         """A POP3S plain endpoint such as tcp:995, repeatable; replaces [pop3s] listen."""
         self["pop3s"].append(description)
+
+    def opt_smtp(self, description: str) -> None:
+        """An SMTP listener endpoint such as tcp:25, repeatable; replaces [smtp] listen."""
+        self["smtp"].append(description)
+
+    def opt_domain(self, name: str) -> None:
+        """A local mail domain, repeatable; replaces [smtp] domains of the config file."""
+        name = name.strip().lower().rstrip(".")
+        if not name or "@" in name or "/" in name:
+            raise usage.UsageError(
+                f"--domain needs a domain name such as example.org, not {name!r}"
+            )
+        self["domain"].append(name)
 
     def postOptions(self) -> None:
         """Read the config file, apply the overrides, and check the listeners."""
@@ -106,6 +121,10 @@ class Options(usage.Options):
             overrides["pop3_listen"] = tuple(self["pop3"])
         if self["pop3s"]:
             overrides["pop3s_listen"] = tuple(self["pop3s"])
+        if self["smtp"]:
+            overrides["smtp_listen"] = tuple(self["smtp"])
+        if self["domain"]:
+            overrides["smtp_domains"] = tuple(dict.fromkeys(self["domain"]))
         for option, key in (("tls-cert", "tls_cert"), ("tls-key", "tls_key")):
             if self[option] is not None:
                 overrides[key] = self[option].strip()
@@ -124,6 +143,8 @@ class Options(usage.Options):
                     "endpoint such as tcp:995, and popserv adds TLS with its certificate."
                 )
             _check_endpoint(description, "POP3S")
+        for description in config.smtp_listen:
+            _check_endpoint(description, "SMTP")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise usage.UsageError(
                 "give a TLS certificate and its key together (--tls-cert and --tls-key, "
