@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import poplib
 import socket
 import struct
+import time
 
 from twisted.internet import defer, endpoints, reactor, threads
 from twisted.mail.pop3 import AdvancedPOP3Client
@@ -548,6 +550,151 @@ class RawSocketTests(LiveTestCase):
         self.assertTrue(greeting.startswith(b"+OK"))
         self.assertTrue(rest.startswith(b"-ERR"), rest)
         self.assertTrue(rest.endswith(b"\r\n"))
+
+
+class SlowReaderTests(LiveTestCase):
+    """Streaming to a client that reads slowly."""
+
+    @defer.inlineCallbacks
+    def test_slow_reader(self):
+        """A reader that lets its buffers fill gets the large message whole, then the
+        reply to the command pipelined after it."""
+        big = crossing_message()
+        self.server.deliver("alice", big)
+
+        def slow():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(20)
+            with sock:
+                sock.connect(("127.0.0.1", self.server.port))
+                sock.sendall(b"USER alice\r\nPASS secret\r\nRETR 4\r\nNOOP\r\nQUIT\r\n")
+                parts = []
+                for _ in range(20):
+                    time.sleep(0.02)
+                    parts.append(sock.recv(4096))
+                while data := sock.recv(65536):
+                    parts.append(data)
+            return b"".join(parts)
+
+        data = yield self.in_thread(slow)
+        replies = split_replies(data, [False, False, False, True, False, False])
+        self.assertEqual(replies[3], b"+OK %d octets\r\n" % len(wire(big)) + stuffed(big))
+        self.assertTrue(replies[4].startswith(b"+OK"))
+        self.assertTrue(replies[5].startswith(b"+OK"))
+
+
+class SharedMaildirTests(LiveTestCase):
+    """Another agent (an IMAP server, a cleanup job) changing the Maildir during a session."""
+
+    @defer.inlineCallbacks
+    def test_moved_to_cur(self):
+        """A message moved from new/ to cur/ mid-session is still retrieved, and DELE removes it."""
+        client = yield self.in_thread(self.connect)
+        maildir = self.server.maildir("alice")
+        (name,) = [
+            n for n in os.listdir(os.path.join(maildir, "new")) if n.startswith(self.uidls[0])
+        ]
+        os.rename(os.path.join(maildir, "new", name), os.path.join(maildir, "cur", name + ":2,S"))
+
+        def session():
+            try:
+                lines = client.retr(1)[1]
+                client.dele(1)
+                return lines
+            finally:
+                client.quit()
+
+        lines = yield self.in_thread(session)
+        self.assertEqual(b"".join(line + b"\r\n" for line in lines), received_form(DOTS))
+        self.assertEqual(set(self.server.stored("alice")), set(self.uidls[1:]))
+
+    @defer.inlineCallbacks
+    def test_removed_elsewhere(self):
+        """A message removed by another agent mid-session gets -ERR from RETR; the session
+        goes on and QUIT still commits the other deletions."""
+        client = yield self.in_thread(self.connect)
+        maildir = self.server.maildir("alice")
+        for sub in ("new", "cur"):
+            for name in os.listdir(os.path.join(maildir, sub)):
+                if name.startswith(self.uidls[0]):
+                    os.unlink(os.path.join(maildir, sub, name))
+
+        def session():
+            try:
+                with self.assertRaises(poplib.error_proto) as refused:
+                    client.retr(1)
+                client.dele(1)
+                client.dele(2)
+                return refused.exception.args[0], client.retr(3)[1]
+            finally:
+                client.quit()
+
+        refusal, lines = yield self.in_thread(session)
+        self.assertTrue(refusal.startswith(b"-ERR"), refusal)
+        self.assertEqual(b"".join(line + b"\r\n" for line in lines), received_form(NO_EOL))
+        self.assertEqual(set(self.server.stored("alice")), {self.uidls[2]})
+
+
+class DomainUserTests(unittest.TestCase):
+    """Users named user@domain, whose Maildirs live under <mailroot>/<domain>/<user>."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_domain_user(self):
+        """carol@example.org logs in and sees the mail in example.org/carol."""
+        server = yield live.start_server(self, {"carol@example.org": "pw carol"})
+        uidl = server.deliver("carol@example.org", DOTS)
+        self.assertTrue(
+            server.maildir("carol@example.org").endswith(os.path.join("example.org", "carol"))
+        )
+
+        def session():
+            client = poplib.POP3("127.0.0.1", server.port, timeout=20)
+            client.user("carol@example.org")
+            client.pass_("pw carol")
+            try:
+                return client.uidl()[1]
+            finally:
+                client.quit()
+
+        lines = yield threads.deferToThread(session)
+        self.assertEqual(lines, [b"1 " + uidl.encode()])
+
+
+class EmptyMessageTests(LiveTestCase):
+    """Degenerate files in a Maildir."""
+
+    @defer.inlineCallbacks
+    def test_empty_file(self):
+        """An empty message file lists as 0 octets and RETR/TOP send just the terminator."""
+        self.server.deliver("alice", b"")
+        data = yield self.in_thread(
+            converse,
+            self.server.port,
+            b"USER alice\r\nPASS secret\r\nLIST 4\r\nRETR 4\r\nTOP 4 0\r\nQUIT\r\n",
+        )
+        replies = split_replies(data, [False, False, False, False, True, True, False])
+        self.assertEqual(replies[3], b"+OK 4 0\r\n")
+        self.assertEqual(replies[4], b"+OK 0 octets\r\n.\r\n")
+        self.assertEqual(replies[5].split(b"\r\n", 1)[1], b".\r\n")
+
+    @defer.inlineCallbacks
+    def test_header_only(self):
+        """TOP n 0 of a message without a blank line sends the whole message."""
+        message = b"Subject: header only\nX-Note: no body\n"
+        self.server.deliver("alice", message)
+
+        def session():
+            client = self.connect()
+            try:
+                return client.top(4, 0)[1]
+            finally:
+                client.quit()
+
+        lines = yield self.in_thread(session)
+        self.assertEqual(lines, message.rstrip(b"\n").split(b"\n"))
 
 
 class TwistedClientTests(LiveTestCase):
