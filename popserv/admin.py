@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from popserv import auth
 from popserv.config import Config, ConfigError, read_config
 
-SCHEMES = ("ARGON2ID", "PLAIN")
+SCHEMES = auth.MAKEABLE
 
 
 class AdminError(Exception):
@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true", help="read the password from one line of stdin"
     )
     password.add_argument(
-        "--scheme", type=str.upper, choices=SCHEMES, default="ARGON2ID", help="password scheme"
+        "--scheme",
+        type=str.upper,
+        choices=SCHEMES,
+        default="ARGON2ID",
+        metavar="SCHEME",
+        help="password scheme: " + ", ".join(SCHEMES) + " (default: ARGON2ID)",
     )
 
     parser = argparse.ArgumentParser(

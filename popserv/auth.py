@@ -7,22 +7,35 @@ fields and keeps the rest verbatim, so one file can serve popserv and Dovecot.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import hashlib
 import hmac
+import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import argon2
+import bcrypt
+import scramp
+from passlib.hash import sha256_crypt, sha512_crypt
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import (
+    CramMD5Credentials,
+    IUsernameHashedPassword,
+    IUsernamePassword,
+)
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.mail.pop3 import APOPCredentials
 from zope.interface import implementer
 
-from popserv.interfaces import IUserDB, UserDBUnavailable
+from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
 
 # New hashes and the unknown-user dummy use this hasher: argon2-cffi's defaults,
 # RFC 9106's low-memory profile.  Verification reads the parameters from each hash,
@@ -31,6 +44,13 @@ HASHER = argon2.PasswordHasher()
 
 # What Dovecot assumes for a password field without a {SCHEME} prefix.
 DEFAULT_SCHEME = "CRYPT"
+
+# Cost of new BLF-CRYPT and SHA*-CRYPT hashes (None: libpass's default rounds); tests lower them.
+BCRYPT_ROUNDS = 12
+SHA_CRYPT_ROUNDS: int | None = None
+
+# Iterations of new SCRAM entries and of keys derived from clear passwords (Dovecot's default).
+SCRAM_ITERATIONS = 4096
 
 
 def _argon2_verifier(header: str) -> Callable[[str, bytes], bool]:
@@ -62,24 +82,229 @@ def _make_plain(password: bytes) -> str:
     return text
 
 
+def _verify_bcrypt(hashed: str, password: bytes) -> bool:
+    # Blowfish reads at most 72 bytes, as Dovecot's crypt_blowfish does; the library
+    # refuses longer passwords instead of truncating them.
+    try:
+        return bcrypt.checkpw(password[:72], hashed.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return False  # a malformed hash, or a NUL in the password
+
+
+def _make_bcrypt(password: bytes) -> str:
+    if len(password) > 72:
+        raise ValueError("BLF-CRYPT uses only the first 72 bytes of a password")
+    return bcrypt.hashpw(password, bcrypt.gensalt(BCRYPT_ROUNDS)).decode("ascii")
+
+
+def _sha_crypt_scheme(handler) -> tuple[Callable[[str, bytes], bool], Callable[[bytes], str]]:
+    """Verify and make ``$6$`` / ``$5$`` hashes (crypt(3) SHA-crypt) with libpass."""
+
+    def verify(hashed: str, password: bytes) -> bool:
+        try:
+            return handler.verify(password, hashed)
+        except (ValueError, TypeError):
+            return False  # a malformed hash, or a password the scheme refuses (NUL)
+
+    def make(password: bytes) -> str:
+        return handler.using(rounds=SHA_CRYPT_ROUNDS).hash(password)
+
+    return verify, make
+
+
+def _ssha_verifier(algorithm: str) -> Callable[[str, bytes], bool]:
+    """``{SSHA512}``: base64 of the digest of password + salt, then the salt."""
+    size = hashlib.new(algorithm).digest_size
+
+    def verify(stored: str, password: bytes) -> bool:
+        try:
+            raw = base64.b64decode(stored, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        digest, salt = raw[:size], raw[size:]
+        if len(digest) != size:
+            return False
+        return hmac.compare_digest(hashlib.new(algorithm, password + salt).digest(), digest)
+
+    return verify
+
+
+# CRAM-MD5 entries hold HMAC-MD5's two MD5 states after the key block, not the password.
+# Finishing an HMAC from them means continuing MD5 from a saved state, which neither
+# hashlib nor any maintained library offers; so here is MD5's block function (RFC 1321,
+# section 3.4), used only to read and write this format.  hashlib checks it in the tests.
+_MD5_SHIFTS = [7, 12, 17, 22] * 4 + [5, 9, 14, 20] * 4 + [4, 11, 16, 23] * 4 + [6, 10, 15, 21] * 4
+_MD5_SINES = [int(abs(math.sin(i + 1)) * 2**32) & 0xFFFFFFFF for i in range(64)]
+_MD5_START = (0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
+
+
+def _md5_block(state: tuple[int, ...], block: bytes) -> tuple[int, ...]:
+    """MD5's state after one more 64-byte block."""
+    x = struct.unpack("<16I", block)
+    a, b, c, d = state
+    for i in range(64):
+        part = i >> 4
+        if part == 0:
+            f, k = (b & c) | (~b & d), i
+        elif part == 1:
+            f, k = (d & b) | (~d & c), (5 * i + 1) & 15
+        elif part == 2:
+            f, k = b ^ c ^ d, (3 * i + 5) & 15
+        else:
+            f, k = c ^ (b | (~d & 0xFFFFFFFF)), (7 * i) & 15
+        t = (a + f + _MD5_SINES[i] + x[k]) & 0xFFFFFFFF
+        s = _MD5_SHIFTS[i]
+        a, d, c = d, c, b
+        b = (b + ((t << s) | (t >> (32 - s)))) & 0xFFFFFFFF
+    return tuple((old + new) & 0xFFFFFFFF for old, new in zip(state, (a, b, c, d), strict=True))
+
+
+def _md5_finish(state: tuple[int, ...], data: bytes) -> bytes:
+    """The MD5 digest of a message whose first 64 bytes left MD5 in ``state``."""
+    length = 64 + len(data)
+    data += b"\x80" + b"\0" * ((55 - length) % 64) + struct.pack("<Q", length * 8)
+    for i in range(0, len(data), 64):
+        state = _md5_block(state, data[i : i + 64])
+    return struct.pack("<4I", *state)
+
+
+def cram_md5_context(password: bytes) -> bytes:
+    """Dovecot's ``{CRAM-MD5}`` value: HMAC-MD5's outer, then inner MD5 state, keyed by it."""
+    key = hashlib.md5(password).digest() if len(password) > 64 else password
+    key = key.ljust(64, b"\0")
+    outer = _md5_block(_MD5_START, bytes(byte ^ 0x5C for byte in key))
+    inner = _md5_block(_MD5_START, bytes(byte ^ 0x36 for byte in key))
+    return struct.pack("<8I", *outer, *inner)
+
+
+def cram_md5_digest(context: bytes, challenge: bytes) -> bytes:
+    """HMAC-MD5 of ``challenge`` under the key that ``context`` was made from."""
+    states = struct.unpack("<8I", context)
+    inner = _md5_finish(states[4:], challenge)
+    return _md5_finish(states[:4], inner)
+
+
+def _parse_cram_md5(stored: str) -> bytes | None:
+    try:
+        context = bytes.fromhex(stored)
+    except ValueError:
+        return None
+    return context if len(context) == 32 else None
+
+
+def _verify_cram_md5(stored: str, password: bytes) -> bool:
+    context = _parse_cram_md5(stored)
+    return context is not None and hmac.compare_digest(cram_md5_context(password), context)
+
+
+def _make_cram_md5(password: bytes) -> str:
+    return cram_md5_context(password).hex()
+
+
+def scram_keys(mechanism: str, password: bytes, salt: bytes, iterations: int) -> ScramKeys | None:
+    """The SCRAM keys of ``password`` (scramp: SASLprep, then PBKDF2), or None if it cannot.
+
+    None for a password that is not UTF-8 or that SASLprep refuses, and for a salt or
+    iteration count scramp finds too weak.
+    """
+    try:
+        salt, stored_key, server_key, iterations = scramp.ScramMechanism(mechanism).make_auth_info(
+            password.decode("utf-8"), iteration_count=iterations, salt=salt
+        )
+    except (UnicodeDecodeError, scramp.ScramException):
+        return None
+    return ScramKeys(salt, iterations, stored_key, server_key)
+
+
+def parse_scram(stored: str) -> ScramKeys | None:
+    """Dovecot's ``{SCRAM-SHA-256}`` value, ``iterations,salt,StoredKey,ServerKey`` (base64)."""
+    try:
+        iterations, salt, stored_key, server_key = stored.split(",")
+        return ScramKeys(
+            base64.b64decode(salt, validate=True),
+            int(iterations),
+            base64.b64decode(stored_key, validate=True),
+            base64.b64decode(server_key, validate=True),
+        )
+    except (ValueError, binascii.Error):
+        return None
+
+
+def _scram_scheme(mechanism: str) -> tuple[Callable[[str, bytes], bool], Callable[[bytes], str]]:
+    """Verify a password against stored SCRAM keys (its StoredKey must match), and make them."""
+
+    def verify(stored: str, password: bytes) -> bool:
+        keys = parse_scram(stored)
+        if keys is None:
+            return False
+        derived = scram_keys(mechanism, password, keys.salt, keys.iterations)
+        return derived is not None and hmac.compare_digest(derived.stored_key, keys.stored_key)
+
+    def make(password: bytes) -> str:
+        keys = scram_keys(mechanism, password, os.urandom(16), SCRAM_ITERATIONS)
+        if keys is None:
+            raise ValueError(f"{mechanism} needs a UTF-8 password that SASLprep accepts")
+        fields = [keys.salt, keys.stored_key, keys.server_key]
+        return ",".join([str(keys.iterations)] + [base64.b64encode(f).decode() for f in fields])
+
+    return verify, make
+
+
+# What each scheme can verify: every one the password itself (PLAIN, LOGIN, USER/PASS).
+_PASSWORD = frozenset({b"PLAIN", b"LOGIN"})
+_CLEAR = _PASSWORD | {b"APOP", b"CRAM-MD5", b"SCRAM-SHA-256", b"SCRAM-SHA-1"}
+
+
 @dataclass(frozen=True)
 class _Scheme:
     """How one ``{SCHEME}`` is verified, and made (None: popserv only reads it)."""
 
     verify: Callable[[str, bytes], bool]
     make: Callable[[bytes], str] | None = None
-    plaintext: bool = False  # the stored text is the password itself (APOP, CRAM-MD5)
+    plaintext: bool = False  # the stored text is the password itself (APOP, CRAM-MD5, SCRAM)
+    mechanisms: frozenset[bytes] = _PASSWORD  # the SASL mechanisms (and APOP) it can verify
 
 
-_PLAIN = _Scheme(_verify_plain, _make_plain, plaintext=True)
+_PLAIN = _Scheme(_verify_plain, _make_plain, plaintext=True, mechanisms=_CLEAR)
+
+
+def _verify_crypt(hashed: str, password: bytes) -> bool:
+    """Dovecot's CRYPT (no prefix): crypt(3), so the hash's own ``$id$`` says which."""
+    for prefix, name in _CRYPT_IDS.items():
+        if hashed.startswith(prefix):
+            return _SCHEMES[name].verify(hashed, password)
+    return False
+
+
+_CRYPT_IDS = {
+    "$6$": "SHA512-CRYPT",
+    "$5$": "SHA256-CRYPT",
+    "$2a$": "BLF-CRYPT",
+    "$2b$": "BLF-CRYPT",
+    "$2y$": "BLF-CRYPT",
+}
 
 # Adding a scheme is one entry here.
 _SCHEMES: dict[str, _Scheme] = {
     "ARGON2ID": _Scheme(_argon2_verifier("$argon2id$"), _make_argon2id),
     "ARGON2I": _Scheme(_argon2_verifier("$argon2i$")),
+    "BLF-CRYPT": _Scheme(_verify_bcrypt, _make_bcrypt),
+    "SHA512-CRYPT": _Scheme(*_sha_crypt_scheme(sha512_crypt)),
+    "SHA256-CRYPT": _Scheme(*_sha_crypt_scheme(sha256_crypt)),
+    "CRYPT": _Scheme(_verify_crypt),
+    "SSHA512": _Scheme(_ssha_verifier("sha512")),
+    "SSHA256": _Scheme(_ssha_verifier("sha256")),
+    "CRAM-MD5": _Scheme(_verify_cram_md5, _make_cram_md5, mechanisms=_PASSWORD | {b"CRAM-MD5"}),
+    "SCRAM-SHA-256": _Scheme(
+        *_scram_scheme("SCRAM-SHA-256"), mechanisms=_PASSWORD | {b"SCRAM-SHA-256"}
+    ),
+    "SCRAM-SHA-1": _Scheme(*_scram_scheme("SCRAM-SHA-1"), mechanisms=_PASSWORD | {b"SCRAM-SHA-1"}),
     "PLAIN": _PLAIN,
     "CLEARTEXT": _PLAIN,
 }
+
+# The schemes ``hash_password`` can make, for ``popserv adduser --scheme``.
+MAKEABLE = tuple(name for name, scheme in _SCHEMES.items() if scheme.make is not None)
 
 
 def split_scheme(password: str) -> tuple[str, str]:
@@ -246,6 +471,8 @@ class PasswdFile:
         self._dummy: tuple[argon2.PasswordHasher, str] | None = None
         self._warned_schemes: set[str] = set()
         self._unavailable_logged = False
+        # Keyed salts for SCRAM keys derived from clear passwords: stable per user.
+        self._salt_key = os.urandom(32)
 
     def _entries(self) -> dict[str, Entry]:
         """The users, re-read if the file's mtime, size or inode changed since the last look."""
@@ -329,19 +556,57 @@ class PasswdFile:
         _SCHEMES["ARGON2ID"].verify(self._dummy[1], password)
         return False
 
-    def secret(self, user: str) -> bytes | None:
-        """The password itself for ``{PLAIN}`` users; None for hashed or unknown ones."""
+    def _stored(self, user: str) -> tuple[str, str, _Scheme | None]:
+        """``(scheme name, stored value, scheme)`` of ``user``; ``("", "", None)`` if unknown."""
         entry = self._entries().get(user)
         if entry is None:
-            return None
+            return "", "", None
         name, stored = split_scheme(entry.password)
-        scheme = _SCHEMES.get(name)
+        return name, stored, _SCHEMES.get(name) if stored else None
+
+    def secret(self, user: str) -> bytes | None:
+        """The password itself for ``{PLAIN}`` users; None for hashed or unknown ones."""
+        _, stored, scheme = self._stored(user)
         if scheme is None or not scheme.plaintext:
             return None
         return stored.encode("utf-8", "surrogateescape")
 
-    def scram(self, user: str) -> None:
-        """A passwd-file stores no SCRAM keys yet."""
+    def cram_md5(self, user: str) -> bytes | None:
+        """The HMAC-MD5 context of ``{CRAM-MD5}`` users, or made from a ``{PLAIN}`` password."""
+        name, stored, scheme = self._stored(user)
+        if scheme is not None and scheme.plaintext:
+            return cram_md5_context(stored.encode("utf-8", "surrogateescape"))
+        if name == "CRAM-MD5":
+            return _parse_cram_md5(stored)
+        return None
+
+    def scram(self, user: str, mechanism: str = "SCRAM-SHA-256") -> ScramKeys | None:
+        """Stored ``{SCRAM-*}`` keys, or keys derived from a ``{PLAIN}`` password.
+
+        Each call costs one key derivation, whatever the user: the time it takes tells
+        nothing of whether the user exists or how the password is stored.  A derived
+        salt is keyed by the user, so a user's salt stays the same between attempts.
+        """
+        name, stored, scheme = self._stored(user)
+        salt = hmac.digest(self._salt_key, f"{mechanism}:{user}".encode(), "sha256")[:16]
+        if scheme is not None and scheme.plaintext:
+            return scram_keys(
+                mechanism, stored.encode("utf-8", "surrogateescape"), salt, SCRAM_ITERATIONS
+            )
+        scram_keys(mechanism, os.urandom(16).hex().encode(), salt, SCRAM_ITERATIONS)
+        if scheme is not None and name == mechanism:
+            return parse_scram(stored)
+        return None
+
+    def mechanisms(self, user: str | None = None) -> set[bytes]:
+        """What ``user``'s stored scheme can verify; without a user, what any user's can."""
+        users = [user] if user is not None else list(self._entries())
+        found: set[bytes] = set()
+        for name in users:
+            _, _, scheme = self._stored(name)
+            if scheme is not None:
+                found |= scheme.mechanisms
+        return found
 
 
 @implementer(ICredentialsChecker)
@@ -355,12 +620,9 @@ class UserDBChecker:
 
     def requestAvatarId(self, credentials) -> defer.Deferred[str]:
         """Fire the user name, or fail with ``UnauthorizedLogin`` alike for bad user or password."""
-        user = credentials.username
-        if isinstance(user, bytes):
-            try:
-                user = user.decode("utf-8")
-            except UnicodeDecodeError:
-                return defer.fail(UnauthorizedLogin())
+        user = _user_name(credentials.username)
+        if user is None:
+            return defer.fail(UnauthorizedLogin())
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
@@ -371,3 +633,90 @@ class UserDBChecker:
             return user
 
         return self.userdb.check(user, password).addCallback(verdict)
+
+
+def _user_name(user: str | bytes) -> str | None:
+    """The user name as ``str``; None for bytes that are not UTF-8."""
+    if isinstance(user, bytes):
+        try:
+            return user.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return user
+
+
+def _hex_digest(digest: str | bytes) -> bytes:
+    """A client's hex digest as lower-case ASCII bytes (non-ASCII becomes a mismatch)."""
+    if isinstance(digest, str):
+        digest = digest.encode("utf-8", "replace")
+    return digest.lower()
+
+
+# Verified against when the user is unknown or has no usable secret, so that
+# a refusal costs the same either way.
+_DUMMY_SECRET = os.urandom(16).hex().encode()
+_DUMMY_CONTEXT = cram_md5_context(_DUMMY_SECRET)
+
+
+@implementer(ICredentialsChecker)
+class SecretChecker:
+    """Checks APOP and CRAM-MD5 answers against a user's clear password or CRAM-MD5 context.
+
+    Users whose stored scheme cannot verify them (hashed passwords) fail with
+    ``UnauthorizedLogin``, exactly like a wrong answer.  The check is one or two MD5
+    computations, done in place: too cheap to be worth a thread.
+    """
+
+    credentialInterfaces = (IUsernameHashedPassword,)
+
+    def __init__(self, userdb: IUserDB):
+        self.userdb = userdb
+
+    def requestAvatarId(self, credentials) -> defer.Deferred[str]:
+        """Fire the user name, or fail with ``UnauthorizedLogin`` (``UserDBUnavailable``)."""
+        user = _user_name(credentials.username)
+        if user is None:
+            return defer.fail(UnauthorizedLogin())
+        try:
+            ok = self._verify(user, credentials)
+        except UserDBUnavailable:
+            return defer.fail()
+        return defer.succeed(user) if ok else defer.fail(UnauthorizedLogin())
+
+    def _verify(self, user: str, credentials) -> bool:
+        if isinstance(credentials, CramMD5Credentials):
+            context = self.userdb.cram_md5(user)
+            digest = cram_md5_digest(context or _DUMMY_CONTEXT, credentials.challenge).hex()
+            matches = hmac.compare_digest(digest.encode(), _hex_digest(credentials.response))
+            return matches and context is not None
+        secret = self.userdb.secret(user)
+        if isinstance(credentials, APOPCredentials):
+            # Twisted's own checkPassword compares a str with bytes, so it never matches.
+            digest = hashlib.md5(credentials.magic + (secret or _DUMMY_SECRET)).hexdigest()
+            matches = hmac.compare_digest(digest.encode(), _hex_digest(credentials.digest))
+        else:
+            matches = credentials.checkPassword(secret or _DUMMY_SECRET)
+        return bool(matches) and secret is not None
+
+
+@implementer(ICredentialsChecker)
+class VerifiedChecker:
+    """Accepts the outcome of a SASL exchange that verified the client itself (SCRAM).
+
+    It trusts the credential: register it only on a portal fed by ``popserv.sasl``.
+    """
+
+    credentialInterfaces = (ISASLVerified,)
+
+    def requestAvatarId(self, credentials) -> defer.Deferred[str]:
+        """Fire the user name if verified; else its failure, or ``UnauthorizedLogin``."""
+        if credentials.failure is not None:
+            return defer.fail(credentials.failure)
+        if not credentials.verified:
+            return defer.fail(UnauthorizedLogin())
+        return defer.succeed(credentials.username)
+
+
+def checkers(userdb: IUserDB) -> list[ICredentialsChecker]:
+    """Every checker a POP3 portal needs: USER/PASS, PLAIN and LOGIN; APOP and CRAM-MD5; SCRAM."""
+    return [UserDBChecker(userdb), SecretChecker(userdb), VerifiedChecker()]

@@ -4,8 +4,10 @@ This module imports nothing else from popserv, so every other module can depend 
 """
 
 import errno
+from typing import NamedTuple
 
-from zope.interface import Interface
+from twisted.cred.credentials import ICredentials
+from zope.interface import Attribute, Interface
 
 
 class MaildropLocked(Exception):
@@ -96,10 +98,46 @@ class IUserDB(Interface):
         """
 
     def secret(user):
-        """A plaintext-equivalent secret (``bytes``) for APOP / CRAM-MD5, or ``None``."""
+        """The password itself (``bytes``) for APOP, or ``None`` unless stored in clear."""
 
-    def scram(user):
-        """Stored SCRAM keys for ``user``, or ``None``."""
+    def cram_md5(user):
+        """The 32-byte HMAC-MD5 context (outer then inner MD5 state, Dovecot's layout), or ``None``.
+
+        From ``{CRAM-MD5}`` entries, or computed from a password stored in clear.
+        """
+
+    def scram(user, mechanism="SCRAM-SHA-256"):
+        """``ScramKeys`` for ``mechanism`` (``str``, e.g. ``"SCRAM-SHA-1"``), or ``None``.
+
+        Stored keys, or keys derived from a password stored in clear.  ``None`` for an
+        unknown user or one whose stored scheme cannot serve the mechanism.
+        """
+
+    def mechanisms(user=None):
+        """The mechanisms (``set[bytes]``, e.g. ``b"APOP"``) ``user``'s stored scheme can verify.
+
+        Without a user: those any user's scheme can verify.  Unknown user: the empty set.
+        """
+
+
+class ScramKeys(NamedTuple):
+    """What a server keeps to verify SCRAM (RFC 5802) without the password."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+
+class ISASLVerified(ICredentials):
+    """The outcome of a SASL exchange that verified the client itself (SCRAM).
+
+    Only a checker that trusts the mechanisms which make these may accept them.
+    """
+
+    username = Attribute("The authenticated user (``str``).")
+    verified = Attribute("Whether the client proved it knows the password.")
+    failure = Attribute("An exception to fail the login with (``UserDBUnavailable``), or None.")
 
 
 class DeliveryFailed(Exception):
