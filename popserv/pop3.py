@@ -6,7 +6,12 @@ portal, and knows nothing of files or directories.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import os
+import time
+from collections import OrderedDict
 from typing import ClassVar
 
 from twisted.cred.credentials import UsernamePassword
@@ -31,6 +36,12 @@ UPDATE = "UPDATE"
 
 #: RFC 2449 section 4: a command line is at most 255 octets, CRLF included.
 MAX_COMMAND_LINE = 255
+#: RFC 5034: SASL client responses (and AUTH with an initial response) may be longer.
+MAX_SASL_LINE = 16 * 1024 + 2
+#: Peers whose failed logins are remembered, at most (oldest forgotten first).
+MAX_TRACKED_PEERS = 10000
+#: Seconds without a failed login after which an address starts afresh.
+FAILURE_MEMORY = 600
 #: How much pipelined input is buffered while a command is in progress before
 #: the server stops reading from the socket.
 PIPELINE_BUFFER = 64 * 1024
@@ -64,8 +75,84 @@ class Reply:
     ALREADY_TLS = b"-ERR TLS is already active."
     NO_TLS = b"-ERR TLS is not available."
     BEGIN_TLS = b"+OK Begin TLS negotiation."
+    NO_MECHANISM = b"-ERR Unsupported authentication mechanism."
+    BAD_BASE64 = b"-ERR Invalid base64 data."
+    AUTH_CANCELLED = b"-ERR Authentication cancelled."
+    BAD_SASL = b"-ERR Invalid authentication exchange."
+    NO_APOP = b"-ERR APOP is not enabled."
+    MECHANISMS = b"+OK Supported mechanisms follow."
     CAPA = b"+OK Capability list follows."
     BYE = b"+OK Bye."
+    LOGGED_IN = b"+OK Logged in, %d messages (%d octets)."
+    LOGGING_OUT = b"+OK Logging out, %d messages deleted."
+    LISTING = b"+OK %d messages (%d octets)"
+    RETR = b"+OK %d octets"
+    MESSAGE_DELETED = b"+OK Message %d deleted."
+    RESET = b"+OK %d messages (%d octets)."
+    TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections; try again later."
+    TOO_MANY_FAILURES = b"-ERR [SYS/TEMP] Too many failed logins; try again later."
+    TOO_MANY_BAD_COMMANDS = b"-ERR Too many bad commands; closing the connection."
+    UTF8 = b"+OK UTF-8 mode on."
+    LANGUAGES = b"+OK Language listing follows."
+    LANGUAGE_SET = b"+OK %s Language changed."
+    NO_LANGUAGE = b"-ERR Language not available."
+
+
+#: RFC 6856 LANG: response texts in Spanish, keyed by the English template.
+SPANISH = {english: spanish.encode("utf-8") for english, spanish in {
+    Reply.GREETING: "+OK Servidor POP3 listo.",
+    Reply.UNKNOWN: "-ERR Orden desconocida.",
+    Reply.WRONG_STATE: "-ERR Orden no válida en este estado.",
+    Reply.LINE_TOO_LONG: "-ERR Línea de orden demasiado larga.",
+    Reply.BAD_ARGUMENTS: "-ERR Argumentos no válidos.",
+    Reply.NO_MESSAGE_NUMBER: "-ERR Falta el número de mensaje.",
+    Reply.BAD_MESSAGE_NUMBER: "-ERR Número de mensaje no válido.",
+    Reply.NO_SUCH_MESSAGE: "-ERR No existe ese mensaje.",
+    Reply.DELETED: "-ERR El mensaje está borrado.",
+    Reply.BAD_LINE_COUNT: "-ERR Número de líneas no válido.",
+    Reply.USER_FIRST: "-ERR Envíe USER primero.",
+    Reply.BAD_USER: "-ERR Nombre de usuario no válido.",
+    Reply.AUTH_FAILED: "-ERR [AUTH] Autenticación fallida.",
+    Reply.IN_USE: "-ERR [IN-USE] El buzón está bloqueado por otra sesión.",
+    Reply.LOGIN_DELAY: "-ERR [LOGIN-DELAY] Aún no ha pasado el tiempo mínimo entre accesos.",
+    Reply.TEMP_FAILURE: "-ERR [SYS/TEMP] Fallo temporal del servidor; inténtelo más tarde.",
+    Reply.UNREADABLE: "-ERR [SYS/PERM] No se puede leer el mensaje.",
+    Reply.COMMIT_FAILED: "-ERR [SYS/TEMP] No se pudieron eliminar algunos mensajes borrados.",
+    Reply.TIMEOUT: "-ERR Desconectado por inactividad.",
+    Reply.PLAINTEXT_REFUSED:
+        "-ERR [AUTH] No se admiten contraseñas en claro sin TLS; use STLS primero.",
+    Reply.ALREADY_TLS: "-ERR TLS ya está activo.",
+    Reply.NO_TLS: "-ERR TLS no está disponible.",
+    Reply.BEGIN_TLS: "+OK Comience la negociación TLS.",
+    Reply.NO_MECHANISM: "-ERR Mecanismo de autenticación no admitido.",
+    Reply.BAD_BASE64: "-ERR Datos base64 no válidos.",
+    Reply.AUTH_CANCELLED: "-ERR Autenticación cancelada.",
+    Reply.BAD_SASL: "-ERR Intercambio de autenticación no válido.",
+    Reply.NO_APOP: "-ERR APOP no está activado.",
+    Reply.MECHANISMS: "+OK Mecanismos admitidos:",
+    Reply.CAPA: "+OK Lista de capacidades:",
+    Reply.BYE: "+OK Adiós.",
+    Reply.LOGGED_IN: "+OK Sesión iniciada, %d mensajes (%d octetos).",
+    Reply.LOGGING_OUT: "+OK Cerrando la sesión, %d mensajes borrados.",
+    Reply.LISTING: "+OK %d mensajes (%d octetos)",
+    Reply.RETR: "+OK %d octetos",
+    Reply.MESSAGE_DELETED: "+OK Mensaje %d borrado.",
+    Reply.RESET: "+OK %d mensajes (%d octetos).",
+    Reply.TOO_MANY_CONNECTIONS: "-ERR [SYS/TEMP] Demasiadas conexiones; inténtelo más tarde.",
+    Reply.TOO_MANY_FAILURES:
+        "-ERR [SYS/TEMP] Demasiados accesos fallidos; inténtelo más tarde.",
+    Reply.TOO_MANY_BAD_COMMANDS: "-ERR Demasiadas órdenes erróneas; se cierra la conexión.",
+    Reply.UTF8: "+OK Modo UTF-8 activado.",
+    Reply.LANGUAGES: "+OK Lista de idiomas:",
+    Reply.LANGUAGE_SET: "+OK %s Idioma cambiado.",
+    Reply.NO_LANGUAGE: "-ERR Idioma no disponible.",
+}.items()}
+
+#: Response languages (RFC 6856 LANG): tag -> (description, translations).
+LANGUAGES = {
+    b"en": (b"English", {}),
+    b"es": ("Español".encode(), SPANISH),
+}
 
 
 class _CommandError(Exception):
@@ -214,7 +301,7 @@ class MessageStreamer:
             self._protocol.transport.unregisterProducer()
             if self._header:
                 # Nothing sent yet: the client can be told and the session goes on.
-                self._protocol.send_line(Reply.UNREADABLE)
+                self._protocol.say(Reply.UNREADABLE)
                 self._protocol.streaming_done(self)
             else:
                 # The reply has started; a broken multi-line answer must not look complete.
@@ -253,6 +340,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             b"QUIT": "do_QUIT",
             b"CAPA": "do_CAPA",
             b"STLS": "do_STLS",
+            b"AUTH": "do_AUTH",
+            b"APOP": "do_APOP",
+            b"UTF8": "do_UTF8",
+            b"LANG": "do_LANG",
         },
         TRANSACTION: {
             b"STAT": "do_STAT",
@@ -265,6 +356,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             b"UIDL": "do_UIDL",
             b"QUIT": "do_QUIT",
             b"CAPA": "do_CAPA",
+            b"LANG": "do_LANG",
         },
         UPDATE: {},
     }
@@ -286,6 +378,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._messages: list[tuple[str, int]] = []
         self._committing = False
         self._delayed = None
+        self._sasl = None
+        self._translations: dict[bytes, bytes] = {}
+        self.language = b"en"
+        self.utf8 = False
+        self._bad_commands = 0
+        self._counted = False
         self.peer = "?"
         self.secure = False
         self._trusted = False
@@ -303,15 +401,32 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._trusted = self.factory.is_trusted(peer)
         # Implicit TLS (POP3S, port 995): the transport is already encrypted.
         self.secure = ISSLTransport.providedBy(self.transport)
+        if not self.factory.connection_opened(self.peer):
+            self.log.info("pop3.refused: {peer}: too many connections", peer=self.peer)
+            self.state = UPDATE
+            self.say(Reply.TOO_MANY_CONNECTIONS)
+            self.transport.loseConnection()
+            return
+        self._counted = True
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             # Replies are written whole; Nagle would hold them for a delayed ACK.
             set_no_delay(True)
         self.setTimeout(self.factory.config.pop3_login_timeout)
-        self.send_line(Reply.GREETING)
+        if self.factory.config.auth_apop:
+            # RFC 1939 section 7: a timestamp unique to this greeting.
+            self._apop_stamp = b"<%d.%d.%s@%s>" % (
+                os.getpid(), time.time_ns(), os.urandom(6).hex().encode("ascii"),
+                self.factory.config.hostname.encode("idna"))
+            self.say(Reply.GREETING + b" " + self._apop_stamp)
+        else:
+            self.say(Reply.GREETING)
 
     def connectionLost(self, reason=None) -> None:
         self._connected = False
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed(self.peer)
         if reason is not None and self.secure and _is_tls_error(reason):
             self.log.info("pop3.tls_failed: {peer}: {error}", peer=self.peer,
                           error=reason.getErrorMessage())
@@ -327,7 +442,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.info("pop3.timeout: {peer} {user} idle too long", peer=self.peer, user=self.user)
-        self.send_line(Reply.TIMEOUT)
+        self.say(Reply.TIMEOUT)
         self.transport.loseConnection()
 
     # -- input: lines, pipelining and over-long lines ------------------------
@@ -358,7 +473,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             while not self._busy and self._connected and self.state != UPDATE:
                 nl = self._buffer.find(b"\n")
                 if nl < 0:
-                    if len(self._buffer) > self.MAX_LENGTH:
+                    if len(self._buffer) > self._longest_line():
                         self._buffer = b""
                         self._discarding = True
                     break
@@ -366,32 +481,64 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                 self._buffer = self._buffer[nl + 1 :]
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if len(line) + 2 > self.MAX_LENGTH:
+                if len(line) + 2 > self._line_limit(line):
                     self._reply_too_long()
                     continue
-                self.lineReceived(line)
+                if self._sasl is not None:
+                    self._sasl_response(line)
+                else:
+                    self.lineReceived(line)
         finally:
             self._processing = False
         if self._busy and len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
 
+    def _longest_line(self) -> int:
+        """The longest line that may still be arriving: SASL data only before login."""
+        return MAX_SASL_LINE if self.state == AUTHORIZATION else self.MAX_LENGTH
+
+    def _line_limit(self, line: bytes) -> int:
+        if self._sasl is not None or line[:5].upper() == b"AUTH ":
+            return MAX_SASL_LINE
+        return self.MAX_LENGTH
+
     def _reply_too_long(self) -> None:
         self.log.info("pop3.line_too_long: from {peer}", peer=self.peer)
-        self.send_line(Reply.LINE_TOO_LONG)
+        if self._sasl is not None:
+            self._sasl = None
+            self.say(Reply.BAD_SASL)
+        else:
+            self.say(Reply.LINE_TOO_LONG)
 
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
+        if self.state == TRANSACTION:
+            # Before login the timer is not restarted: a client dribbling commands
+            # (slowloris) is still dropped when the login timeout runs out.
+            self.resetTimeout()
         name, _, rest = line.partition(b" ")
         name = name.upper()
         handler = self.commands[self.state].get(name)
         if handler is None:
-            self.send_line(Reply.WRONG_STATE if name in self._all_commands else Reply.UNKNOWN)
+            self._bad_command(Reply.WRONG_STATE if name in self._all_commands else Reply.UNKNOWN)
             return
         try:
             getattr(self, handler)(rest)
         except _CommandError as e:
-            self.send_line(e.reply)
+            self._bad_command(e.reply)
+        else:
+            self._bad_commands = 0
+
+    def _bad_command(self, reply: bytes) -> None:
+        """Answer a bad command; too many in a row and the server hangs up."""
+        self._bad_commands += 1
+        self.say(reply)
+        if self._bad_commands >= self.factory.config.pop3_max_bad_commands:
+            self.log.info("pop3.bad_commands: {peer} {user}: closing after {count}",
+                          peer=self.peer, user=self.user, count=self._bad_commands)
+            self.say(Reply.TOO_MANY_BAD_COMMANDS)
+            self.transport.loseConnection()
+            self._connected = False
 
     def _begin_async(self) -> None:
         """A command whose reply comes later: hold the following commands until it does."""
@@ -410,6 +557,14 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def send_line(self, line: bytes) -> None:
         self.bytes_sent += len(line) + 2
         self.transport.write(line + b"\r\n")
+
+    def text(self, template: bytes, *args) -> bytes:
+        """A reply text in the session's language (RFC 6856 LANG), filled in."""
+        template = self._translations.get(template, template)
+        return template % args if args else template
+
+    def say(self, template: bytes, *args) -> None:
+        self.send_line(self.text(template, *args))
 
     def send_multiline(self, first: bytes, lines) -> None:
         """A multi-line reply (RFC 1939 section 3) written as one buffer."""
@@ -475,9 +630,17 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         caps = [b"TOP", b"UIDL"]
         if self.state == AUTHORIZATION and self.plaintext_allowed():
             caps.append(b"USER")
+        if self.state == AUTHORIZATION:
+            mechanisms = self.offered_mechanisms()
+            if mechanisms:
+                caps.append(b"SASL " + b" ".join(mechanisms))
         if self.state == AUTHORIZATION and self.factory.tls is not None and not self.secure:
             caps.append(b"STLS")
         caps += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
+        if self.state == AUTHORIZATION:
+            # RFC 6856: UTF8 mode, with UTF-8 user names accepted by USER.
+            caps.append(b"UTF8 USER")
+        caps.append(b"LANG")
         if self.factory.config.pop3_login_delay:
             caps.append(b"LOGIN-DELAY %d" % self.factory.config.pop3_login_delay)
         caps.append(b"IMPLEMENTATION popserv-" + __version__.encode("ascii"))
@@ -485,7 +648,32 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def do_CAPA(self, rest: bytes) -> None:
         self._no_arguments(rest)
-        self.send_multiline(Reply.CAPA, self.capabilities())
+        self.send_multiline(self.text(Reply.CAPA), self.capabilities())
+
+    # -- internationalization (RFC 6856) ---------------------------------------
+
+    def do_UTF8(self, rest: bytes) -> None:
+        """Switch to UTF-8 mode: UTF-8 user names and passwords, normalized with SASLprep."""
+        self._no_arguments(rest)
+        self.utf8 = True
+        self.say(Reply.UTF8)
+
+    def do_LANG(self, rest: bytes) -> None:
+        """List the response languages, or choose one (a language range; "*": the default)."""
+        args = rest.split()
+        if not args:
+            self.send_multiline(self.text(Reply.LANGUAGES),
+                                [tag + b" " + name for tag, (name, _) in LANGUAGES.items()])
+            return
+        if len(args) > 1:
+            raise _CommandError(Reply.BAD_ARGUMENTS)
+        wanted = args[0].lower()
+        tag = b"en" if wanted == b"*" else wanted.split(b"-")[0]
+        if tag not in LANGUAGES:
+            raise _CommandError(Reply.NO_LANGUAGE)
+        self.language = tag
+        self._translations = LANGUAGES[tag][1]
+        self.say(Reply.LANGUAGE_SET, tag)
 
     # -- AUTHORIZATION -------------------------------------------------------
 
@@ -496,7 +684,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             raise _CommandError(Reply.ALREADY_TLS)
         if self.factory.tls is None:
             raise _CommandError(Reply.NO_TLS)
-        self.send_line(Reply.BEGIN_TLS)
+        self.say(Reply.BEGIN_TLS)
         # Bytes sent before the handshake could be injected by anyone on the path
         # (CVE-2011-0411): they are dropped, and the login starts afresh.
         self._buffer = b""
@@ -505,6 +693,88 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.secure = True
         self.transport.startTLS(self.factory.tls)
         self.log.info("pop3.stls: {peer}", peer=self.peer)
+
+    def offered_mechanisms(self) -> list[bytes]:
+        """SASL mechanisms enabled and allowed on this connection (no plaintext ones in clear)."""
+        plaintext_ok = self.plaintext_allowed()
+        return [name for name, mechanism in self.factory.mechanisms.items()
+                if plaintext_ok or not mechanism.plaintext]
+
+    def do_AUTH(self, rest: bytes) -> None:
+        """SASL authentication (RFC 5034); bare AUTH lists the mechanisms (RFC 1734 form)."""
+        args = rest.split()
+        if not args:
+            self.send_multiline(self.text(Reply.MECHANISMS), self.offered_mechanisms())
+            return
+        if len(args) > 2:
+            raise _CommandError(Reply.BAD_ARGUMENTS)
+        name = args[0].upper()
+        mechanism = self.factory.mechanisms.get(name)
+        if mechanism is None:
+            raise _CommandError(Reply.NO_MECHANISM)
+        if mechanism.plaintext and not self.plaintext_allowed():
+            raise _CommandError(Reply.PLAINTEXT_REFUSED)
+        initial = None
+        if len(args) == 2:
+            initial = b"" if args[1] == b"=" else self._decode_base64(args[1])
+        self._sasl = mechanism(
+            self.factory.config.hostname, self.factory.userdb
+        )
+        self._sasl_step(lambda: self._sasl.start(initial))
+
+    @staticmethod
+    def _decode_base64(data: bytes) -> bytes:
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _CommandError(Reply.BAD_BASE64) from None
+
+    def _sasl_response(self, line: bytes) -> None:
+        """A client's answer to a "+ " challenge: base64 data, or "*" to cancel."""
+        self.resetTimeout()
+        if line.strip() == b"*":
+            self._sasl = None
+            self.say(Reply.AUTH_CANCELLED)
+            return
+        try:
+            data = self._decode_base64(line.strip())
+        except _CommandError as e:
+            self._sasl = None
+            self.say(e.reply)
+            return
+        self._sasl_step(lambda: self._sasl.respond(data))
+
+    def _sasl_step(self, step) -> None:
+        from popserv.sasl import Challenge, SASLError
+
+        try:
+            result = step()
+        except SASLError as e:
+            self._sasl = None
+            self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
+                          user=None, peer=self.peer, reason=f"bad SASL exchange: {e}")
+            raise _CommandError(Reply.BAD_SASL) from None
+        if isinstance(result, Challenge):
+            self.send_line(b"+ " + base64.b64encode(result.data))
+            return
+        self._sasl = None
+        credentials = result.credentials
+        self.login(credentials, _username_of(credentials))
+
+    def do_APOP(self, rest: bytes) -> None:
+        """APOP name digest (RFC 1939 section 7), only when enabled."""
+        from twisted.mail.pop3 import APOPCredentials
+
+        if not self.factory.config.auth_apop:
+            raise _CommandError(Reply.NO_APOP)
+        args = rest.split()
+        if len(args) != 2:
+            raise _CommandError(Reply.BAD_ARGUMENTS)
+        name, digest = args
+        # Twisted's APOPCredentials compares with a hex *str* digest.
+        credentials = APOPCredentials(self._apop_stamp, name,
+                                      digest.decode("ascii", "replace").lower())
+        self.login(credentials, _username_of(credentials))
 
     def do_USER(self, rest: bytes) -> None:
         if not self.plaintext_allowed():
@@ -522,17 +792,21 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         if self._pending_user is None:
             raise _CommandError(Reply.USER_FIRST)
         name, self._pending_user = self._pending_user, None
-        try:
-            user = name.decode("utf-8")
-        except UnicodeDecodeError:
-            user = None
         # The password is everything after "PASS ", spaces included (RFC 1939 section 7).
-        self.login(UsernamePassword(name, rest), user)
+        credentials = UsernamePassword(name, rest)
+        self.login(credentials, _username_of(credentials))
 
     def login(self, credentials, user: str | None) -> None:
         """Log in through the portal; the reply waits, and so do pipelined commands."""
         self._begin_async()
-        if user is None:
+        if self.factory.too_many_failures(self.peer):
+            # This address failed too often: refuse without checking, after the delay.
+            self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
+                          user=user, peer=self.peer, reason="too many failures")
+            self._delayed = self.callLater(self.factory.failure_delay(self.peer),
+                                           self._reply_and_continue, Reply.TOO_MANY_FAILURES)
+            return
+        if user is None or not user:
             d = defer.fail(UnauthorizedLogin("undecodable user name"))
         else:
             d = defer.maybeDeferred(
@@ -555,10 +829,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                 logout()
                 self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
                               user=user, peer=self.peer, reason="login-delay")
-                self.send_line(Reply.LOGIN_DELAY)
+                self.say(Reply.LOGIN_DELAY)
                 self._end_async()
                 return
             self.factory.last_logins[user] = now
+        self.factory.forget_failures(self.peer)
         self.user = user
         self.maildrop = maildrop
         self._logout = logout
@@ -569,7 +844,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         octets = sum(size for _, size in self._messages)
         self.log.info("pop3.login: {user} from {peer}, {count} messages ({octets} octets)",
                       user=user, peer=self.peer, count=count, octets=octets)
-        self.send_line(b"+OK Logged in, %d messages (%d octets)." % (count, octets))
+        self.say(Reply.LOGGED_IN, count, octets)
         self._end_async()
 
     def _login_failed(self, failure: Failure, user: str | None) -> None:
@@ -587,23 +862,23 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                       user=user, peer=self.peer, reason=reason)
         if not self._connected:
             return
-        if delay and self.factory.config.pop3_failure_delay:
-            # Same reply after the same delay for a bad user and a bad password.
-            self._delayed = self.callLater(
-                self.factory.config.pop3_failure_delay, self._reply_and_continue, reply
-            )
+        seconds = self.factory.failure_delay(self.peer) if delay else 0
+        if seconds:
+            # Same reply after the same delay for a bad user and a bad password; the
+            # delay grows with each failure from this address.  Other sessions go on.
+            self._delayed = self.callLater(seconds, self._reply_and_continue, reply)
         else:
             self._reply_and_continue(reply)
 
     def _reply_and_continue(self, reply: bytes) -> None:
         self._delayed = None
-        self.send_line(reply)
+        self.say(reply)
         self._end_async()
 
     def do_QUIT(self, rest: bytes) -> None:
         if self.state == AUTHORIZATION:
             self.state = UPDATE
-            self.send_line(Reply.BYE)
+            self.say(Reply.BYE)
             self.transport.loseConnection()
             return
         # TRANSACTION -> UPDATE: only here are deletions carried out (RFC 1939 section 6).
@@ -617,7 +892,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def _committed(self, _) -> None:
         self._committing = False
         self._end_session("quit")
-        self.send_line(b"+OK Logging out, %d messages deleted." % self.deleted)
+        self.say(Reply.LOGGING_OUT, self.deleted)
         self.transport.loseConnection()
 
     def _commit_failed(self, failure: Failure) -> None:
@@ -628,7 +903,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         else:
             self.log.failure("pop3.commit_failed: {user}", failure, user=self.user)
         self._end_session("quit, commit failed")
-        self.send_line(Reply.COMMIT_FAILED)
+        self.say(Reply.COMMIT_FAILED)
         self.transport.loseConnection()
 
     def _end_session(self, how: str) -> None:
@@ -669,7 +944,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         live = self._live()
         octets = sum(size for _, _, size in live)
         self.send_multiline(
-            b"+OK %d messages (%d octets)" % (len(live), octets),
+            self.text(Reply.LISTING, len(live), octets),
             [b"%d %d" % (number, size) for number, _, size in live],
         )
 
@@ -687,7 +962,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def do_RETR(self, rest: bytes) -> None:
         (arg,) = self._arguments(rest, 1, 1)
         index = self._message_index(arg)
-        header = b"+OK %d octets\r\n" % self._messages[index][1]
+        header = self.text(Reply.RETR, self._messages[index][1]) + b"\r\n"
         self._stream(index, header, None)
         self.retrieved += 1
 
@@ -713,7 +988,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         index = self._message_index(arg)
         self.maildrop.delete(index)
         self.deleted += 1
-        self.send_line(b"+OK Message %d deleted." % (index + 1))
+        self.say(Reply.MESSAGE_DELETED, index + 1)
 
     def do_NOOP(self, rest: bytes) -> None:
         self._no_arguments(rest)
@@ -724,8 +999,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.maildrop.undelete_all()
         self.deleted = 0
         live = self._live()
-        self.send_line(b"+OK %d messages (%d octets)." % (
-            len(live), sum(size for _, _, size in live)))
+        self.say(Reply.RESET, len(live), sum(size for _, _, size in live))
 
 
 class POP3Factory(ServerFactory):
@@ -733,8 +1007,14 @@ class POP3Factory(ServerFactory):
 
     protocol = POP3Server
 
-    def __init__(self, portal, config: Config | None = None, clock=None, tls=None):
-        """``tls``: the server TLS connection creator for STLS, or None to not offer it."""
+    def __init__(self, portal, config: Config | None = None, clock=None, tls=None,
+                 userdb=None, mechanisms=None):
+        """Wire a POP3 service.
+
+        ``tls``: the server TLS connection creator for STLS, or None to not offer it.
+        ``userdb``: the ``IUserDB`` that SASL mechanisms needing stored keys consult.
+        ``mechanisms``: name -> mechanism class (default: ``popserv.sasl.MECHANISMS``).
+        """
         if clock is None:
             from twisted.internet import reactor as clock
         self.portal = portal
@@ -743,6 +1023,60 @@ class POP3Factory(ServerFactory):
         self.tls = tls
         #: user -> time of their last login, for LOGIN-DELAY.
         self.last_logins: dict[str, float] = {}
+        #: peer -> (failures in a row, time of the last one), oldest first.
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        #: Open connections, in all and per peer address (only peers with some).
+        self.connections = 0
+        self._per_peer: dict[str, int] = {}
+        self.userdb = userdb
+        if mechanisms is None:
+            from popserv.sasl import MECHANISMS as mechanisms
+        enabled = [name.encode("ascii") for name in self.config.auth_mechanisms]
+        #: Mechanisms AUTH offers, in the order of the configuration.
+        self.mechanisms = {name: mechanisms[name] for name in enabled if name in mechanisms}
+
+    def failure_delay(self, peer: str) -> float:
+        """Count a failed login from ``peer``; the delay doubles each time, up to the cap.
+
+        The count of an address is forgotten after FAILURE_MEMORY quiet seconds, or
+        when the table is full (oldest first), so memory stays bounded.
+        """
+        base = self.config.pop3_failure_delay
+        cap = max(self.config.pop3_failure_delay_max, base)
+        now = self.clock.seconds()
+        count, last = self._failures.pop(peer, (0, now))
+        if now - last > FAILURE_MEMORY:
+            count = 0
+        count += 1
+        self._failures[peer] = (count, now)
+        while len(self._failures) > MAX_TRACKED_PEERS:
+            self._failures.popitem(last=False)
+        return min(base * 2 ** min(count - 1, 32), cap)
+
+    def forget_failures(self, peer: str) -> None:
+        self._failures.pop(peer, None)
+
+    def too_many_failures(self, peer: str) -> bool:
+        """Whether ``peer`` failed ``pop3_max_failures`` times without a quiet spell."""
+        count, last = self._failures.get(peer, (0, 0.0))
+        if self.clock.seconds() - last > FAILURE_MEMORY:
+            return False
+        return count >= self.config.pop3_max_failures
+
+    def connection_opened(self, peer: str) -> bool:
+        """Count a new connection; False (not counted) when over a limit."""
+        if (self.connections >= self.config.pop3_max_connections
+                or self._per_peer.get(peer, 0) >= self.config.pop3_max_connections_per_peer):
+            return False
+        self.connections += 1
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        return True
+
+    def connection_closed(self, peer: str) -> None:
+        self.connections -= 1
+        left = self._per_peer.pop(peer) - 1
+        if left:
+            self._per_peer[peer] = left
 
     @property
     def config(self) -> Config:
@@ -768,6 +1102,17 @@ class POP3Factory(ServerFactory):
         if getattr(ip, "ipv4_mapped", None) is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self._trusted)
+
+
+def _username_of(credentials) -> str | None:
+    """The user name of credentials as text, for logs; None when it is not UTF-8."""
+    name = getattr(credentials, "username", None)
+    if isinstance(name, bytes):
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return name
 
 
 def _is_tls_error(reason: Failure) -> bool:

@@ -1,6 +1,12 @@
 """The POP3 protocol, command by command and state by state (RFC 1939, RFC 2449)."""
 
+import base64
+import hashlib
+import re
+
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -50,6 +56,21 @@ class ControlledChecker:
         return d
 
 
+class APOPChecker:
+    """Checks hashed-password credentials (APOP) against the in-memory passwords."""
+
+    credentialInterfaces = (IUsernameHashedPassword,)
+
+    def __init__(self, passwords):
+        self.passwords = passwords
+
+    def requestAvatarId(self, credentials):
+        secret = self.passwords.users.get(credentials.username)
+        if secret is not None and credentials.checkPassword(secret):
+            return defer.succeed(credentials.username)
+        return defer.fail(UnauthorizedLogin())
+
+
 class POP3TestCase(unittest.TestCase):
     """A POP3 session over a StringTransport, with a fake maildrop store."""
 
@@ -61,7 +82,7 @@ class POP3TestCase(unittest.TestCase):
         self.clock = task.Clock()
         self.store = FakeMaildropStore({"alice": [MSG1, MSG2, MSG3], "bob": []})
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret", bob=b"hunter2")
-        self.portal = Portal(MaildropRealm(self.store), [checker])
+        self.portal = Portal(MaildropRealm(self.store), [checker, APOPChecker(checker)])
         self.factory = POP3Factory(self.portal, self.config, clock=self.clock)
         self.proto, self.transport = self.connect()
         self.greeting = self.received()
@@ -117,8 +138,8 @@ class CapaTests(POP3TestCase):
     def test_capa_in_authorization(self):
         """CAPA lists exactly the capabilities on offer before login."""
         self.assert_reply(b"CAPA\r\n", [
-            Reply.CAPA, b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"PIPELINING",
-            b"AUTH-RESP-CODE", b"EXPIRE NEVER",
+            Reply.CAPA, b"TOP", b"UIDL", b"USER", b"SASL PLAIN LOGIN", b"RESP-CODES",
+            b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER", b"UTF8 USER", b"LANG",
             b"IMPLEMENTATION popserv-" + pop3.__version__.encode(), b".",
         ])
 
@@ -230,6 +251,328 @@ class TLSPolicyTests(POP3TestCase):
         self.send(b"CAPA\r\n")
         self.assertNotIn(b"STLS", self.lines())
         self.assert_reply(b"STLS\r\n", [Reply.NO_TLS])
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class SASLTests(POP3TestCase):
+    """AUTH (RFC 5034) with the PLAIN and LOGIN mechanisms."""
+
+    config = POP3TestCase.config.replace(auth_mechanisms=("PLAIN", "LOGIN"))
+
+    def test_capa_lists_sasl(self):
+        """CAPA lists SASL with the enabled mechanisms."""
+        self.send(b"CAPA\r\n")
+        self.assertIn(b"SASL PLAIN LOGIN", self.lines())
+
+    def test_bare_auth_lists_mechanisms(self):
+        """AUTH without arguments lists the mechanisms, one per line."""
+        self.assert_reply(b"AUTH\r\n", [Reply.MECHANISMS, b"PLAIN", b"LOGIN", b"."])
+
+    def test_plain_with_initial_response(self):
+        """AUTH PLAIN with an initial response logs in at once."""
+        self.send(b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n")
+        self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
+        self.assertEqual(self.proto.user, "alice")
+
+    def test_plain_with_continuation(self):
+        """AUTH PLAIN without initial response gets an empty "+ " challenge first."""
+        self.assert_reply(b"AUTH PLAIN\r\n", [b"+ "])
+        self.send(b64(b"\0alice\0secret") + b"\r\n")
+        self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
+
+    def test_plain_wrong_password(self):
+        """A wrong password over AUTH PLAIN gets -ERR [AUTH] after the delay."""
+        self.send(b"AUTH PLAIN " + b64(b"\0alice\0nope") + b"\r\n")
+        self.clock.advance(1)
+        self.assertEqual(self.lines(), [Reply.AUTH_FAILED])
+
+    def test_login_mechanism(self):
+        """AUTH LOGIN asks for the user name, then the password."""
+        self.received()
+        self.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(self.lines(), [b"+ " + b64(b"Username:")])
+        self.send(b64(b"alice") + b"\r\n")
+        self.assertEqual(self.lines(), [b"+ " + b64(b"Password:")])
+        self.send(b64(b"secret") + b"\r\n")
+        self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
+
+    def test_cancel(self):
+        """A "*" response cancels the exchange; the session stays in AUTHORIZATION."""
+        self.send(b"AUTH LOGIN\r\n")
+        self.assert_reply(b"*\r\n", [Reply.AUTH_CANCELLED])
+        self.login()
+
+    def test_bad_base64_initial_response(self):
+        """An initial response that is not base64 gets -ERR."""
+        self.assert_reply(b"AUTH PLAIN !!!\r\n", [Reply.BAD_BASE64])
+        self.login()
+
+    def test_bad_base64_continuation(self):
+        """A continuation that is not base64 ends the exchange with -ERR."""
+        self.send(b"AUTH PLAIN\r\n")
+        self.assert_reply(b"not base64!\r\n", [Reply.BAD_BASE64])
+        self.assertEqual(self.proto.state, pop3.AUTHORIZATION)
+        self.login()
+
+    def test_malformed_plain(self):
+        """A PLAIN message without its NUL separators gets -ERR and the session goes on."""
+        self.assert_reply(b"AUTH PLAIN " + b64(b"alice secret") + b"\r\n", [Reply.BAD_SASL])
+        self.login()
+
+    def test_empty_initial_response(self):
+        """"=" is an empty initial response: PLAIN then finds no credentials in it."""
+        self.assert_reply(b"AUTH PLAIN =\r\n", [Reply.BAD_SASL])
+
+    def test_unknown_mechanism(self):
+        """An unknown or disabled mechanism gets -ERR."""
+        self.assert_reply(b"AUTH GSSAPI\r\n", [Reply.NO_MECHANISM])
+        self.assert_reply(b"AUTH CRAM-MD5\r\n", [Reply.NO_MECHANISM])
+
+    def test_long_response_accepted(self):
+        """Client responses up to 16 KiB are accepted."""
+        password = b"p" * 12000
+        self.portal.checkers[
+            InMemoryUsernamePasswordDatabaseDontUse.credentialInterfaces[0]
+        ].addUser(b"dave", password)
+        self.store.mailboxes["dave"] = []
+        self.send(b"AUTH PLAIN\r\n")
+        self.received()
+        self.send(b64(b"\0dave\0" + password) + b"\r\n")
+        self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
+
+    def test_overlong_response(self):
+        """A client response over 16 KiB ends the exchange with -ERR; the session goes on."""
+        self.send(b"AUTH PLAIN\r\n")
+        self.received()
+        self.send(b"A" * 20000 + b"\r\n")
+        self.assertEqual(self.lines(), [Reply.BAD_SASL])
+        self.login()
+
+    def test_plain_refused_in_clear(self):
+        """PLAIN and LOGIN are neither offered nor accepted in clear from untrusted peers."""
+        self.factory.config = self.config.replace(auth_trusted_networks=())
+        proto, transport = self.connect()
+        self.received(transport)
+        proto.dataReceived(b"CAPA\r\nAUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n")
+        replies = self.lines(transport)
+        self.assertFalse([r for r in replies if r.startswith(b"SASL")])
+        self.assertEqual(replies[-1], Reply.PLAINTEXT_REFUSED)
+
+
+class InternationalTests(POP3TestCase):
+    """RFC 6856: the UTF8 and LANG commands."""
+
+    def test_capa_lists_utf8_and_lang(self):
+        """CAPA lists "UTF8 USER" before login and LANG in both states."""
+        self.send(b"CAPA\r\n")
+        caps = self.lines()
+        self.assertIn(b"UTF8 USER", caps)
+        self.assertIn(b"LANG", caps)
+        self.login()
+        self.send(b"CAPA\r\n")
+        caps = self.lines()
+        self.assertNotIn(b"UTF8 USER", caps)
+        self.assertIn(b"LANG", caps)
+
+    def test_lang_lists_languages(self):
+        """LANG alone lists the languages, English and Spanish."""
+        self.assert_reply(b"LANG\r\n", [Reply.LANGUAGES, b"en English",
+                                          "es Español".encode(), b"."])
+
+    def test_lang_es_switches_replies(self):
+        """After LANG es, replies come in Spanish, with their response codes unchanged."""
+        self.assert_reply(b"LANG es\r\n", [b"+OK es Idioma cambiado."])
+        self.assert_reply(b"XYZZY\r\n", [b"-ERR Orden desconocida."])
+        self.send(b"USER alice\r\nPASS wrong\r\n")
+        self.clock.advance(1)
+        self.assertEqual(self.lines()[-1], "-ERR [AUTH] Autenticación fallida.".encode())
+
+    def test_lang_range_and_default(self):
+        """A language range picks its primary language; "*" picks the default."""
+        self.assert_reply(b"LANG es-MX\r\n", [b"+OK es Idioma cambiado."])
+        self.assert_reply(b"LANG *\r\n", [b"+OK en Language changed."])
+
+    def test_unknown_language(self):
+        """A language the server lacks gets -ERR and the language stays."""
+        self.assert_reply(b"LANG tlh\r\n", [Reply.NO_LANGUAGE])
+        self.assertEqual(self.proto.language, b"en")
+
+    def test_every_reply_has_a_spanish_text(self):
+        """Every reply text has a Spanish version keeping its status and response code."""
+        for name, english in vars(Reply).items():
+            if name.startswith("_"):
+                continue
+            spanish = pop3.SPANISH[english]
+            self.assertEqual(spanish.split(b" ")[0], english.split(b" ")[0], name)
+            code = re.match(rb"[+-]\w+ (\[[^]]+\])", english)
+            if code:
+                self.assertIn(code.group(1), spanish, name)
+            self.assertEqual(spanish.count(b"%"), english.count(b"%"), name)
+
+    def test_utf8_command(self):
+        """UTF8 answers +OK in AUTHORIZATION and is refused after login."""
+        self.assert_reply(b"UTF8\r\n", [Reply.UTF8])
+        self.assertTrue(self.proto.utf8)
+        self.login()
+        self.assert_reply(b"UTF8\r\n", [Reply.WRONG_STATE])
+
+
+class APOPTests(POP3TestCase):
+    """APOP (RFC 1939 section 7), off unless configured."""
+
+    def test_off_by_default(self):
+        """Without configuration, the greeting has no timestamp and APOP is refused."""
+        self.assertNotIn(b"<", self.greeting)
+        self.assert_reply(b"APOP alice 0123456789abcdef0123456789abcdef\r\n", [Reply.NO_APOP])
+
+    def test_apop_login(self):
+        """With APOP on, MD5(timestamp + secret) logs the user in."""
+        self.factory.config = self.config.replace(auth_apop=True)
+        proto, transport = self.connect()
+        greeting = self.received(transport)
+        stamp = re.search(rb"<[^>]+>", greeting).group(0)
+        self.assertTrue(stamp.endswith(b"@pop.example.org>"))
+        digest = hashlib.md5(stamp + b"secret").hexdigest().encode()
+        proto.dataReceived(b"APOP alice " + digest + b"\r\n")
+        self.assertTrue(self.lines(transport)[0].startswith(b"+OK Logged in"))
+
+    def test_apop_wrong_digest(self):
+        """A wrong APOP digest fails like a wrong password."""
+        self.factory.config = self.config.replace(auth_apop=True)
+        proto, transport = self.connect()
+        self.received(transport)
+        proto.dataReceived(b"APOP alice " + b"0" * 32 + b"\r\n")
+        self.clock.advance(1)
+        self.assertEqual(self.lines(transport), [Reply.AUTH_FAILED])
+
+
+class FailureDelayTests(POP3TestCase):
+    """Failed logins slow down per address, without holding up other sessions."""
+
+    config = POP3TestCase.config.replace(pop3_failure_delay=1.0, pop3_failure_delay_max=15.0)
+
+    def fail_once(self, proto, transport):
+        proto.dataReceived(b"USER alice\r\nPASS wrong\r\n")
+        waited = 0
+        while Reply.AUTH_FAILED not in self.received(transport):
+            self.clock.advance(0.5)
+            waited += 0.5
+        return waited
+
+    def test_delay_doubles_up_to_cap(self):
+        """Each failure from one address doubles the delay: 1, 2, 4, 8, then 15 s at most."""
+        delays = [self.fail_once(self.proto, self.transport) for _ in range(6)]
+        self.assertEqual(delays, [1, 2, 4, 8, 15, 15])
+
+    def test_other_sessions_not_held_up(self):
+        """While one address waits out its delay, a session from another logs in at once."""
+        for _ in range(4):
+            self.fail_once(self.proto, self.transport)
+        self.proto.dataReceived(b"USER alice\r\nPASS wrong\r\n")
+        self.peer = IPv4Address("TCP", "192.0.2.99", 1)
+        proto2, transport2 = self.connect()
+        self.login(proto=proto2, transport=transport2)
+
+    def test_success_resets_the_count(self):
+        """A successful login from an address resets its delay."""
+        self.fail_once(self.proto, self.transport)
+        self.fail_once(self.proto, self.transport)
+        self.login()
+        self.send(b"QUIT\r\n")
+        proto, transport = self.connect()
+        self.received(transport)
+        self.assertEqual(self.fail_once(proto, transport), 1)
+
+    def test_memory_is_bounded(self):
+        """The table of failing addresses never grows past its limit."""
+        self.patch(pop3, "MAX_TRACKED_PEERS", 5)
+        for i in range(20):
+            self.factory.failure_delay(f"203.0.113.{i}")
+        self.assertEqual(len(self.factory._failures), 5)
+
+
+class LimitTests(POP3TestCase):
+    """Limits on connections, bad commands, failed logins and slow clients."""
+
+    config = POP3TestCase.config.replace(
+        pop3_max_connections=4, pop3_max_connections_per_peer=2, pop3_max_bad_commands=3,
+        pop3_max_failures=3, pop3_login_timeout=1000)
+
+    def test_connections_per_peer(self):
+        """A peer over its connection limit gets -ERR [SYS/TEMP] and is closed."""
+        proto2, transport2 = self.connect()
+        proto3, transport3 = self.connect()
+        self.assertEqual(self.lines(transport3), [Reply.TOO_MANY_CONNECTIONS])
+        self.assertTrue(transport3.disconnecting)
+        proto3.connectionLost(None)
+        proto2.connectionLost(None)
+        proto4, transport4 = self.connect()
+        self.assertFalse(transport4.disconnecting)
+
+    def test_connections_in_all(self):
+        """Past the total limit, any peer is refused; a closed session frees its place."""
+        sessions = []
+        for i in range(3):
+            self.peer = IPv4Address("TCP", f"192.0.2.{10 + i}", 1)
+            sessions.append(self.connect())
+        self.peer = IPv4Address("TCP", "192.0.2.50", 1)
+        proto, transport = self.connect()
+        self.assertEqual(self.lines(transport), [Reply.TOO_MANY_CONNECTIONS])
+        proto.connectionLost(None)
+        sessions[0][0].connectionLost(None)
+        proto, transport = self.connect()
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.factory.connections, 4)
+
+    def test_bad_commands_in_a_row_close(self):
+        """After too many bad commands in a row, the server says so and hangs up."""
+        self.send(b"FOO\r\nBAR\r\nNOOP\r\n")
+        self.assertEqual(self.lines(), [Reply.UNKNOWN, Reply.UNKNOWN, Reply.WRONG_STATE,
+                                        Reply.TOO_MANY_BAD_COMMANDS])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_good_command_resets_the_count(self):
+        """A successful command in between starts the count of bad ones afresh."""
+        self.send(b"FOO\r\nBAR\r\nUSER alice\r\nFOO\r\nBAR\r\n")
+        self.assertEqual(self.lines(), [Reply.UNKNOWN, Reply.UNKNOWN, b"+OK",
+                                        Reply.UNKNOWN, Reply.UNKNOWN])
+        self.assertFalse(self.transport.disconnecting)
+        self.send(b"BAZ\r\nCAPA\r\n")
+        self.assertEqual(self.lines(), [Reply.UNKNOWN, Reply.TOO_MANY_BAD_COMMANDS])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_failed_logins_then_refusal(self):
+        """After too many failures an address is refused even with the right password."""
+        for _ in range(3):
+            self.send(b"USER alice\r\nPASS wrong\r\n")
+            self.clock.advance(15)
+        self.received()
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.clock.advance(15)
+        self.assertEqual(self.lines(), [b"+OK", Reply.TOO_MANY_FAILURES])
+        self.assertFalse(self.store.is_locked("alice"))
+        self.clock.advance(pop3.FAILURE_MEMORY + 1)
+        self.login()
+
+    def test_slowloris_dropped_by_login_timer(self):
+        """Commands before login do not restart the login timer."""
+        for _ in range(9):
+            self.clock.advance(self.config.pop3_login_timeout / 10)
+            self.send(b"CAPA\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.config.pop3_login_timeout / 10 + 0.001)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_dribbled_bytes_do_not_keep_a_session(self):
+        """A client sending one byte at a time never resets the timers."""
+        self.login()
+        for _ in range(10):
+            self.send(b"N")
+            self.clock.advance(60)
+        self.assertTrue(self.transport.disconnecting)
 
 
 class AuthorizationTests(POP3TestCase):
