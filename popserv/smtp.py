@@ -1,0 +1,755 @@
+"""The ESMTP receiver: local recipients only, size limits, DATA streamed into an IDeliverer.
+
+Built on ``twisted.mail.smtp.ESMTP``; the subclass fixes what popserv cannot ship as it is:
+
+* Replies stay in order when a validator answers with a Deferred (twisted/twisted#8126):
+  after a command whose reply is pending, no further input is processed (and the
+  transport stops reading) until that reply is sent.
+* EHLO advertises SIZE, 8BITMIME, PIPELINING and ENHANCEDSTATUSCODES, and each is honoured;
+  every reply after the greeting carries an RFC 3463 status code.
+* Lines end only at CRLF.  A bare CR or LF, or a NUL, in DATA fails the whole message, so
+  ``\\n.\\n`` cannot end a message and smuggle another (CVE-2023-51765); over-long lines fail
+  the message instead of dropping back to command mode in the middle of DATA.
+* Messages are written in binary, one temporary file per message however many recipients,
+  and only a delivery that is on disk in every ``new/`` gets 250.
+
+popserv never relays: RCPT to a domain that is not local is refused, and nothing here
+sends mail anywhere.  Recipients map to users of the ``IUserDB``: ``alice@<local domain>``
+is the user ``alice@<domain>`` when the users file has that entry, else the user ``alice``
+(each tried as given, then in lower case).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import secrets
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import smtp
+from zope.interface import implementer
+
+from popserv.config import Config
+from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IUserDB, UserDBUnavailable
+
+log = Logger()
+
+COMMAND, DATA = smtp.COMMAND, smtp.DATA
+
+# Replies, in one place so tests compare with names.
+SENDER_OK = (250, b"2.1.0 Sender OK")
+RECIPIENT_OK = (250, b"2.1.5 Recipient OK")
+RESET_OK = (250, b"2.0.0 Ok")
+NOOP_OK = (250, b"2.0.0 Ok")
+BYE = (221, b"2.0.0 Bye")
+HELP = (214, b"2.0.0 See RFC 5321")
+START_DATA = (354, b"End data with <CR><LF>.<CR><LF>")
+UNKNOWN_USER = (550, b"5.1.1 No such user here")
+RELAY_DENIED = (550, b"5.7.1 Relaying denied")
+BAD_RECIPIENT = (553, b"5.1.3 Bad recipient address syntax")
+BAD_SENDER = (553, b"5.1.7 Bad sender address syntax")
+TOO_MANY_RECIPIENTS = (452, b"4.5.3 Too many recipients")
+TOO_BIG = (552, b"5.3.4 Message size exceeds fixed limit")
+DISK_FULL = (452, b"4.3.1 Insufficient system storage")
+LOCAL_ERROR = (451, b"4.3.0 Local error in processing")
+USERDB_DOWN = (451, b"4.3.0 User database unavailable, try again later")
+BARE_LINE_END = (550, b"5.6.0 Bare CR or LF in message; lines must end with CRLF")
+NUL_IN_DATA = (550, b"5.6.0 NUL character in message")
+LINE_TOO_LONG = (500, b"5.5.2 Line too long")
+BAD_COMMAND_CHARS = (500, b"5.5.2 Bare CR, LF or NUL in command")
+UNKNOWN_COMMAND = (500, b"5.5.1 Command unrecognized")
+EMPTY_COMMAND = (500, b"5.5.2 Empty command")
+SYNTAX_ERROR = (501, b"5.5.4 Syntax error in parameters or arguments")
+HELO_NEEDS_DOMAIN = (501, b"5.5.4 HELO and EHLO need a domain or address literal")
+BAD_PARAMETER = (555, b"5.5.4 Unsupported MAIL or RCPT parameter")
+NOT_IMPLEMENTED = (502, b"5.5.1 Command not implemented")
+NEED_HELO = (503, b"5.5.1 Send EHLO or HELO first")
+NESTED_MAIL = (503, b"5.5.1 Sender already given")
+NEED_MAIL = (503, b"5.5.1 Need MAIL before RCPT")
+NEED_RCPT = (503, b"5.5.1 Need RCPT before DATA")
+TIMEOUT = (421, b"4.4.2 %s Idle for too long, closing connection")
+TOO_MANY_CONNECTIONS = (421, b"4.7.0 %s Too many connections from your address")
+
+# The RFC 3463 code put on a reply that Twisted's own code sends without one.
+_DEFAULT_ENHANCED = {
+    2: b"2.0.0",
+    4: b"4.0.0",
+    5: b"5.0.0",
+    421: b"4.3.2",
+    451: b"4.3.0",
+    452: b"4.3.1",
+    454: b"4.7.0",
+    500: b"5.5.2",
+    501: b"5.5.4",
+    502: b"5.5.1",
+    503: b"5.5.1",
+    504: b"5.5.4",
+    535: b"5.7.8",
+    552: b"5.3.4",
+    553: b"5.1.3",
+}
+_ENHANCED_RE = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |$)")
+# A first DATA line that starts a header field (RFC 5322 section 2.2: name ":").
+_HEADER_RE = re.compile(rb"[!-9;-~]+:")
+_UNSAFE_IN_HEADER = re.compile(rb"[^!-'*-[\]-~]")  # printable, minus "(", ")", "\"
+
+
+def local_domains(config: Config) -> tuple[str, ...]:
+    """The configured local domains, or the host name and ``localhost``."""
+    if config.smtp_domains:
+        return config.smtp_domains
+    return tuple(dict.fromkeys((config.hostname.lower().rstrip("."), "localhost")))
+
+
+def _header_safe(text: bytes, limit: int = 255) -> bytes:
+    """Client-supplied text made safe for a trace header: printable ASCII, no comments."""
+    return _UNSAFE_IN_HEADER.sub(b"?", text[:limit])
+
+
+def _address_literal(host: str) -> bytes:
+    if ":" in host:
+        return b"[IPv6:" + host.encode("ascii", "replace") + b"]"
+    return b"[" + host.encode("ascii", "replace") + b"]"
+
+
+@dataclass
+class Session:
+    """Per-connection state: who the peer is and what it called itself."""
+
+    peer: str
+    helo: bytes | None = None
+    esmtp: bool = False
+    tls: bool = False
+
+    @property
+    def with_protocol(self) -> bytes:
+        """The ``with`` keyword of the Received header (RFC 3848)."""
+        if not self.esmtp:
+            return b"SMTP"
+        return b"ESMTPS" if self.tls else b"ESMTP"
+
+
+@dataclass
+class Transaction:
+    """Per-message state, from MAIL FROM to the end of DATA."""
+
+    id: str
+    sender: smtp.Address
+    recipients: list[bytes] = field(default_factory=list)
+    size: int = 0
+    failure: tuple[int, bytes] | None = None
+    first_line: bool = True
+    messages: list = field(default_factory=list)
+
+
+def new_transaction_id() -> str:
+    """An id for logs and the Received header, unguessable like a Postfix queue id."""
+    return secrets.token_hex(6).upper()
+
+
+@implementer(smtp.IMessage)
+class LocalMessage:
+    """An ``IMessage`` that streams lines, with LF line ends, into one ``IDelivery``."""
+
+    def __init__(self, delivery: IDelivery):
+        self.delivery = delivery
+
+    def lineReceived(self, line: bytes) -> None:
+        self.delivery.write(line + b"\n")
+
+    def eomReceived(self) -> defer.Deferred:
+        """Fires with the stored file name once the message is in every recipient's Maildir."""
+        return defer.maybeDeferred(self.delivery.finish)
+
+    def connectionLost(self) -> None:
+        self.delivery.abort()
+
+
+@implementer(smtp.IMessageDelivery)
+class LocalDelivery:
+    """Recipient rules and trace headers for one connection; one ``LocalMessage`` per message."""
+
+    def __init__(
+        self,
+        session: Session,
+        userdb: IUserDB,
+        deliverer: IDeliverer,
+        domains: tuple[str, ...],
+        hostname: str,
+        clock,
+    ):
+        self.session = session
+        self.userdb = userdb
+        self.deliverer = deliverer
+        self.domains = frozenset(d.lower() for d in domains)
+        self.hostname = hostname.encode("ascii", "replace")
+        self.clock = clock
+        self.transaction: Transaction | None = None
+        self._users: list[str] = []
+        self._message: LocalMessage | None = None
+
+    def validateFrom(self, helo, origin: smtp.Address) -> smtp.Address:
+        """Any sender is accepted (the null sender too); a new message begins."""
+        self._users = []
+        self._message = None
+        return origin
+
+    def validateTo(self, user: smtp.User):
+        """Local domain and known user, else SMTPBadRcpt: 550 5.7.1 or 550 5.1.1."""
+        local_user = self.resolve(user.dest)
+        if local_user not in self._users:
+            self._users.append(local_user)
+        return self._current_message
+
+    def resolve(self, address: smtp.Address) -> str:
+        """The user an address delivers to; raises ``SMTPServerError`` with the reply."""
+        try:
+            domain = address.domain.decode("ascii").lower().rstrip(".")
+            local = address.local.decode("ascii")
+        except UnicodeDecodeError:
+            raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT)) from None
+        if domain not in self.domains:
+            raise smtp.SMTPBadRcpt(address, *_text(RELAY_DENIED))
+        candidates = dict.fromkeys(
+            [f"{local}@{domain}", local, f"{local.lower()}@{domain}", local.lower()]
+        )
+        try:
+            for candidate in candidates:
+                if local and self.userdb.exists(candidate):
+                    return candidate
+        except UserDBUnavailable:
+            raise smtp.SMTPServerError(*_text(USERDB_DOWN)) from None
+        raise smtp.SMTPBadRcpt(address, *_text(UNKNOWN_USER))
+
+    def _current_message(self) -> LocalMessage:
+        if self._message is None:
+            self._message = LocalMessage(self.deliverer.begin(self._users))
+        return self._message
+
+    def receivedHeader(self, helo, origin: smtp.Address, recipients) -> bytes:
+        """``Return-Path`` and ``Received`` (RFC 5321 section 4.4), as LF-separated lines.
+
+        ``for <address>`` appears only with one recipient, so Bcc recipients stay hidden
+        from each other while one file serves them all.
+        """
+        session = self.session
+        transaction_id = self.transaction.id if self.transaction else new_transaction_id()
+        helo_name = _header_safe(session.helo or b"") or b"unknown"
+        lines = [
+            b"Return-Path: <" + _header_safe(bytes(origin), 512) + b">",
+            b"Received: from " + helo_name + b" (" + _address_literal(session.peer) + b")",
+            b"\tby "
+            + self.hostname
+            + b" (popserv) with "
+            + session.with_protocol
+            + b" id "
+            + transaction_id.encode("ascii"),
+        ]
+        date = formatdate(self.clock.seconds(), localtime=True).encode("ascii")
+        if len(recipients) == 1:
+            rcpt = _header_safe(bytes(recipients[0].dest), 512)
+            lines.append(b"\tfor <" + rcpt + b">; " + date)
+        else:
+            lines[-1] += b";"
+            lines.append(b"\t" + date)
+        return b"\n".join(lines)
+
+
+def _text(reply: tuple[int, bytes]) -> tuple[int, str]:
+    """A reply as (code, str) for Twisted's SMTPServerError family."""
+    return reply[0], reply[1].decode("ascii")
+
+
+class ESMTPReceiver(smtp.ESMTP):
+    """Twisted's ESMTP server with popserv's fixes; see the module docstring."""
+
+    def __init__(self, factory: SMTPFactory):
+        super().__init__(contextFactory=factory.context_factory)
+        self.factory = factory
+        self.config = factory.config
+        self.clock = factory.clock
+        self.host = factory.config.hostname
+        self.timeout = factory.config.smtp_timeout
+        self.callLater = factory.clock.callLater
+        self.session: Session | None = None
+        self.transaction: Transaction | None = None
+        self._line_limit = factory.config.smtp_max_line_length - 2
+        self._buffer = b""
+        self._discarding = False
+        self._drop_buffered = False
+        self._awaiting_reply = False
+        self._replies = 0
+        self._connected = False
+        self._counted = False
+
+    # Connection
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        peer = self.transport.getPeer()
+        self.session = Session(peer=str(getattr(peer, "host", peer)))
+        if not self.factory.connection_opened(self.session.peer):
+            self._reject("connect", TOO_MANY_CONNECTIONS, host=True)
+            self._send(TOO_MANY_CONNECTIONS[0], TOO_MANY_CONNECTIONS[1] % self.host)
+            self.transport.loseConnection()
+            return
+        self._counted = True
+        self.delivery = LocalDelivery(
+            self.session,
+            self.factory.userdb,
+            self.factory.deliverer,
+            self.factory.domains,
+            self.factory.config.hostname,
+            self.clock,
+        )
+        super().connectionMade()
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP popserv"
+
+    def timeoutConnection(self) -> None:
+        self._send(TIMEOUT[0], TIMEOUT[1] % self.host)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._connected = False
+        self._abort_messages()
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed(self.session.peer)
+        super().connectionLost(reason)
+
+    # Input: lines end at CRLF only; nothing is read while a reply is pending
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        buf, pos = self._buffer, 0
+        while self._connected and not self._awaiting_reply and not self.transport.disconnecting:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line, pos = buf[pos:end], end + 2
+            if self._discarding or len(line) > self._line_limit:
+                self._discarding = False
+                self._line_too_long()
+            else:
+                self._line(line)
+            if self._drop_buffered:
+                self._drop_buffered = False
+                pos = len(buf)
+        rest = buf[pos:]
+        if not self._awaiting_reply and len(rest) > self._line_limit + 1:
+            # Forget the rest of this line, but keep a CR that may start its CRLF.
+            self._discarding = True
+            rest = rest[-1:] if rest.endswith(b"\r") else b""
+        self._buffer = rest
+
+    def _line(self, line: bytes) -> None:
+        mode, replies = self.mode, self._replies
+        self.lineReceived(line)
+        expects_reply = mode != DATA or self.mode != DATA
+        if expects_reply and self._replies == replies and self._connected:
+            if not self.transport.disconnecting:
+                self._awaiting_reply = True
+                self.transport.pauseProducing()
+
+    def _line_too_long(self) -> None:
+        self.resetTimeout()
+        if self.mode == DATA:
+            self._fail_data(LINE_TOO_LONG)
+        else:
+            self._reject("command", LINE_TOO_LONG)
+            self._send(*LINE_TOO_LONG)
+
+    def state_COMMAND(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            self._reject("command", BAD_COMMAND_CHARS)
+            self._send(*BAD_COMMAND_CHARS)
+            return
+        super().state_COMMAND(line)
+
+    def lookupMethod(self, command):
+        if isinstance(command, bytes):
+            try:
+                command = command.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+        if not command.isalpha():
+            return None
+        return super().lookupMethod(command)
+
+    # Output: every reply is counted, and carries an enhanced status code
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        if code not in (220, 334, 354) and not _ENHANCED_RE.match(message):
+            default = _DEFAULT_ENHANCED.get(code, _DEFAULT_ENHANCED[code // 100])
+            message = default + (b" " + message if message else b"")
+        self._send(code, message)
+
+    def _send(self, code: int, message: bytes) -> None:
+        """Send a reply as it is, and let input that waited for it be processed."""
+        self._replies += 1
+        super().sendCode(code, message)
+        if self._awaiting_reply:
+            self._awaiting_reply = False
+            if self._connected and not self.transport.disconnecting:
+                self.transport.resumeProducing()
+                self.clock.callLater(0, self._process)
+
+    def sendSyntaxError(self) -> None:
+        self.sendCode(*EMPTY_COMMAND)
+
+    # Commands
+
+    def extensions(self) -> dict:
+        ext = super().extensions()
+        ext[b"SIZE"] = [str(self.config.smtp_max_message_size).encode("ascii")]
+        ext[b"8BITMIME"] = None
+        ext[b"PIPELINING"] = None
+        ext[b"ENHANCEDSTATUSCODES"] = None
+        return ext
+
+    def do_HELO(self, rest: bytes) -> None:
+        self._greet(rest, esmtp=False)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        self._greet(rest, esmtp=True)
+
+    def _greet(self, rest: bytes, esmtp: bool) -> None:
+        rest = rest.strip()
+        if not rest:
+            self.sendCode(*HELO_NEEDS_DOMAIN)
+            return
+        peer = self.session.peer.encode("ascii", "replace")
+        self._helo = (rest, peer)
+        self._reset_transaction()
+        self.session.helo = rest
+        self.session.esmtp = esmtp
+        reply = self.host + b" Hello " + _address_literal(self.session.peer)
+        if esmtp:
+            reply += b"\n" + self.listExtensions()
+        self._send(250, reply)
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if self.session.helo is None:
+            self.sendCode(*NEED_HELO)
+            return
+        if self._from is not None or self.transaction is not None:
+            self.sendCode(*NESTED_MAIL)
+            return
+        m = self.mail_re.match(rest)
+        if not m:
+            self.sendCode(*SYNTAX_ERROR)
+            return
+        error = self._mail_parameters(m.group("opts"))
+        if error is not None:
+            self._reject("MAIL", error, sender=m.group("path"))
+            self.sendCode(*error)
+            return
+        try:
+            sender = smtp.Address(m.group("path"), self.host)
+        except smtp.AddressError:
+            self._reject("MAIL", BAD_SENDER, sender=m.group("path"))
+            self.sendCode(*BAD_SENDER)
+            return
+        self.transaction = Transaction(id=new_transaction_id(), sender=sender)
+        self.delivery.transaction = self.transaction
+        d = defer.maybeDeferred(self.validateFrom, self._helo, sender)
+        d.addCallbacks(self._sender_ok, self._sender_refused, errbackArgs=(sender,))
+
+    def _mail_parameters(self, text: bytes | None) -> tuple[int, bytes] | None:
+        """The error reply for the MAIL FROM parameters, or None when they are fine."""
+        for param in (text or b"").split():
+            key, _, value = param.partition(b"=")
+            key = key.upper()
+            if key == b"SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    return SYNTAX_ERROR
+                if int(value) > self.config.smtp_max_message_size:
+                    return TOO_BIG
+            elif key == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return SYNTAX_ERROR
+            else:
+                return BAD_PARAMETER
+        return None
+
+    def _sender_ok(self, sender: smtp.Address) -> None:
+        self._from = sender
+        self.sendCode(*SENDER_OK)
+
+    def _sender_refused(self, failure, sender) -> None:
+        self.transaction = None
+        reply = self._reply_for(failure, "sender validation failed")
+        self._reject("MAIL", reply, sender=bytes(sender))
+        self.sendCode(*reply)
+
+    def do_RCPT(self, rest: bytes) -> None:
+        if self._from is None:
+            self.sendCode(*NEED_MAIL)
+            return
+        m = self.rcpt_re.match(rest)
+        if not m:
+            self.sendCode(*SYNTAX_ERROR)
+            return
+        if m.group("opts"):
+            self._reject("RCPT", BAD_PARAMETER, recipient=m.group("path"))
+            self.sendCode(*BAD_PARAMETER)
+            return
+        if len(self._to) >= self.config.smtp_max_recipients:
+            self._reject("RCPT", TOO_MANY_RECIPIENTS, recipient=m.group("path"))
+            self.sendCode(*TOO_MANY_RECIPIENTS)
+            return
+        try:
+            user = smtp.User(m.group("path"), self._helo, self, self._from)
+        except smtp.AddressError:
+            self._reject("RCPT", BAD_RECIPIENT, recipient=m.group("path"))
+            self.sendCode(*BAD_RECIPIENT)
+            return
+        d = defer.maybeDeferred(self.validateTo, user)
+        d.addCallbacks(
+            self._recipient_ok, self._recipient_refused, callbackArgs=(user,), errbackArgs=(user,)
+        )
+
+    def _recipient_ok(self, message_factory, user: smtp.User) -> None:
+        self._to.append((user, message_factory))
+        self.transaction.recipients.append(bytes(user.dest))
+        self.sendCode(*RECIPIENT_OK)
+
+    def _recipient_refused(self, failure, user: smtp.User) -> None:
+        reply = self._reply_for(failure, "recipient validation failed")
+        self._reject("RCPT", reply, recipient=bytes(user.dest))
+        self.sendCode(*reply)
+
+    def do_DATA(self, rest: bytes) -> None:
+        if self._from is None or not self._to:
+            self.sendCode(*NEED_RCPT)
+            return
+        helo, origin, recipients = self._helo, self._from, self._to
+        self._from, self._to = None, []
+        transaction = self.transaction
+        # One message object may serve several recipients (LocalDelivery's always does).
+        groups: dict[int, tuple[object, list]] = {}
+        try:
+            for user, message_factory in recipients:
+                message = message_factory()
+                groups.setdefault(id(message), (message, []))[1].append(user)
+                if len(groups[id(message)][1]) == 1:
+                    transaction.messages.append(message)
+            for message, users in groups.values():
+                header = self.receivedHeader(helo, origin, users)
+                if header:
+                    message.lineReceived(header)
+        except Exception:
+            reply = self._reply_for(defer.Failure(), "cannot start a delivery")
+            self._abort_messages()
+            self.transaction = None
+            self._reject("DATA", reply)
+            self.sendCode(*reply)
+            return
+        self.mode = DATA
+        self.sendCode(*START_DATA)
+
+    def dataLineReceived(self, line: bytes) -> None:
+        transaction = self.transaction
+        if line == b".":
+            self.mode = COMMAND
+            self._end_of_data(transaction)
+            return
+        if transaction.failure is not None:
+            return
+        if line[:1] == b".":
+            line = line[1:]
+        transaction.size += len(line) + 2
+        if b"\r" in line or b"\n" in line:
+            self._fail_data(BARE_LINE_END)
+            return
+        if b"\0" in line:
+            self._fail_data(NUL_IN_DATA)
+            return
+        if transaction.size > self.config.smtp_max_message_size:
+            self._fail_data(TOO_BIG)
+            return
+        try:
+            if transaction.first_line:
+                transaction.first_line = False
+                if line and not _HEADER_RE.match(line):
+                    # No header section: keep our trace headers apart from the body.
+                    for message in transaction.messages:
+                        message.lineReceived(b"")
+            for message in transaction.messages:
+                message.lineReceived(line)
+        except Exception:
+            self._fail_data(self._reply_for(defer.Failure(), "cannot store the message"))
+
+    state_DATA = dataLineReceived
+
+    def _fail_data(self, reply: tuple[int, bytes]) -> None:
+        """Fail the message being received: drop what is stored, answer at its end."""
+        transaction = self.transaction
+        if transaction.failure is None:
+            transaction.failure = reply
+            self._abort_messages()
+
+    def _end_of_data(self, transaction: Transaction) -> None:
+        self.transaction = None
+        if transaction.failure is not None:
+            self._reject("DATA", transaction.failure, transaction=transaction)
+            self.sendCode(*transaction.failure)
+            return
+        messages, transaction.messages = transaction.messages, []
+        d = defer.DeferredList([m.eomReceived() for m in messages], consumeErrors=True)
+        d.addCallback(self._message_handled, transaction)
+
+    def _message_handled(self, results, transaction: Transaction) -> None:
+        failures = [result for ok, result in results if not ok]
+        if failures:
+            reply = self._reply_for(failures[0], "delivery failed")
+            self._reject("DATA", reply, transaction=transaction)
+            self.sendCode(*reply)
+            return
+        stored = [result for ok, result in results]
+        log.info(
+            "smtp accepted id={id} from=<{sender}> to={recipients} size={size} "
+            "peer={peer} stored={stored}",
+            id=transaction.id,
+            sender=bytes(transaction.sender).decode("ascii", "replace"),
+            recipients=",".join(r.decode("ascii", "replace") for r in transaction.recipients),
+            size=transaction.size,
+            peer=self.session.peer,
+            stored=stored,
+        )
+        self.sendCode(250, b"2.0.0 Ok: queued as " + transaction.id.encode("ascii"))
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._reset_transaction()
+        self.sendCode(*RESET_OK)
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(*NOOP_OK)
+
+    def do_HELP(self, rest: bytes) -> None:
+        self.sendCode(*HELP)
+
+    def do_VRFY(self, rest: bytes) -> None:
+        self.sendCode(*NOT_IMPLEMENTED)
+
+    do_EXPN = do_VRFY
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.sendCode(*BYE)
+        self.transport.loseConnection()
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self.sendCode(*UNKNOWN_COMMAND)
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        """popserv receives mail for its users; it takes no submissions, so no AUTH."""
+        self.sendCode(*NOT_IMPLEMENTED)
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        """After TLS starts, forget what was said before it and any input sent behind it."""
+        was_tls = self.startedTLS
+        super().ext_STARTTLS(rest)
+        if self.startedTLS and not was_tls:
+            self._drop_buffered = True
+            self._reset_transaction()
+            self.session.helo = None
+            self.session.esmtp = False
+            self.session.tls = True
+
+    # Helpers
+
+    def _reset_transaction(self) -> None:
+        self._from, self._to = None, []
+        self.transaction = None
+
+    def _abort_messages(self) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            return
+        messages, transaction.messages = transaction.messages, []
+        for message in messages:
+            try:
+                message.connectionLost()
+            except Exception:
+                log.failure("aborting a message failed")
+
+    def _reply_for(self, failure, what: str) -> tuple[int, bytes]:
+        """The reply for a failed validation or delivery; unexpected errors are logged."""
+        if failure.check(DeliveryFailed):
+            return DISK_FULL if failure.value.disk_full else LOCAL_ERROR
+        if failure.check(smtp.SMTPServerError):
+            resp = failure.value.resp
+            if isinstance(resp, str):
+                resp = resp.encode("ascii", "replace")
+            return failure.value.code, resp
+        log.failure(what, failure)
+        return LOCAL_ERROR
+
+    def _reject(self, stage: str, reply, *, host=False, transaction=None, **fields) -> None:
+        """Log one line per refusal, with the reply that says why."""
+        text = reply[1] % self.host if host else reply[1]
+        if transaction is not None:
+            fields["sender"] = bytes(transaction.sender)
+            fields["recipients"] = b",".join(transaction.recipients)
+            fields["id"] = transaction.id
+        details = " ".join(
+            f"{key}={value.decode('ascii', 'replace') if isinstance(value, bytes) else value}"
+            for key, value in sorted(fields.items())
+        )
+        log.info(
+            "smtp rejected {stage} peer={peer} {details}: {code} {reason}",
+            stage=stage,
+            peer=self.session.peer,
+            details=details,
+            code=reply[0],
+            reason=text.decode("ascii", "replace"),
+        )
+
+
+class SMTPFactory(smtp.SMTPFactory):
+    """Builds ``ESMTPReceiver`` connections and counts them per peer address."""
+
+    protocol = ESMTPReceiver
+    noisy = False
+
+    def __init__(
+        self,
+        deliverer: IDeliverer,
+        userdb: IUserDB,
+        config: Config,
+        clock=None,
+        context_factory=None,
+    ):
+        super().__init__(portal=None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.deliverer = deliverer
+        self.userdb = userdb
+        self.config = config
+        self.clock = clock
+        self.context_factory = context_factory
+        self.domains = local_domains(config)
+        self.connections: collections.Counter[str] = collections.Counter()
+
+    def buildProtocol(self, addr) -> ESMTPReceiver:
+        return self.protocol(self)
+
+    def connection_opened(self, peer: str) -> bool:
+        """Count a new connection from ``peer``; False when it is one too many."""
+        if self.connections[peer] >= self.config.smtp_max_connections_per_peer:
+            return False
+        self.connections[peer] += 1
+        return True
+
+    def connection_closed(self, peer: str) -> None:
+        self.connections[peer] -= 1
+        if self.connections[peer] <= 0:
+            del self.connections[peer]

@@ -1,0 +1,618 @@
+"""Tests for popserv.smtp: the ESMTP receiver over a StringTransport, with a Clock."""
+
+import errno
+import os
+import re
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.mail import smtp as twisted_smtp
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from popserv import smtp
+from popserv.auth import PasswdFile
+from popserv.config import Config
+from popserv.delivery import MaildirDeliverer
+from popserv.maildir import MaildirStore
+
+HOST = "mx.example.org"
+PEER = IPv4Address("TCP", "192.0.2.7", 40000)
+
+
+class SyncDeliverer(MaildirDeliverer):
+    """The real deliverer, with the fsync-and-link step run at once instead of in a thread."""
+
+    def in_thread(self, f, *args):
+        return defer.maybeDeferred(f, *args)
+
+
+@implementer(ITLSTransport)
+class FakeTLSTransport(StringTransport):
+    """A transport that can start TLS, and records the context it was given."""
+
+    tls_context = None
+
+    def startTLS(self, context, normal=True):
+        self.tls_context = context
+
+
+class SMTPTestCase(unittest.TestCase):
+    config_changes: dict = {}
+
+    def setUp(self):
+        root = os.path.abspath(self.mktemp())
+        self.mailroot = os.path.join(root, "mail")
+        os.makedirs(self.mailroot)
+        users = os.path.join(root, "users")
+        with open(users, "w") as f:
+            f.write("alice:{PLAIN}x\nbob:{PLAIN}x\ncarol@example.org:{PLAIN}x\n")
+        self.config = Config(
+            hostname=HOST, mailroot=self.mailroot, users=users, **self.config_changes
+        )
+        self.clock = Clock()
+        self.store = MaildirStore(self.mailroot)
+        self.deliverer = SyncDeliverer(self.store, HOST)
+        self.factory = smtp.SMTPFactory(
+            self.deliverer, PasswdFile(users), self.config, clock=self.clock
+        )
+        self.proto, self.transport = self.connect()
+
+    def connect(self, peer=PEER, transport_class=StringTransport):
+        proto = self.factory.buildProtocol(peer)
+        transport = transport_class(peerAddress=peer)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def send(self, data: bytes, proto=None) -> None:
+        (proto or self.proto).dataReceived(data)
+        self.clock.advance(0)
+
+    def replies(self, transport=None) -> list[bytes]:
+        """The reply lines sent since the last call."""
+        transport = transport or self.transport
+        lines = transport.value().split(b"\r\n")
+        transport.clear()
+        self.assertEqual(lines[-1], b"")
+        return lines[:-1]
+
+    def assert_replies(self, sent: bytes, expected: list[bytes]) -> None:
+        self.send(sent)
+        self.assertEqual(self.replies(), expected)
+
+    def ehlo(self):
+        self.replies()
+        self.send(b"EHLO client.example\r\n")
+        self.replies()
+
+    def envelope(self, *recipients, sender=b"<sender@remote.example>"):
+        self.ehlo()
+        self.send(b"MAIL FROM:" + sender + b"\r\n")
+        for rcpt in recipients:
+            self.send(b"RCPT TO:<" + rcpt + b">\r\n")
+        self.send(b"DATA\r\n")
+        return self.replies()
+
+    def new(self, user) -> list[bytes]:
+        """The messages in the user's new/."""
+        path = os.path.join(self.store.path_for(user), "new")
+        if not os.path.isdir(path):
+            return []
+        found = []
+        for name in sorted(os.listdir(path)):
+            with open(os.path.join(path, name), "rb") as f:
+                found.append(f.read())
+        return found
+
+    def tmp(self, user) -> list[str]:
+        path = os.path.join(self.store.path_for(user), "tmp")
+        return os.listdir(path) if os.path.isdir(path) else []
+
+
+class GreetingAndEhloTests(SMTPTestCase):
+    def test_greeting(self):
+        """The greeting is 220 with the host name, without an enhanced code."""
+        self.assertEqual(self.replies(), [b"220 mx.example.org ESMTP popserv"])
+
+    def test_ehlo_keywords(self):
+        """EHLO advertises SIZE with the limit, 8BITMIME, PIPELINING and ENHANCEDSTATUSCODES."""
+        self.replies()
+        self.send(b"EHLO client.example\r\n")
+        lines = self.replies()
+        self.assertEqual(lines[0], b"250-mx.example.org Hello [192.0.2.7]")
+        keywords = [line[4:] for line in lines[1:]]
+        self.assertEqual(
+            sorted(keywords), [b"8BITMIME", b"ENHANCEDSTATUSCODES", b"PIPELINING", b"SIZE 26214400"]
+        )
+        self.assertTrue(lines[-1].startswith(b"250 "))
+
+    def test_no_auth_no_starttls_on_plain_transport(self):
+        """Without TLS support, neither STARTTLS nor AUTH is offered, and AUTH is refused."""
+        self.ehlo()
+        self.assert_replies(b"AUTH PLAIN\r\n", [b"502 5.5.1 Command not implemented"])
+        self.assert_replies(b"AUTH\r\n", [b"502 5.5.1 Command not implemented"])
+
+    def test_ehlo_needs_domain(self):
+        """EHLO without an argument is a syntax error."""
+        self.replies()
+        self.assert_replies(b"EHLO\r\n", [b"501 " + smtp.HELO_NEEDS_DOMAIN[1]])
+
+    def test_mail_needs_ehlo(self):
+        """MAIL before HELO or EHLO is refused with 503 5.5.1."""
+        self.replies()
+        self.assert_replies(b"MAIL FROM:<a@b.example>\r\n", [b"503 5.5.1 Send EHLO or HELO first"])
+
+    def test_other_commands(self):
+        """NOOP, RSET and QUIT answer with enhanced codes; VRFY, EXPN and junk are refused."""
+        self.ehlo()
+        self.assert_replies(b"NOOP\r\n", [b"250 2.0.0 Ok"])
+        self.assert_replies(b"RSET\r\n", [b"250 2.0.0 Ok"])
+        self.assert_replies(b"VRFY alice\r\n", [b"502 5.5.1 Command not implemented"])
+        self.assert_replies(b"EXPN staff\r\n", [b"502 5.5.1 Command not implemented"])
+        self.assert_replies(b"\xffBAD\r\n", [b"500 5.5.1 Command unrecognized"])
+        self.assert_replies(b"\r\n", [b"500 5.5.2 Empty command"])
+        self.assert_replies(b"QUIT\r\n", [b"221 2.0.0 Bye"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_bare_lf_in_command(self):
+        """A command holding a bare LF is refused as a whole, not split into two commands."""
+        self.ehlo()
+        self.assert_replies(
+            b"NOOP\nMAIL FROM:<a@b.example>\r\n", [b"500 5.5.2 Bare CR, LF or NUL in command"]
+        )
+
+    def test_starttls_drops_pipelined_input(self):
+        """After STARTTLS, commands sent behind it in clear are dropped and EHLO is needed again."""
+        self.factory.context_factory = object()
+        proto, transport = self.connect(transport_class=FakeTLSTransport)
+        self.send(b"EHLO client.example\r\n", proto)
+        self.assertIn(b"250-STARTTLS", self.replies(transport))
+        self.send(b"STARTTLS\r\nMAIL FROM:<a@b.example>\r\n", proto)
+        self.assertEqual(self.replies(transport), [b"220 Begin TLS negotiation now"])
+        self.assertIs(transport.tls_context, self.factory.context_factory)
+        self.send(b"MAIL FROM:<a@b.example>\r\n", proto)
+        self.assertEqual(self.replies(transport), [b"503 5.5.1 Send EHLO or HELO first"])
+        self.send(b"EHLO client.example\r\n", proto)
+        self.assertNotIn(b"250-STARTTLS", self.replies(transport))
+
+
+class RecipientRuleTests(SMTPTestCase):
+    config_changes = {"smtp_domains": (HOST, "localhost", "example.org")}
+
+    def rcpt(self, address: bytes) -> bytes:
+        self.send(b"RCPT TO:<" + address + b">\r\n")
+        return self.replies()[0]
+
+    def setUp(self):
+        super().setUp()
+        self.ehlo()
+        self.send(b"MAIL FROM:<sender@remote.example>\r\n")
+        self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK"])
+
+    def test_local_user(self):
+        """RCPT to an existing user at a local domain is accepted with 250 2.1.5."""
+        self.assertEqual(self.rcpt(b"alice@mx.example.org"), b"250 2.1.5 Recipient OK")
+        self.assertEqual(self.rcpt(b"bob@LOCALHOST"), b"250 2.1.5 Recipient OK")
+
+    def test_unknown_local_user(self):
+        """RCPT to an unknown user at a local domain gets 550 5.1.1."""
+        self.assertEqual(self.rcpt(b"mallory@mx.example.org"), b"550 5.1.1 No such user here")
+
+    def test_foreign_domain_denied(self):
+        """RCPT to any other domain gets 550 5.7.1 relaying denied, even for a known user name."""
+        self.assertEqual(self.rcpt(b"alice@elsewhere.example"), b"550 5.7.1 Relaying denied")
+
+    def test_relay_tricks_denied(self):
+        """Source routes, %-hacks, bang paths, quoted @ and address literals never relay."""
+        for address, code in [
+            (b"@mx.example.org:victim@elsewhere.example", b"550 5.7.1"),
+            (b"victim%elsewhere.example@mx.example.org", b"550 5.1.1"),
+            (b"elsewhere.example!victim@mx.example.org", b"550 5.1.1"),
+            (b'"victim@elsewhere.example"@mx.example.org', b"550 5.1.1"),
+            (b"alice@[192.0.2.1]", b"501 5.5.4"),
+            (b"alice@mx.example.org.elsewhere.example", b"550 5.7.1"),
+        ]:
+            self.assertTrue(self.rcpt(address).startswith(code), address)
+        self.send(b"DATA\r\n")
+        self.assertEqual(self.replies(), [b"503 5.5.1 Need RCPT before DATA"])
+
+    def test_full_address_user(self):
+        """carol@example.org is the user of that name when example.org is a local domain."""
+        self.assertEqual(self.rcpt(b"carol@example.org"), b"250 2.1.5 Recipient OK")
+        self.assertEqual(self.rcpt(b"carol@mx.example.org"), b"550 5.1.1 No such user here")
+
+    def test_case_insensitive(self):
+        """Local parts match users as given or in lower case; domains ignore case."""
+        self.assertEqual(self.rcpt(b"Alice@MX.Example.ORG"), b"250 2.1.5 Recipient OK")
+
+    def test_postmaster_without_domain_is_local(self):
+        """An address without a domain is taken to be at this host."""
+        self.assertEqual(self.rcpt(b"alice"), b"250 2.1.5 Recipient OK")
+
+    def test_rcpt_parameters_refused(self):
+        """RCPT parameters (no DSN here) get 555 5.5.4."""
+        self.send(b"RCPT TO:<alice@mx.example.org> NOTIFY=NEVER\r\n")
+        self.assertEqual(self.replies(), [b"555 5.5.4 Unsupported MAIL or RCPT parameter"])
+
+    def test_validate_to_directly(self):
+        """The IMessageDelivery refuses a foreign address with SMTPBadRcpt code 550."""
+        delivery = self.proto.delivery
+        verifyObject(twisted_smtp.IMessageDelivery, delivery)
+        with self.assertRaises(twisted_smtp.SMTPBadRcpt) as cm:
+            delivery.resolve(twisted_smtp.Address(b"x@elsewhere.example"))
+        self.assertEqual(cm.exception.code, 550)
+        self.assertEqual(
+            delivery.resolve(twisted_smtp.Address(b"carol@Example.org")), "carol@example.org"
+        )
+
+
+class MaxRecipientsTests(SMTPTestCase):
+    config_changes = {"smtp_max_recipients": 2}
+
+    def test_third_recipient_refused(self):
+        """More recipients than the limit get 452 4.5.3; the accepted ones still get the mail."""
+        self.ehlo()
+        self.send(b"MAIL FROM:<a@remote.example>\r\n")
+        for _ in range(2):
+            self.send(b"RCPT TO:<alice@mx.example.org>\r\n")
+        self.send(b"RCPT TO:<bob@mx.example.org>\r\n")
+        self.assertEqual(self.replies()[-1], b"452 4.5.3 Too many recipients")
+        self.send(b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual(len(self.new("alice")), 1)
+        self.assertEqual(self.new("bob"), [])
+
+
+class DataTests(SMTPTestCase):
+    def test_delivery(self):
+        """A message is stored with LF line ends, dots unstuffed, after Return-Path and Received."""
+        self.assertEqual(
+            self.envelope(b"alice@mx.example.org"),
+            [
+                b"250 2.1.0 Sender OK",
+                b"250 2.1.5 Recipient OK",
+                b"354 End data with <CR><LF>.<CR><LF>",
+            ],
+        )
+        self.send(b"Subject: hello\r\n\r\nbody\r\n..leading dot\r\n\xe9t\xe9\r\n.\r\n")
+        [reply] = self.replies()
+        self.assertRegex(reply, rb"^250 2\.0\.0 Ok: queued as [0-9A-F]{12}$")
+        [stored] = self.new("alice")
+        headers, _, rest = stored.partition(b"\nSubject:")
+        self.assertEqual(rest, b" hello\n\nbody\n.leading dot\n\xe9t\xe9\n")
+        self.assertTrue(headers.startswith(b"Return-Path: <sender@remote.example>\nReceived: "))
+        self.assertEqual(self.tmp("alice"), [])
+
+    def test_received_header(self):
+        """Received names the HELO, the peer, this host, ESMTP, the id, the recipient and a date."""
+        self.envelope(b"alice@mx.example.org")
+        self.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        queue_id = self.replies()[0].rsplit(b" ", 1)[1]
+        [stored] = self.new("alice")
+        received = stored.split(b"\nSubject:")[0].split(b"\n", 1)[1]
+        self.assertRegex(
+            received,
+            rb"^Received: from client\.example \(\[192\.0\.2\.7\]\)\n"
+            rb"\tby mx\.example\.org \(popserv\) with ESMTP id " + queue_id + rb"\n"
+            rb"\tfor <alice@mx\.example\.org>; "
+            rb"\w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}$",
+        )
+
+    def test_received_several_recipients_and_helo(self):
+        """After HELO the protocol is SMTP; with two recipients no 'for' clause names them."""
+        self.replies()
+        self.send(b"HELO old.example\r\nMAIL FROM:<>\r\nRCPT TO:<alice@mx.example.org>\r\n")
+        self.send(b"RCPT TO:<bob@mx.example.org>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+        [stored] = self.new("bob")
+        self.assertEqual(self.new("alice"), [stored])
+        self.assertTrue(stored.startswith(b"Return-Path: <>\nReceived: from old.example ("))
+        self.assertIn(b" with SMTP id ", stored)
+        self.assertNotIn(b"for <", stored)
+
+    def test_ipv6_peer_literal(self):
+        """An IPv6 peer appears as an IPv6 address literal."""
+        proto, transport = self.connect(peer=IPv6Address("TCP", "2001:db8::1", 40000))
+        self.send(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\n", proto)
+        self.send(b"Subject: x\r\n\r\nx\r\n.\r\n", proto)
+        self.assertIn(b"from c ([IPv6:2001:db8::1])", self.new("alice")[0])
+
+    def test_helo_name_sanitised(self):
+        """Odd characters of a HELO name cannot break out of the Received header."""
+        self.replies()
+        self.send(b"EHLO a(b)\\c\tx\r\nMAIL FROM:<a@b>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\n")
+        self.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        self.assertIn(b"Received: from a?b??c?x ([192.0.2.7])\n", self.new("alice")[0])
+
+    def test_headerless_message(self):
+        """A message without headers gets an empty line after the trace headers."""
+        self.envelope(b"alice@localhost")
+        self.send(b"just text\r\n.\r\n")
+        self.assertTrue(self.new("alice")[0].endswith(b"\n\njust text\n"))
+
+    def test_size_declared_too_big(self):
+        """MAIL FROM with a SIZE over the limit gets 552 5.3.4; a bad SIZE 501; unknown 555."""
+        self.ehlo()
+        self.assert_replies(
+            b"MAIL FROM:<a@b.example> SIZE=26214401\r\n",
+            [b"552 5.3.4 Message size exceeds fixed limit"],
+        )
+        self.assert_replies(
+            b"MAIL FROM:<a@b.example> SIZE=big\r\n",
+            [b"501 5.5.4 Syntax error in parameters or arguments"],
+        )
+        self.assert_replies(
+            b"MAIL FROM:<a@b.example> RET=HDRS\r\n",
+            [b"555 5.5.4 Unsupported MAIL or RCPT parameter"],
+        )
+        self.assert_replies(
+            b"MAIL FROM:<a@b.example> SIZE=26214400 BODY=8BITMIME\r\n", [b"250 2.1.0 Sender OK"]
+        )
+
+    def test_nested_mail(self):
+        """A second MAIL in one transaction is refused; RSET starts over."""
+        self.ehlo()
+        self.assert_replies(b"MAIL FROM:<a@b.example>\r\n", [b"250 2.1.0 Sender OK"])
+        self.assert_replies(b"MAIL FROM:<a@b.example>\r\n", [b"503 5.5.1 Sender already given"])
+        self.assert_replies(
+            b"RSET\r\nMAIL FROM:<a@b.example>\r\n", [b"250 2.0.0 Ok", b"250 2.1.0 Sender OK"]
+        )
+
+    def test_next_message_on_same_connection(self):
+        """After one message, another can follow on the same connection."""
+        for n in range(2):
+            self.envelope(b"alice@localhost")
+            self.send(b"Subject: %d\r\n\r\nx\r\n.\r\n" % n)
+            self.assertTrue(self.replies()[0].startswith(b"250 2.0.0"))
+        self.assertEqual(len(self.new("alice")), 2)
+
+
+class SizeLimitTests(SMTPTestCase):
+    config_changes = {"smtp_max_message_size": 100}
+
+    def test_too_big_at_end_of_data(self):
+        """A message over the limit is refused at its end with 552 5.3.4, and nothing is kept."""
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\n" + b"y" * 60 + b"\r\n")
+        self.assertEqual(self.tmp("alice"), [self.tmp("alice")[0]])
+        self.send(b"z" * 60 + b"\r\n")
+        self.assertEqual(self.tmp("alice"), [])
+        self.send(b"more\r\n.\r\n")
+        self.assertEqual(self.replies(), [b"552 5.3.4 Message size exceeds fixed limit"])
+        self.assertEqual(self.new("alice"), [])
+        self.assert_replies(b"NOOP\r\n", [b"250 2.0.0 Ok"])
+
+
+class SmugglingTests(SMTPTestCase):
+    SMUGGLED = (
+        b"MAIL FROM:<spoof@mx.example.org>\r\nRCPT TO:<bob@mx.example.org>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nsmuggled\r\n"
+    )
+
+    def smuggle(self, end: bytes) -> None:
+        self.envelope(b"alice@mx.example.org")
+        self.send(b"Subject: real\r\n\r\nreal" + end + self.SMUGGLED + b".\r\n")
+
+    def assert_nothing_smuggled(self):
+        self.assertEqual(self.replies(), [b"550 " + smtp.BARE_LINE_END[1]])
+        self.assertEqual(self.new("alice"), [])
+        self.assertEqual(self.new("bob"), [])
+        self.assertEqual(self.tmp("alice"), [])
+
+    def test_lf_dot_lf(self):
+        """'\\n.\\n' does not end the message; the bare LF fails it and nothing is delivered."""
+        self.smuggle(b"\n.\n")
+        self.assert_nothing_smuggled()
+
+    def test_cr_dot_cr(self):
+        """'\\r.\\r' does not end the message either."""
+        self.smuggle(b"\r.\r")
+        self.assert_nothing_smuggled()
+
+    def test_lf_dot_crlf(self):
+        """'\\n.\\r\\n' does not end the message either."""
+        self.smuggle(b"\n.\r\n")
+        self.assert_nothing_smuggled()
+
+    def test_nul(self):
+        """A NUL byte in the data fails the message with 550 5.6.0."""
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\na\0b\r\n.\r\n")
+        self.assertEqual(self.replies(), [b"550 5.6.0 NUL character in message"])
+        self.assertEqual(self.new("alice"), [])
+
+    def test_long_data_line_stays_in_data(self):
+        """An over-long DATA line fails the message but the lines after it remain data."""
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\n" + b"x" * 1200 + b"\r\nRSET\r\nQUIT\r\n")
+        self.send(b"y" * 5000)
+        self.send(b"\r\n.\r\n")
+        self.assertEqual(self.replies(), [b"500 5.5.2 Line too long"])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.new("alice"), [])
+
+    def test_long_command_line(self):
+        """An over-long command line is refused with 500 5.5.2, in one piece or in many."""
+        self.ehlo()
+        self.assert_replies(b"NOOP " + b"x" * 1000 + b"\r\n", [b"500 5.5.2 Line too long"])
+        self.send(b"NOOP " + b"x" * 3000)
+        self.send(b"x" * 3000 + b"\r")
+        self.assert_replies(b"\nNOOP\r\n", [b"500 5.5.2 Line too long", b"250 2.0.0 Ok"])
+
+    def test_longest_line_accepted(self):
+        """A line of exactly 998 octets plus CRLF is accepted, even split before its LF."""
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\n" + b"x" * 998 + b"\r")
+        self.send(b"\n.\r\n")
+        self.assertTrue(self.replies()[0].startswith(b"250 2.0.0"))
+
+
+class DeferredValidator:
+    """An IMessageDelivery whose validators answer with Deferreds the test fires."""
+
+    def __init__(self):
+        self.pending = []
+
+    def validateFrom(self, helo, origin):
+        d = defer.Deferred()
+        self.pending.append(("from", d))
+        return d
+
+    def validateTo(self, user):
+        d = defer.Deferred()
+        self.pending.append((bytes(user.dest), d))
+        return d
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+
+class PipeliningOrderTests(SMTPTestCase):
+    def test_replies_in_order_with_deferred_validators(self):
+        """Pipelined commands wait for a pending reply, so replies keep order (twisted#8126)."""
+        self.ehlo()
+        validator = DeferredValidator()
+        self.proto.delivery = validator
+        self.send(
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<one@x.example>\r\n"
+            b"RCPT TO:<two@x.example>\r\nNOOP\r\n"
+        )
+        self.assertEqual([name for name, _ in validator.pending], ["from"])
+        self.assertEqual(self.transport.producerState, "paused")
+        validator.pending[0][1].callback(twisted_smtp.Address(b"a@b.example"))
+        self.clock.advance(0)
+        self.assertEqual(len(validator.pending), 2)
+        # Fire the second recipient's check first: its reply must still come second.
+        self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK"])
+        validator.pending[1][1].errback(twisted_smtp.SMTPBadRcpt(b"one@x.example"))
+        self.clock.advance(0)
+        validator.pending[2][1].callback(lambda: None)
+        self.clock.advance(0)
+        self.assertEqual(
+            self.replies(),
+            [
+                b"550 5.0.0 Cannot receive for specified address",
+                b"250 2.1.5 Recipient OK",
+                b"250 2.0.0 Ok",
+            ],
+        )
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_pipelined_transaction(self):
+        """A whole pipelined transaction gets its replies in order and delivers."""
+        self.ehlo()
+        self.send(
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<alice@localhost>\r\n"
+            b"RCPT TO:<nobody@localhost>\r\nRCPT TO:<bob@localhost>\r\nDATA\r\n"
+        )
+        self.send(b"Subject: x\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        replies = [line[:9] for line in self.replies()]
+        self.assertEqual(
+            replies,
+            [
+                b"250 2.1.0",
+                b"250 2.1.5",
+                b"550 5.1.1",
+                b"250 2.1.5",
+                b"354 End d",
+                b"250 2.0.0",
+                b"221 2.0.0",
+            ],
+        )
+        self.assertEqual(len(self.new("bob")), 1)
+
+
+class FaultTests(SMTPTestCase):
+    def test_disconnect_mid_data(self):
+        """A client that disconnects in the middle of DATA leaves nothing in new/ or tmp/."""
+        self.envelope(b"alice@localhost", b"bob@localhost")
+        self.send(b"Subject: x\r\n\r\nhalf a mess")
+        self.assertEqual(len(self.tmp("alice")), 1)
+        self.proto.connectionLost(defer.Failure(ConnectionError("gone")))
+        for user in ("alice", "bob"):
+            self.assertEqual(self.new(user), [])
+            self.assertEqual(self.tmp(user), [])
+
+    def test_disk_full_mid_data(self):
+        """ENOSPC while writing DATA answers 452 4.3.1 at its end; new/ stays empty."""
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\n")
+        [message] = self.proto.transaction.messages
+
+        def full(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        message.delivery._file.write = full
+        self.send(b"line\r\n" * 3 + b".\r\n")
+        self.assertEqual(self.replies(), [b"452 4.3.1 Insufficient system storage"])
+        self.assertEqual(self.new("alice"), [])
+        self.assertEqual(self.tmp("alice"), [])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_disk_full_at_start(self):
+        """ENOSPC when the temporary file cannot even be created answers DATA with 452 4.3.1."""
+
+        def full(users):
+            from popserv.interfaces import DeliveryFailed
+
+            raise DeliveryFailed("full", OSError(errno.ENOSPC, "No space left on device"))
+
+        self.deliverer.begin = full
+        self.assertEqual(
+            self.envelope(b"alice@localhost")[-1], b"452 4.3.1 Insufficient system storage"
+        )
+
+    def test_timeout(self):
+        """An idle client is told 421 4.4.2 and disconnected after the configured timeout."""
+        self.replies()
+        self.clock.advance(self.config.smtp_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(
+            self.replies(), [b"421 4.4.2 mx.example.org Idle for too long, closing connection"]
+        )
+        self.assertTrue(self.transport.disconnecting)
+
+
+class PerPeerLimitTests(SMTPTestCase):
+    config_changes = {"smtp_max_connections_per_peer": 2}
+
+    def test_limit(self):
+        """A peer over its connection limit gets 421 4.7.0; others and later ones get in."""
+        second, second_transport = self.connect()
+        third, third_transport = self.connect()
+        self.assertEqual(
+            self.replies(third_transport),
+            [b"421 4.7.0 mx.example.org Too many connections from your address"],
+        )
+        self.assertTrue(third_transport.disconnecting)
+        third.connectionLost(defer.Failure(ConnectionError()))
+        other, other_transport = self.connect(peer=IPv4Address("TCP", "192.0.2.8", 1))
+        self.assertTrue(self.replies(other_transport)[0].startswith(b"220 "))
+        second.connectionLost(defer.Failure(ConnectionError()))
+        fourth, fourth_transport = self.connect()
+        self.assertTrue(self.replies(fourth_transport)[0].startswith(b"220 "))
+
+
+class LogTests(SMTPTestCase):
+    def test_accepted_and_rejected_lines(self):
+        """One log event per accepted message and one per refusal, with the fields named."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.ehlo()
+        self.send(b"MAIL FROM:<s@remote.example>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        self.send(b"RCPT TO:<alice@localhost>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+        mine = [e for e in events if e.get("log_namespace") == "popserv.smtp"]
+        self.assertEqual(len(mine), 2)
+        rejected, accepted = mine
+        self.assertEqual(rejected["stage"], "RCPT")
+        self.assertEqual(rejected["code"], 550)
+        self.assertIn("relaying denied", rejected["reason"].lower())
+        self.assertIn("recipient=x@elsewhere.example", rejected["details"])
+        self.assertEqual(accepted["sender"], "s@remote.example")
+        self.assertEqual(accepted["recipients"], "alice@localhost")
+        self.assertEqual(accepted["peer"], "192.0.2.7")
+        self.assertEqual(accepted["size"], len(b"Subject: x\r\n\r\nx\r\n"))
+        self.assertTrue(re.fullmatch(r"[0-9A-F]{12}", accepted["id"]))
