@@ -793,7 +793,14 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             raise _CommandError(Reply.USER_FIRST)
         name, self._pending_user = self._pending_user, None
         # The password is everything after "PASS ", spaces included (RFC 1939 section 7).
-        credentials = UsernamePassword(name, rest)
+        password = rest
+        if self.utf8:
+            # RFC 6856: UTF-8 names and passwords compare after SASLprep (RFC 4013).
+            name, password = _saslprep(name), _saslprep(password)
+            if name is None or password is None:
+                self.login(None, None)
+                return
+        credentials = UsernamePassword(name, password)
         self.login(credentials, _username_of(credentials))
 
     def login(self, credentials, user: str | None) -> None:
@@ -1102,6 +1109,17 @@ class POP3Factory(ServerFactory):
         if getattr(ip, "ipv4_mapped", None) is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self._trusted)
+
+
+def _saslprep(data: bytes) -> bytes | None:
+    """SASLprep of UTF-8 text; None when it is not UTF-8 or holds prohibited characters."""
+    from scramp.core import saslprep
+    from scramp.utils import ScramException
+
+    try:
+        return saslprep(data.decode("utf-8")).encode("utf-8")
+    except (UnicodeDecodeError, ScramException):
+        return None
 
 
 def _username_of(credentials) -> str | None:

@@ -412,6 +412,25 @@ class InternationalTests(POP3TestCase):
                 self.assertIn(code.group(1), spanish, name)
             self.assertEqual(spanish.count(b"%"), english.count(b"%"), name)
 
+    def test_utf8_user_name_is_normalized(self):
+        """In UTF8 mode a UTF-8 user name logs in, compared after SASLprep."""
+        self.portal.checkers[
+            InMemoryUsernamePasswordDatabaseDontUse.credentialInterfaces[0]
+        ].addUser("josé".encode(), "contraseña".encode())
+        self.store.mailboxes["josé"] = []
+        # "e" + combining acute accent: the same name once normalized.
+        self.send(b"UTF8\r\nUSER " + "jose\u0301".encode() + b"\r\nPASS "
+                  + "contraseña".encode() + b"\r\n")
+        replies = self.lines()
+        self.assertTrue(replies[-1].startswith(b"+OK Logged in"), replies)
+        self.assertEqual(self.proto.user, "josé")
+
+    def test_utf8_prohibited_characters_fail(self):
+        """A UTF8-mode password with a control character fails like a wrong one."""
+        self.send(b"UTF8\r\nUSER alice\r\nPASS sec\x07ret\r\n")
+        self.clock.advance(1)
+        self.assertEqual(self.lines()[-1], Reply.AUTH_FAILED)
+
     def test_utf8_command(self):
         """UTF8 answers +OK in AUTHORIZATION and is refused after login."""
         self.assert_reply(b"UTF8\r\n", [Reply.UTF8])
