@@ -187,7 +187,7 @@ class ServiceTests(SynchronousTestCase):
 
         top = self.make()
         self.assertIsInstance(top, MultiService)
-        children = [child for child in top if child.name.startswith("pop3-")]
+        children = [child for child in top if (child.name or "").startswith("pop3-")]
         self.assertEqual(len(children), 2)
         self.assertEqual([child.name for child in children], ["pop3-0", "pop3-1"])
         for child in children:
