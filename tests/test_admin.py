@@ -88,6 +88,33 @@ class AdminTests(unittest.TestCase):
         self.add("alice", "pw", "--scheme", "plain")
         self.assertEqual(self.users_text(), "alice:{PLAIN}pw\n")
 
+    def test_adduser_schemes(self):
+        """--scheme writes any scheme popserv can make, and the password verifies."""
+        self.patch(auth, "BCRYPT_ROUNDS", 4)
+        self.patch(auth, "SHA_CRYPT_ROUNDS", 5000)
+        for scheme in ["BLF-CRYPT", "SHA512-CRYPT", "SCRAM-SHA-256", "CRAM-MD5"]:
+            user = scheme.lower()
+            self.assertEqual(self.add(user, "pw", "--scheme", scheme.lower()), 0, scheme)
+            self.assertIn(f"\n{user}:{{{scheme}}}", "\n" + self.users_text())
+            self.assertTrue(self.check(user, b"pw"), scheme)
+            self.assertFalse(self.check(user, b"pW"), scheme)
+
+    def test_passwd_scheme(self):
+        """passwd --scheme changes the scheme along with the password."""
+        self.add("alice", "old")
+        status = self.run_admin(
+            "passwd",
+            "alice",
+            "--password-stdin",
+            "--scheme",
+            "SCRAM-SHA-256",
+            *self.paths(),
+            stdin="new\n",
+        )
+        self.assertEqual(status, 0)
+        self.assertTrue(self.users_text().startswith("alice:{SCRAM-SHA-256}4096,"))
+        self.assertTrue(self.check("alice", b"new"))
+
     def test_adduser_keeps_password_spaces(self):
         """Only the line end is stripped from a password read on stdin."""
         self.add("alice", " pass word ")

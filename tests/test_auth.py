@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import shutil
 import stat
@@ -9,17 +11,19 @@ import subprocess
 import threading
 
 import argon2
+import scramp
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.mail.pop3 import APOPCredentials
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from popserv import auth
-from popserv.interfaces import IUserDB, UserDBUnavailable
+from popserv import auth, sasl
+from popserv.interfaces import IUserDB, ScramKeys, UserDBUnavailable
 
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -113,6 +117,75 @@ class HashPasswordTests(unittest.TestCase):
         """A scheme popserv cannot make is a ValueError."""
         self.assertRaises(ValueError, auth.hash_password, "x", "MD5")
         self.assertRaises(ValueError, auth.hash_password, "x", "ARGON2I")
+        self.assertRaises(ValueError, auth.hash_password, "x", "SSHA512")
+
+    def test_every_scheme_verifies(self):
+        """Each scheme popserv makes verifies its password and refuses another."""
+        self.patch(auth, "HASHER", CHEAP)
+        self.patch(auth, "BCRYPT_ROUNDS", 4)
+        self.patch(auth, "SHA_CRYPT_ROUNDS", 5000)
+        self.assertEqual(
+            set(auth.MAKEABLE),
+            {"ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "CRAM-MD5"}
+            | {"SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN", "CLEARTEXT"},
+        )
+        path = self.mktemp()
+        for scheme in auth.MAKEABLE:
+            field = auth.hash_password("pässword", scheme.lower())
+            self.assertTrue(field.startswith("{" + scheme + "}"), field)
+            write_file(path, f"alice:{field}\n")
+            db = auth.PasswdFile(path, reactor=FakeReactor())
+            self.assertTrue(self.successResultOf(db.check("alice", "pässword".encode())), scheme)
+            self.assertFalse(self.successResultOf(db.check("alice", b"password")), scheme)
+
+    def test_layouts(self):
+        """New hashes have the layouts Dovecot writes."""
+        self.patch(auth, "BCRYPT_ROUNDS", 4)
+        self.patch(auth, "SHA_CRYPT_ROUNDS", 5000)
+        self.assertRegex(auth.hash_password("pw", "BLF-CRYPT"), r"^\{BLF-CRYPT\}\$2b\$04\$.{53}$")
+        self.assertRegex(auth.hash_password("pw", "SHA512-CRYPT"), r"^\{SHA512-CRYPT\}\$6\$[^$]+\$")
+        self.assertRegex(auth.hash_password("pw", "SHA256-CRYPT"), r"^\{SHA256-CRYPT\}\$5\$[^$]+\$")
+        self.assertRegex(auth.hash_password("pw", "CRAM-MD5"), r"^\{CRAM-MD5\}[0-9a-f]{64}$")
+        scram = auth.hash_password("pw", "SCRAM-SHA-256")
+        self.assertRegex(scram, r"^\{SCRAM-SHA-256\}4096,[A-Za-z0-9+/=]{24},[^,]{44},[^,]{44}$")
+
+    def test_bcrypt_length(self):
+        """BLF-CRYPT refuses to make a hash of more than 72 bytes, and verifies the first 72."""
+        self.patch(auth, "BCRYPT_ROUNDS", 4)
+        self.assertRaises(ValueError, auth.hash_password, "x" * 73, "BLF-CRYPT")
+        hashed = auth.hash_password("x" * 72, "BLF-CRYPT").removeprefix("{BLF-CRYPT}")
+        self.assertTrue(auth._SCHEMES["BLF-CRYPT"].verify(hashed, b"x" * 80))
+
+    def test_scram_needs_utf8(self):
+        """SCRAM schemes refuse a password that is not UTF-8."""
+        self.assertRaises(ValueError, auth.hash_password, b"\xff", "SCRAM-SHA-256")
+
+
+class CramMD5ContextTests(unittest.TestCase):
+    def test_md5_continuation(self):
+        """MD5 continued from a saved state gives hashlib's digest, for every padding case."""
+        block = b"k" * 64
+        state = auth._md5_block(auth._MD5_START, block)
+        for size in [0, 1, 55, 56, 63, 64, 65, 119, 120, 200]:
+            data = os.urandom(size)
+            self.assertEqual(
+                auth._md5_finish(state, data), hashlib.md5(block + data).digest(), size
+            )
+
+    def test_rfc2195(self):
+        """The context of RFC 2195's secret gives its example digest, as HMAC-MD5 does."""
+        context = auth.cram_md5_context(b"tanstaaftanstaaf")
+        challenge = b"<1896.697170952@postoffice.reston.mci.net>"
+        digest = auth.cram_md5_digest(context, challenge)
+        self.assertEqual(digest.hex(), "b913a602c7eda7a495b4e6e7334d3890")
+
+    def test_matches_hmac(self):
+        """For short and long keys, the context finishes to the stdlib's HMAC-MD5."""
+        for key in [b"", b"k", b"k" * 64, b"k" * 65, os.urandom(100)]:
+            expected = hmac.digest(key, b"challenge", "md5")
+            self.assertEqual(
+                auth.cram_md5_digest(auth.cram_md5_context(key), b"challenge"), expected
+            )
 
 
 class PasswdFileTests(unittest.TestCase):
@@ -187,8 +260,16 @@ class PasswdFileTests(unittest.TestCase):
             self.assertNotIn(b"pw1", repr(event).encode())
 
     def test_no_scheme_prefix(self):
-        """A field without a scheme is CRYPT, which popserv does not verify yet."""
+        """A field without a scheme is CRYPT: the hash's ``$id$`` picks the algorithm."""
         self.assertFalse(self.check("erin", b"$6$salt$hash"))
+        sha512 = "$6$aE94L0pgw9D37IyS$z4wfYAgEiqVg0oPLpb5kTcbj1a0xORRoBoQ.9IBT0BxIESKQWi7lwWu2hS"
+        sha512 += "tkMSD/5Hb7dgG2Pw9TPsRmjKzXs."
+        bcrypt = "$2y$05$o2I22US/.Jtjt9d5AwfQHeaexp2e4h.55q7rf9dfzXR/po8eBnqZO"
+        write_file(self.path, f"six:{sha512}\ntwo:{bcrypt}\nmd5:$1$salt$hash\n")
+        for user in ["six", "two"]:
+            self.assertTrue(self.check(user, b"pencil"), user)
+            self.assertFalse(self.check(user, b"pencil2"), user)
+        self.assertFalse(self.check("md5", b"pencil"))
 
     def test_empty_password_field(self):
         """An empty password field never verifies, not even an empty password."""
@@ -263,6 +344,79 @@ class PasswdFileTests(unittest.TestCase):
         self.assertTrue(self.check("bob", b"first"))
         self.assertFalse(self.check("bob", b"second"))
 
+    def test_ssha_malformed(self):
+        """SSHA512 values that are not base64, or too short for a digest, never verify."""
+        write_file(self.path, "a:{SSHA512}not*base64\nb:{SSHA512}YWJj\n")
+        self.assertFalse(self.check("a", b"x"))
+        self.assertFalse(self.check("b", b"x"))
+
+    def test_mechanisms(self):
+        """What each stored scheme can verify; no user: the union; unknown: nothing."""
+        write_file(
+            self.path,
+            f"alice:{self.alice}\n"
+            "bob:{PLAIN}builder\n"
+            f"carl:{auth.hash_password('c', 'CRAM-MD5')}\n"
+            f"sam:{auth.hash_password('s', 'SCRAM-SHA-256')}\n"
+            "dave:{MD5-CRYPT}$1$salt$hash\n"
+            "frank:{PLAIN}\n",
+        )
+        self.assertEqual(self.db.mechanisms("alice"), {b"PLAIN", b"LOGIN"})
+        self.assertEqual(
+            self.db.mechanisms("bob"),
+            {b"PLAIN", b"LOGIN", b"APOP", b"CRAM-MD5", b"SCRAM-SHA-256", b"SCRAM-SHA-1"},
+        )
+        self.assertEqual(self.db.mechanisms("carl"), {b"PLAIN", b"LOGIN", b"CRAM-MD5"})
+        self.assertEqual(self.db.mechanisms("sam"), {b"PLAIN", b"LOGIN", b"SCRAM-SHA-256"})
+        for user in ["dave", "frank", "nobody"]:
+            self.assertEqual(self.db.mechanisms(user), set(), user)
+        self.assertEqual(self.db.mechanisms(), self.db.mechanisms("bob"))
+
+    def test_cram_md5(self):
+        """cram_md5 gives the stored context, or one made from a PLAIN password; else None."""
+        stored = auth.hash_password("c", "CRAM-MD5")
+        write_file(self.path, f"carl:{stored}\nbob:{{PLAIN}}builder\nalice:{self.alice}\n")
+        self.assertEqual(self.db.cram_md5("carl"), bytes.fromhex(stored.removeprefix("{CRAM-MD5}")))
+        self.assertEqual(self.db.cram_md5("bob"), auth.cram_md5_context(b"builder"))
+        self.assertIsNone(self.db.cram_md5("alice"))
+        self.assertIsNone(self.db.cram_md5("nobody"))
+        self.assertIsNone(self.db.secret("carl"))
+
+    def test_scram(self):
+        """scram gives stored keys for its own mechanism, or keys derived from PLAIN; else None."""
+        stored = auth.hash_password("s", "SCRAM-SHA-256")
+        write_file(self.path, f"sam:{stored}\nbob:{{PLAIN}}builder\nalice:{self.alice}\n")
+        keys = self.db.scram("sam")
+        self.assertIsInstance(keys, ScramKeys)
+        self.assertEqual(auth.parse_scram(stored.removeprefix("{SCRAM-SHA-256}")), keys)
+        self.assertIsNone(self.db.scram("sam", "SCRAM-SHA-1"))
+        derived = self.db.scram("bob", "SCRAM-SHA-1")
+        self.assertEqual(derived, auth.scram_keys("SCRAM-SHA-1", b"builder", derived.salt, 4096))
+        self.assertEqual(self.db.scram("bob", "SCRAM-SHA-1"), derived)
+        self.assertNotEqual(self.db.scram("bob").salt, derived.salt)
+        self.assertIsNone(self.db.scram("alice"))
+        self.assertIsNone(self.db.scram("nobody"))
+
+    def test_scram_same_cost(self):
+        """Every scram lookup costs one key derivation, known, unknown, stored or derived."""
+        write_file(
+            self.path,
+            f"sam:{auth.hash_password('s', 'SCRAM-SHA-256')}\nbob:{{PLAIN}}b\nalice:{self.alice}\n",
+        )
+        calls = []
+        real = auth.scram_keys
+        self.patch(auth, "scram_keys", lambda *args: calls.append(args[3]) or real(*args))
+        for user in ["sam", "bob", "alice", "nobody"]:
+            del calls[:]
+            self.db.scram(user)
+            self.assertEqual(calls, [4096], user)
+
+    def test_lookups_unavailable(self):
+        """secret, cram_md5, scram and mechanisms raise UserDBUnavailable without the file."""
+        os.unlink(self.path)
+        for lookup in [self.db.secret, self.db.cram_md5, self.db.scram, self.db.mechanisms]:
+            self.assertRaises(UserDBUnavailable, lookup, "bob")
+
 
 class ThreadTests(unittest.TestCase):
     def test_verify_off_reactor_thread(self):
@@ -280,19 +434,26 @@ class ThreadTests(unittest.TestCase):
         return db.check("alice", b"pw").addCallback(verified)
 
 
+def require_doveadm(case: unittest.TestCase) -> None:
+    """Skip without Dovecot's doveadm, except in CI, where its absence is a failure."""
+    if shutil.which("doveadm") is None:
+        if os.environ.get("CI") == "true":
+            case.fail("doveadm is not installed (install dovecot-core)")
+        raise unittest.SkipTest("doveadm is not installed")
+
+
+def doveadm_pw(scheme: str, password: str) -> str:
+    """The password field ``doveadm pw`` makes."""
+    out = subprocess.run(
+        ["doveadm", "pw", "-s", scheme, "-p", password], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
 class DovecotHashTests(unittest.TestCase):
     def doveadm(self, scheme: str, password: str) -> str:
-        if shutil.which("doveadm") is None:
-            if os.environ.get("CI") == "true":
-                self.fail("doveadm is not installed (install dovecot-core)")
-            raise unittest.SkipTest("doveadm is not installed")
-        out = subprocess.run(
-            ["doveadm", "pw", "-s", scheme, "-p", password],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
+        require_doveadm(self)
+        return doveadm_pw(scheme, password)
 
     def check(self, hashed: str, password: bytes) -> bool:
         path = self.mktemp()
@@ -328,6 +489,114 @@ class DovecotHashTests(unittest.TestCase):
         self.assertTrue(self.check(hashed, b"secret"))
 
 
+# One user per scheme, named after it, each with its own password.
+DOVECOT_SCHEMES = [
+    "ARGON2ID",
+    "BLF-CRYPT",
+    "SHA512-CRYPT",
+    "SHA256-CRYPT",
+    "SSHA512",
+    "PLAIN",
+    "CLEARTEXT",
+    "CRAM-MD5",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
+]
+_dovecot_file: list[str] = []
+
+
+class DovecotUsersFileTests(unittest.TestCase):
+    """A users file made with ``doveadm pw``, with Dovecot's extra fields, works unchanged."""
+
+    def setUp(self):
+        require_doveadm(self)
+        if not _dovecot_file:  # made once: Dovecot's Argon2 parameters are not cheap
+            _dovecot_file.extend(
+                f"{scheme.lower()}:{doveadm_pw(scheme, self.password(scheme))}:1000:1000::"
+                f"/home/{scheme.lower()}::userdb_quota_rule=*:storage=1G"
+                for scheme in DOVECOT_SCHEMES
+            )
+        self.path = self.mktemp()
+        write_file(self.path, "# made by doveadm pw\n" + "\n".join(_dovecot_file) + "\n")
+        self.userdb = auth.PasswdFile(self.path, reactor=FakeReactor())
+
+    @staticmethod
+    def password(scheme: str) -> str:
+        return f"{scheme.lower()} pässwörd"
+
+    def credentials(self, mechanism: bytes, user: str, password: str):
+        """What a whole exchange of ``mechanism`` (or APOP) ends in."""
+        if mechanism == b"APOP":
+            digest = hashlib.md5(b"<1.2@host>" + password.encode()).hexdigest().encode()
+            return APOPCredentials(b"<1.2@host>", user.encode(), digest)
+        exchange = sasl.MECHANISMS[mechanism]("host", self.userdb)
+        if mechanism == b"PLAIN":
+            return exchange.start(b"\0" + user.encode() + b"\0" + password.encode()).credentials
+        if mechanism == b"LOGIN":
+            exchange.start(user.encode())
+            return exchange.respond(password.encode()).credentials
+        if mechanism == b"CRAM-MD5":
+            challenge = exchange.start(None).data
+            digest = hmac.digest(password.encode(), challenge, "md5").hex().encode()
+            return exchange.respond(user.encode() + b" " + digest).credentials
+        client = scramp.ScramClient([mechanism.decode()], user, password)
+        first = exchange.start(client.get_client_first().encode())
+        client.set_server_first(first.data.decode())
+        result = exchange.respond(client.get_client_final().encode())
+        if isinstance(result, sasl.Challenge):
+            client.set_server_final(result.data.decode())
+            result = exchange.respond(b"")
+        return result.credentials
+
+    def logs_in(self, mechanism: bytes, user: str, password: str) -> bool:
+        """Whether the checkers accept what the exchange ended in."""
+        credentials = self.credentials(mechanism, user, password)
+        for checker in auth.checkers(self.userdb):
+            if any(i.providedBy(credentials) for i in checker.credentialInterfaces):
+                d = checker.requestAvatarId(credentials)
+                d.addErrback(lambda failure: failure.trap(UnauthorizedLogin) and None)
+                return self.successResultOf(d) == user
+        raise AssertionError(f"no checker for {credentials!r}")
+
+    def test_check(self):
+        """Every scheme verifies its user's password and refuses another user's."""
+        for scheme in DOVECOT_SCHEMES:
+            user = scheme.lower()
+            for password, expected in [(self.password(scheme), True), ("pässwörd", False)]:
+                ok = self.successResultOf(self.userdb.check(user, password.encode()))
+                self.assertEqual(ok, expected, (scheme, password))
+
+    def test_mechanisms(self):
+        """Each user logs in with exactly the mechanisms its scheme can verify, no others."""
+        mechanisms = [*sasl.MECHANISMS, b"APOP"]
+        expected = {
+            "PLAIN": set(mechanisms),
+            "CLEARTEXT": set(mechanisms),
+            "CRAM-MD5": {b"PLAIN", b"LOGIN", b"CRAM-MD5"},
+            "SCRAM-SHA-256": {b"PLAIN", b"LOGIN", b"SCRAM-SHA-256"},
+            "SCRAM-SHA-1": {b"PLAIN", b"LOGIN", b"SCRAM-SHA-1"},
+        }
+        for scheme in DOVECOT_SCHEMES:
+            user, password = scheme.lower(), self.password(scheme)
+            works = {name for name in mechanisms if self.logs_in(name, user, password)}
+            self.assertEqual(works, expected.get(scheme, {b"PLAIN", b"LOGIN"}), scheme)
+            self.assertEqual(self.userdb.mechanisms(user), works, scheme)
+            for name in works:
+                self.assertFalse(self.logs_in(name, user, "wrong"), (scheme, name))
+
+    def test_dovecot_verifies_ours(self):
+        """``doveadm pw -t`` accepts a hash of every scheme popserv makes."""
+        self.patch(auth, "HASHER", CHEAP)
+        self.patch(auth, "BCRYPT_ROUNDS", 4)
+        self.patch(auth, "SHA_CRYPT_ROUNDS", 5000)
+        for scheme in auth.MAKEABLE:
+            hashed = auth.hash_password("pässwörd", scheme)
+            out = subprocess.run(
+                ["doveadm", "pw", "-t", hashed, "-p", "pässwörd"], capture_output=True, text=True
+            )
+            self.assertEqual(out.returncode, 0, (scheme, out.stderr))
+
+
 class CheckerTests(unittest.TestCase):
     def setUp(self):
         self.patch(auth, "HASHER", CHEAP)
@@ -360,6 +629,82 @@ class CheckerTests(unittest.TestCase):
         """An unreadable user database is UserDBUnavailable, not UnauthorizedLogin."""
         os.unlink(self.path)
         self.failureResultOf(self.login(b"bob", b"builder"), UserDBUnavailable)
+
+
+class SecretCheckerTests(unittest.TestCase):
+    # RFC 1939's APOP example: mrose, tanstaaf.
+    magic = b"<1896.697170952@dbc.mtview.ca.us>"
+    apop_digest = b"c4c9334bac560ecc979e58001b3e22fb"
+
+    def setUp(self):
+        self.patch(auth, "HASHER", CHEAP)
+        self.path = self.mktemp()
+        write_file(
+            self.path,
+            "mrose:{PLAIN}tanstaaf\n"
+            f"carl:{auth.hash_password('tanstaaf', 'CRAM-MD5')}\n"
+            f"alice:{auth.hash_password('tanstaaf')}\n",
+        )
+        self.checker = auth.SecretChecker(auth.PasswdFile(self.path, reactor=FakeReactor()))
+
+    def apop(self, user: bytes, digest: bytes = apop_digest):
+        return self.checker.requestAvatarId(APOPCredentials(self.magic, user, digest))
+
+    def cram(self, user: bytes, password: bytes):
+        credentials = CramMD5Credentials()
+        credentials.challenge = b"<1.2@host>"
+        credentials.username = user
+        credentials.response = hmac.digest(password, credentials.challenge, "md5").hex().encode()
+        return self.checker.requestAvatarId(credentials)
+
+    def test_interface(self):
+        """SecretChecker is a cred checker for hashed-password credentials."""
+        verifyObject(ICredentialsChecker, self.checker)
+
+    def test_apop_rfc1939(self):
+        """RFC 1939's APOP example logs in a PLAIN user; upper-case hex too."""
+        self.assertEqual(self.successResultOf(self.apop(b"mrose")), "mrose")
+        self.assertEqual(
+            self.successResultOf(self.apop(b"mrose", self.apop_digest.upper())), "mrose"
+        )
+
+    def test_apop_refused(self):
+        """APOP fails for a wrong digest, an unknown user, and users without a PLAIN password."""
+        self.failureResultOf(self.apop(b"mrose", b"0" * 32), UnauthorizedLogin)
+        for user in [b"carl", b"alice", b"nobody", b"\xff"]:
+            self.failureResultOf(self.apop(user), UnauthorizedLogin)
+
+    def test_cram_md5(self):
+        """CRAM-MD5 verifies against PLAIN and CRAM-MD5 entries, not hashed ones."""
+        self.assertEqual(self.successResultOf(self.cram(b"mrose", b"tanstaaf")), "mrose")
+        self.assertEqual(self.successResultOf(self.cram(b"carl", b"tanstaaf")), "carl")
+        for user, password in [(b"carl", b"tanstaa"), (b"alice", b"tanstaaf"), (b"x", b"y")]:
+            self.failureResultOf(self.cram(user, password), UnauthorizedLogin)
+
+    def test_unavailable(self):
+        """An unreadable user database fails with UserDBUnavailable."""
+        os.unlink(self.path)
+        self.failureResultOf(self.apop(b"mrose"), UserDBUnavailable)
+        self.failureResultOf(self.cram(b"mrose", b"tanstaaf"), UserDBUnavailable)
+
+
+class VerifiedCheckerTests(unittest.TestCase):
+    def test_outcomes(self):
+        """A verified exchange gives the user; a failed one UnauthorizedLogin; else its failure."""
+        checker = auth.VerifiedChecker()
+        verifyObject(ICredentialsChecker, checker)
+        self.assertEqual(
+            self.successResultOf(checker.requestAvatarId(sasl.SASLVerified("u", True))), "u"
+        )
+        refused = checker.requestAvatarId(sasl.SASLVerified("u", False))
+        self.failureResultOf(refused, UnauthorizedLogin)
+        broken = checker.requestAvatarId(sasl.SASLVerified("u", False, UserDBUnavailable("x")))
+        self.failureResultOf(broken, UserDBUnavailable)
+
+    def test_checkers(self):
+        """checkers() covers passwords, hashed passwords and SASL outcomes."""
+        kinds = [type(c) for c in auth.checkers(auth.PasswdFile("users"))]
+        self.assertEqual(kinds, [auth.UserDBChecker, auth.SecretChecker, auth.VerifiedChecker])
 
 
 class UsersFileTests(unittest.TestCase):
