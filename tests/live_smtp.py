@@ -1,0 +1,51 @@
+"""popserv's SMTP receiver on loopback, beside a ``tests.live`` POP3 server, for interop tests.
+
+Listens on 127.0.0.1 port 0 only; nothing here contacts any other address.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import endpoints, reactor
+
+from popserv.auth import PasswdFile
+from popserv.config import Config
+from popserv.delivery import MaildirDeliverer
+from popserv.smtp import SMTPFactory
+from tests.live import HOST, LiveServer, _shut_down, _TrackingFactory
+
+
+def start_smtp(testcase, server: LiveServer, **config_overrides):
+    """Listen for SMTP into ``server``'s Maildirs and users; fires with the port number."""
+    settings = {
+        "hostname": HOST,
+        "mailroot": server.mailroot,
+        "users": server.users_path,
+        "smtp_listen": ("tcp:0:interface=127.0.0.1",),
+    }
+    settings.update(config_overrides)
+    config = Config(**settings)
+    deliverer = MaildirDeliverer(server.store, HOST, reactor=reactor)
+    factory = SMTPFactory(deliverer, PasswdFile(server.users_path), config, clock=reactor)
+    tracker = _TrackingFactory(factory)
+    endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+
+    def listening(port):
+        testcase.addCleanup(_shut_down, port, tracker)
+        return port.getHost().port
+
+    return endpoint.listen(tracker).addCallback(listening)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago, for a server in a child process."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def maildir_files(server: LiveServer, user: str, sub: str) -> list[str]:
+    """The file names in one of the user's Maildir subdirectories."""
+    return sorted(os.listdir(os.path.join(server.maildir(user), sub)))
