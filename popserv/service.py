@@ -60,10 +60,11 @@ def make_service(config: Config, reactor=None) -> MultiService:
         _add_smtp(top, config, store, userdb, tls, reactor)
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
-        "Maildirs under {mailroot}, users in {users}",
+        "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
         hostname=config.hostname,
         listeners=", ".join(config.pop3_listen),
         tls_listeners=", ".join(config.pop3s_listen) or "none",
+        smtp_listeners=", ".join(config.smtp_listen) or "none",
         mailroot=mailroot,
         users=users,
     )
@@ -82,7 +83,6 @@ def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) ->
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"smtp-{index}")
         listener.setServiceParent(top)
-    log.info("SMTP on {listeners}", listeners=", ".join(config.smtp_listen))
 
 
 class ReloadOnSIGHUP(Service):
