@@ -57,16 +57,16 @@ class TLSTestCase(unittest.TestCase):
     def env(self) -> dict[str, str]:
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home, "LANG": "C"}
 
-    def capa(self, client: poplib.POP3) -> set[str]:
-        return set(client.capa())
+    def capa(self, client: poplib.POP3) -> dict[str, list[str]]:
+        return client.capa()
 
 
 class PoplibTests(TLSTestCase):
     """Python's poplib, verifying the certificate."""
 
     def test_stls(self):
-        """stls() upgrades the session: CAPA then shows USER and no longer STLS, and mail
-        is retrieved."""
+        """stls() upgrades the session: CAPA then shows USER and SASL PLAIN and no longer
+        STLS, and mail is retrieved."""
 
         def session():
             client = poplib.POP3("localhost", self.live.port, timeout=10)
@@ -86,7 +86,9 @@ class PoplibTests(TLSTestCase):
             before, after, lines = result
             self.assertIn("STLS", before)
             self.assertNotIn("USER", before)
+            self.assertNotIn("PLAIN", before.get("SASL", []))
             self.assertIn("USER", after)
+            self.assertIn("PLAIN", after["SASL"])
             self.assertNotIn("STLS", after)
             self.assertEqual(b"\n".join(lines) + b"\n", MESSAGE)
 
