@@ -68,6 +68,33 @@ class OptionsTests(SynchronousTestCase):
         )["popserv_config"]
         self.assertEqual(config.pop3_listen, ("tcp:1110:interface=127.0.0.1", "unix:pop3.sock"))
 
+    def test_smtp_and_domains(self):
+        """Repeated --smtp and --domain replace [smtp] listen and domains of the config file."""
+        path = write(self.mktemp(), "[smtp]\nlisten = tcp:25\ndomains = old.example\n")
+        config = parse(
+            "--config",
+            path,
+            "--smtp",
+            "tcp:2525:interface=127.0.0.1",
+            "--smtp",
+            "tcp:25",
+            "--domain",
+            "Example.ORG.",
+            "--domain",
+            "localhost",
+        )["popserv_config"]
+        self.assertEqual(config.smtp_listen, ("tcp:2525:interface=127.0.0.1", "tcp:25"))
+        self.assertEqual(config.smtp_domains, ("example.org", "localhost"))
+
+    def test_bad_smtp_endpoint_and_domain(self):
+        """A bad --smtp endpoint or --domain name is a UsageError naming it."""
+        with self.assertRaises(usage.UsageError) as cm:
+            parse("--smtp", "tcp:notaport")
+        self.assertIn("tcp:notaport", str(cm.exception))
+        with self.assertRaises(usage.UsageError) as cm:
+            parse("--domain", "a@b.example")
+        self.assertIn("a@b.example", str(cm.exception))
+
     def test_config_listeners_kept(self):
         """Without --pop3, the listeners of the config file stay."""
         path = write(self.mktemp(), "[pop3]\nlisten =\n  tcp:110\n  tcp:8110\n")
@@ -175,6 +202,7 @@ class ServiceTests(SynchronousTestCase):
             users=os.path.join(self.root, "etc", "users"),
             pop3_listen=("tcp:0:interface=127.0.0.1", "tcp:1110"),
             pop3s_listen=(),
+            smtp_listen=(),
             tls_self_signed_dir=os.path.join(self.root, "data", "tls"),
         )
 
@@ -205,6 +233,30 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(bound, [(0, "127.0.0.1"), (1110, "")])
         factories = {factory for _, factory, _, _ in self.reactor.tcpServers}
         self.assertEqual(factories, {top.getServiceNamed("pop3-0").factory})
+
+    def test_smtp_listeners(self):
+        """Each SMTP listener is a named service sharing one SMTPFactory; tmp/ cleanup is there."""
+        from popserv.delivery import StaleTempCleaner
+        from popserv.smtp import SMTPFactory
+
+        top = self.make(self.config.replace(smtp_listen=("tcp:0:interface=127.0.0.1", "tcp:2525")))
+        children = [child for child in top if (child.name or "").startswith("smtp-")]
+        self.assertEqual([child.name for child in children], ["smtp-0", "smtp-1"])
+        self.assertIsInstance(children[0].factory, SMTPFactory)
+        self.assertIs(children[0].factory, children[1].factory)
+        self.assertEqual(len([c for c in top if isinstance(c, StaleTempCleaner)]), 1)
+        top.privilegedStartService()
+        self.addCleanup(top.stopService)
+        bound = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
+        self.assertEqual(bound, [(0, "127.0.0.1"), (1110, ""), (0, "127.0.0.1"), (2525, "")])
+
+    def test_no_smtp(self):
+        """An empty [smtp] listen starts no SMTP service."""
+        from popserv.delivery import StaleTempCleaner
+
+        top = self.make()
+        self.assertEqual([c for c in top if (c.name or "").startswith("smtp-")], [])
+        self.assertEqual([c for c in top if isinstance(c, StaleTempCleaner)], [])
 
     def test_creates_private_storage(self):
         """A missing mailroot (0700) and users file (0600, in a new directory) are created."""
