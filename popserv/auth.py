@@ -600,12 +600,13 @@ class PasswdFile:
 
     def mechanisms(self, user: str | None = None) -> set[bytes]:
         """What ``user``'s stored scheme can verify; without a user, what any user's can."""
-        users = [user] if user is not None else list(self._entries())
+        entries = self._entries()
+        chosen = entries.values() if user is None else [entries[user]] if user in entries else []
         found: set[bytes] = set()
-        for name in users:
-            _, _, scheme = self._stored(name)
-            if scheme is not None:
-                found |= scheme.mechanisms
+        for entry in chosen:
+            name, stored = split_scheme(entry.password)
+            if stored and name in _SCHEMES:
+                found |= _SCHEMES[name].mechanisms
         return found
 
 
