@@ -689,7 +689,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         # (CVE-2011-0411): they are dropped, and the login starts afresh.
         self._buffer = b""
         self._discarding = False
+        # RFC 2595 section 4: forget what was negotiated in clear, where it could be forged.
         self._pending_user = None
+        self.utf8 = False
+        self.language = b"en"
+        self._translations = {}
         self.secure = True
         self.transport.startTLS(self.factory.tls)
         self.log.info("pop3.stls: {peer}", peer=self.peer)

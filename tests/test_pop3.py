@@ -224,6 +224,13 @@ class TLSPolicyTests(POP3TestCase):
         self.assertEqual(self.transport.written_before_tls, Reply.BEGIN_TLS + b"\r\n")
         self.assertEqual(self.lines(), [Reply.BEGIN_TLS])
 
+    def test_stls_forgets_settings_made_in_clear(self):
+        """LANG and UTF8 chosen before STLS do not carry over into TLS."""
+        self.send(b"LANG es\r\nUTF8\r\nSTLS\r\n")
+        self.assertFalse(self.proto.utf8)
+        self.assertEqual(self.proto.language, b"en")
+        self.assert_reply(b"XYZZY\r\n", [Reply.UNKNOWN])
+
     def test_after_stls_capa_shows_user_not_stls(self):
         """Once TLS is on, CAPA lists USER and no longer STLS."""
         self.send(b"STLS\r\n")
