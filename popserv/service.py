@@ -24,7 +24,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     1024 work with ``twistd --uid``.  A missing mailroot or users file is created empty,
     so a first ``twistd -n popserv`` runs without any setup.
     """
-    from popserv.auth import PasswdFile, UserDBChecker
+    from popserv.auth import PasswdFile, checkers
     from popserv.maildir import MaildirStore
     from popserv.pop3 import POP3Factory
     from popserv.realm import MaildropRealm
@@ -38,10 +38,11 @@ def make_service(config: Config, reactor=None) -> MultiService:
     userdb = PasswdFile(users, reactor=reactor)
     store = MaildirStore(mailroot, reactor=reactor)
     realm = MaildropRealm(store)
-    portal = Portal(realm, [UserDBChecker(userdb)])
+    # USER/PASS, PLAIN and LOGIN; APOP and CRAM-MD5; SCRAM's verified outcome.
+    portal = Portal(realm, checkers(userdb))
     # One TLS object for STLS and every POP3S listener, so SIGHUP reloads them all.
     tls = load_or_create(config)
-    factory = POP3Factory(portal, config, clock=reactor, tls=tls)
+    factory = POP3Factory(portal, config, clock=reactor, userdb=userdb, tls=tls)
 
     top = MultiService()
     for index, description in enumerate(config.pop3_listen):
