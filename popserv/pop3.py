@@ -370,6 +370,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._pending_user: bytes | None = None
         self._buffer = b""
         self._discarding = False
+        self._input_dropped = False
         self._busy = False
         self._processing = False
         self._reading_paused = False
@@ -469,16 +470,19 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         if self._processing:
             return
         self._processing = True
+        # Lines are cut from one buffer by offset, so a packet of many small commands
+        # costs linear time, not a copy of the rest of the buffer per command.
+        buffer, pos = self._buffer, 0
         try:
             while not self._busy and self._connected and self.state != UPDATE:
-                nl = self._buffer.find(b"\n")
+                nl = buffer.find(b"\n", pos)
                 if nl < 0:
-                    if len(self._buffer) > self._longest_line():
-                        self._buffer = b""
+                    if len(buffer) - pos > self._longest_line():
+                        buffer, pos = b"", 0
                         self._discarding = True
                     break
-                line = self._buffer[:nl]
-                self._buffer = self._buffer[nl + 1 :]
+                line = buffer[pos:nl]
+                pos = nl + 1
                 if line.endswith(b"\r"):
                     line = line[:-1]
                 if len(line) + 2 > self._line_limit(line):
@@ -488,7 +492,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                     self._sasl_response(line)
                 else:
                     self.lineReceived(line)
+                if self._input_dropped:
+                    self._input_dropped = False
+                    buffer, pos = b"", 0
         finally:
+            self._buffer = buffer[pos:] if pos else buffer
             self._processing = False
         if self._busy and len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
             self._reading_paused = True
@@ -687,7 +695,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.say(Reply.BEGIN_TLS)
         # Bytes sent before the handshake could be injected by anyone on the path
         # (CVE-2011-0411): they are dropped, and the login starts afresh.
-        self._buffer = b""
+        self._input_dropped = True
         self._discarding = False
         # RFC 2595 section 4: forget what was negotiated in clear, where it could be forged.
         self._pending_user = None

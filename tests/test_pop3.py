@@ -951,6 +951,16 @@ class PipeliningTests(POP3TestCase):
         self.assertEqual(body.split(b"\r\n", 1)[1].replace(b"\r\n..", b"\r\n.") + b"\r\n",
                          wire(big))
 
+    def test_thousands_of_commands_in_one_packet(self):
+        """Every one of thousands of commands in one packet gets its reply, in order."""
+        self.login()
+        self.send(b"".join(b"LIST %d\r\n" % (i % 3 + 1) for i in range(6000)))
+        replies = self.lines()
+        self.assertEqual(len(replies), 6000)
+        self.assertEqual(replies[3:6], [b"+OK 1 %d" % len(wire(MSG1)),
+                                        b"+OK 2 %d" % len(wire(MSG2)),
+                                        b"+OK 3 %d" % len(wire(MSG3))])
+
     def test_login_failure_holds_pipelined_commands(self):
         """Commands pipelined after a bad PASS wait for its delayed reply."""
         self.received()
