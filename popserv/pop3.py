@@ -443,6 +443,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.info("pop3.timeout: {peer} {user} idle too long", peer=self.peer, user=self.user)
+        if self._streamer is not None:
+            # A client that stopped reading mid-message: a polite close would wait for
+            # the buffered data forever, holding the maildrop lock.
+            self.transport.abortConnection()
+            return
         self.say(Reply.TIMEOUT)
         self.transport.loseConnection()
 

@@ -1005,6 +1005,19 @@ class StreamingTests(POP3TestCase):
         self.assertGreater(len(reads), len(big) // 4096)
         self.assertTrue(got.endswith(b"\r\n.\r\n"))
 
+    def test_reader_that_stops_is_aborted(self):
+        """A client that stops reading mid-RETR is cut off at the timeout, nothing appended."""
+        self.store.mailboxes["bob"] = [b"x" * 100000]
+        proto, transport = self.connect(PausingTransport)
+        self.login(b"bob", b"hunter2", proto=proto, transport=transport)
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)
+        proto.dataReceived(b"RETR 1\r\n")
+        sent = transport.value()
+        self.clock.advance(self.config.pop3_timeout)
+        self.assertEqual(aborted, [True])
+        self.assertEqual(transport.value(), sent)
+
     def test_disconnect_during_retr_closes_the_file(self):
         """A client that goes away mid-RETR leaves no open file and no lock."""
         self.store.mailboxes["bob"] = [b"x" * 100000]
