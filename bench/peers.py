@@ -1,0 +1,482 @@
+"""The servers the benchmark compares: how to lay out their data, start, stop and measure them.
+
+Every server gets its own copy of the same mail (hard links to the generated files, in a
+directory tree of its own), its own users file with the same ``{PLAIN}`` passwords, and
+listens on 127.0.0.1 high ports only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import procstat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PASSWORD = "bench-Pa55"
+DOMAIN = "bench.test"
+NOBODY = 65534  # Dovecot's and Postfix's mail user: mail processes must not run as root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None, log: str, timeout: float = 30.0):
+    """Wait until something answers on the port (a greeting line), or fail with the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(512):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on port {port} after {timeout}s:\n{tail(log)}")
+
+
+def tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _link_tree(sources: list[str], target: str) -> None:
+    """Hard-link files into ``target`` (copy across file systems)."""
+    for source in sources:
+        dest = os.path.join(target, os.path.basename(source))
+        try:
+            os.link(source, dest)
+        except OSError:
+            shutil.copyfile(source, dest)
+
+
+class Peer:
+    """One server under test; subclasses say how it runs."""
+
+    name = "?"
+    pop3 = True
+    smtp = False
+    #: "rss" (one process) or "pss" (sum over a process tree).
+    memory_kind = "rss"
+
+    def __init__(self, root: str):
+        self.root = os.path.join(root, self.name)
+        self.mail = os.path.join(self.root, "mail")
+        self.users = os.path.join(self.root, "users")
+        self.log = os.path.join(self.root, "server.log")
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.pop3_port = 0
+        self.smtp_port = 0
+
+    # -- data --------------------------------------------------------------
+
+    def build(self, mailboxes: dict[str, tuple[list[str], str]]) -> None:
+        """A fresh tree: ``user -> (message files, "new" or "cur")`` and the users file."""
+        if os.path.isdir(self.root):
+            shutil.rmtree(self.root)
+        os.makedirs(self.mail)
+        for user, (files, sub) in mailboxes.items():
+            self.add_mailbox(user, files, sub)
+        with open(self.users, "w") as f:
+            for user in mailboxes:
+                f.write(f"{user}:{{PLAIN}}{PASSWORD}\n")
+        os.chmod(self.users, 0o644)
+
+    def add_mailbox(self, user: str, files: list[str], sub: str) -> None:
+        path = os.path.join(self.mail, user)
+        for d in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(path, d))
+        _link_tree(files, os.path.join(path, sub))
+        if sub == "cur":
+            for name in os.listdir(os.path.join(path, "cur")):
+                os.rename(os.path.join(path, "cur", name), os.path.join(path, "cur", name + ":2,"))
+        self.own(path)
+
+    def own(self, path: str) -> None:
+        """Give a Maildir to the user the server's mail processes run as (default: keep root)."""
+
+    def delivered(self, user: str) -> int:
+        path = os.path.join(self.mail, user)
+        return sum(
+            len([n for n in os.listdir(os.path.join(path, sub)) if not n.startswith(".")])
+            for sub in ("new", "cur")
+        )
+
+    # -- process -----------------------------------------------------------
+
+    def command(self, smtp: bool) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+    def start(self, smtp: bool = False) -> None:
+        self.pop3_port = free_port()
+        self.smtp_port = free_port() if smtp else 0
+        argv, env = self.command(smtp)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid = self.proc.pid
+        port = self.smtp_port if smtp and not self.pop3 else self.pop3_port
+        wait_for_port(port, self.proc, self.log)
+        if smtp and self.pop3:
+            wait_for_port(self.smtp_port, self.proc, self.log)
+        self.after_start()
+
+    def after_start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc = None
+        self.pid = None
+
+    # -- measures ----------------------------------------------------------
+
+    def cpu(self) -> float:
+        return procstat.cpu_seconds(self.pid)
+
+    def memory(self) -> int:
+        if self.memory_kind == "pss":
+            return procstat.pss_tree(self.pid)
+        return procstat.rss(self.pid)
+
+    def reset_peak(self) -> None:
+        if self.memory_kind == "rss":
+            procstat.reset_peak(self.pid)
+
+    def peak_memory(self) -> int:
+        """Highest memory since ``reset_peak`` (the kernel's high-water mark for RSS)."""
+        if self.memory_kind == "rss":
+            return procstat.peak_rss(self.pid)
+        return self.memory()
+
+
+def _twistd(*args: str) -> list[str]:
+    run = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+    return [sys.executable, "-c", run, "-n", "--pidfile=", *args]
+
+
+class Popserv(Peer):
+    name = "popserv"
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self._smtp_option: bool | None = None
+
+    @property
+    def smtp(self) -> bool:
+        """Whether this checkout's ``twistd popserv`` has ``--smtp`` yet."""
+        if self._smtp_option is None:
+            out = subprocess.run(
+                _twistd("popserv", "--help"),
+                cwd=REPO,
+                env=self._env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            self._smtp_option = "--smtp" in out and "--domain" in out
+        return self._smtp_option
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def command(self, smtp: bool):
+        config = os.path.join(self.root, "popserv.ini")
+        with open(config, "w") as f:
+            f.write(self._config_text())
+        argv = _twistd(
+            "--logfile",
+            self.log,
+            "popserv",
+            "--config",
+            config,
+            "--pop3",
+            f"tcp:{self.pop3_port}:interface=127.0.0.1",
+            "--mailroot",
+            self.mail,
+            "--users",
+            self.users,
+        )
+        if smtp:
+            argv += ["--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1", "--domain", DOMAIN]
+        return argv, self._env()
+
+    #: (section, key, value): no POP3S, no SMTP unless asked, and connection limits above
+    #: what the idle scenario opens (as Dovecot's are raised).  Keys this checkout's
+    #: config.py does not know yet are left out.
+    SETTINGS = (
+        ("server", "hostname", DOMAIN),
+        ("pop3s", "listen", ""),
+        ("smtp", "listen", ""),
+        ("pop3", "max_connections", "5000"),
+        ("pop3", "max_connections_per_peer", "5000"),
+    )
+
+    def _config_text(self) -> str:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        from popserv.config import ConfigError, config_from_string
+
+        sections: dict[str, list[str]] = {"tls": [f"self_signed_dir = {self.root}/tls"]}
+        for section, key, value in self.SETTINGS:
+            try:
+                config_from_string(f"[{section}]\n{key} = {value}\n")
+            except ConfigError:
+                continue
+            sections.setdefault(section, []).append(f"{key} = {value}")
+        return "".join(
+            f"[{name}]\n" + "".join(line + "\n" for line in lines)
+            for name, lines in sections.items()
+        )
+
+
+class TwistedPeer(Peer):
+    """Twisted's own POP3 and SMTP classes (twisted_peer.tac says why not ``twistd mail``)."""
+
+    name = "twisted"
+    smtp = True
+
+    def command(self, smtp: bool):
+        env = dict(os.environ)
+        env.update(
+            BENCH_MAILROOT=self.mail,
+            BENCH_USERS=self.users,
+            BENCH_POP3=f"tcp:{self.pop3_port}:interface=127.0.0.1",
+            BENCH_SMTP=f"tcp:{self.smtp_port}:interface=127.0.0.1" if smtp else "",
+            BENCH_DOMAIN=DOMAIN,
+        )
+        return _twistd("--logfile", self.log, "-y", os.path.join(HERE, "twisted_peer.tac")), env
+
+
+def _chown_tree(path: str, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+    for directory, subdirs, _ in os.walk(path):
+        for d in subdirs:
+            os.chown(os.path.join(directory, d), uid, gid)
+
+
+class Dovecot(Peer):
+    """Debian's Dovecot: its own config file and base_dir, passwd-file auth, maildir.
+
+    Login processes run in high-performance mode (``service_count = 0``, one per core).
+    """
+
+    name = "dovecot"
+    memory_kind = "pss"
+    binary = "/usr/sbin/dovecot"
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        # base_dir holds UNIX sockets: keep its path short.
+        self.base_dir = tempfile.mkdtemp(prefix="popbench-dovecot-")
+        os.chmod(self.base_dir, 0o755)
+
+    @classmethod
+    def available(cls) -> bool:
+        return os.access(cls.binary, os.X_OK)
+
+    def own(self, path: str) -> None:
+        _chown_tree(path, NOBODY, NOBODY)
+
+    def command(self, smtp: bool):
+        config = os.path.join(self.root, "dovecot.conf")
+        cores = os.cpu_count() or 1
+        with open(config, "w") as f:
+            f.write(f"""# Written by bench/peers.py
+base_dir = {self.base_dir}/run
+state_dir = {self.base_dir}/state
+instance_name = popbench-{os.getpid()}
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+log_path = {self.log}
+mail_location = maildir:{self.mail}/%u
+first_valid_uid = 1
+default_process_limit = 2000
+default_client_limit = 5000
+default_vsz_limit = 1G
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {self.users}
+}}
+userdb {{
+  driver = static
+  args = uid={NOBODY} gid={NOBODY} home={self.mail}/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+  service_count = 0
+  process_min_avail = {cores}
+  client_limit = 2000
+}}
+service pop3 {{
+  process_limit = 2000
+}}
+""")
+        os.makedirs(os.path.join(self.base_dir, "state"), exist_ok=True)
+        return [self.binary, "-F", "-c", config], dict(os.environ)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+class Postfix(Peer):
+    """Debian's Postfix as the SMTP peer: its own config and queue directories, loopback only.
+
+    Mail goes through the ``virtual`` delivery agent into Maildirs owned by ``nobody``;
+    Postfix answers 250 once its queue file is fsynced and delivers afterwards, so the
+    runner counts a message only when its file is in the Maildir.
+    """
+
+    name = "postfix"
+    pop3 = False
+    smtp = True
+    memory_kind = "pss"
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.base_dir = tempfile.mkdtemp(prefix="popbench-postfix-")
+        os.chmod(self.base_dir, 0o755)
+        self.config_dir = os.path.join(self.base_dir, "etc")
+        self.queue_dir = os.path.join(self.base_dir, "spool")
+        self.data_dir = os.path.join(self.base_dir, "lib")
+
+    @classmethod
+    def available(cls) -> bool:
+        return shutil.which("postfix") is not None and os.path.isfile("/etc/postfix/master.cf")
+
+    def own(self, path: str) -> None:
+        _chown_tree(path, NOBODY, NOBODY)
+
+    def build(self, mailboxes) -> None:
+        super().build(mailboxes)
+        with open(os.path.join(self.root, "vmailbox"), "w") as f:
+            for user in mailboxes:
+                f.write(f"{user}@{DOMAIN} {user}/\n")
+
+    def command(self, smtp: bool):
+        for d in (self.config_dir, self.queue_dir, self.data_dir):
+            os.makedirs(d, exist_ok=True)
+        os.chown(self.data_dir, *_ids("postfix"))
+        with open("/etc/postfix/master.cf") as f:
+            master = f.read().splitlines()
+        out = []
+        for line in master:
+            fields = line.split()
+            if fields and fields[0] == "smtp" and fields[1] == "inet":
+                line = f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd"
+            elif fields and not line.startswith((" ", "\t", "#")) and len(fields) >= 8:
+                fields[4] = "n"  # no chroot: the chroot would need a copy of /etc files
+                line = " ".join(fields)
+            out.append(line)
+        with open(os.path.join(self.config_dir, "master.cf"), "w") as f:
+            f.write("\n".join(out) + "\n")
+        with open(os.path.join(self.config_dir, "main.cf"), "w") as f:
+            f.write(f"""# Written by bench/peers.py
+compatibility_level = 3.6
+queue_directory = {self.queue_dir}
+data_directory = {self.data_dir}
+myhostname = mx.{DOMAIN}
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+maillog_file = {self.log}
+maillog_file_prefixes = {self.root}
+smtpd_banner = $myhostname ESMTP
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_base = {self.mail}
+virtual_mailbox_maps = texthash:{os.path.join(self.root, "vmailbox")}
+virtual_uid_maps = static:{NOBODY}
+virtual_gid_maps = static:{NOBODY}
+virtual_minimum_uid = 100
+message_size_limit = 52428800
+virtual_mailbox_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = 100
+alias_maps =
+alias_database =
+local_recipient_maps =
+relayhost =
+""")
+        subprocess.run(
+            ["postfix", "-c", self.config_dir, "set-permissions"], capture_output=True, timeout=60
+        )
+        subprocess.run(["postfix", "-c", self.config_dir, "check"], capture_output=True, timeout=60)
+        return ["postfix", "-c", self.config_dir, "start-fg"], dict(os.environ)
+
+    def after_start(self) -> None:
+        # start-fg runs the master in our child process, possibly behind a shell: find it.
+        pid_file = os.path.join(self.queue_dir, "pid", "master.pid")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(pid_file) as f:
+                    self.pid = int(f.read().split()[0])
+                return
+            except (OSError, ValueError, IndexError):
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", self.config_dir, "stop"], capture_output=True, timeout=60)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        self.pid = None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _ids(user: str) -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
