@@ -17,7 +17,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SkipTest
 
-from popserv.auth import PasswdFile, UserDBChecker, hash_password
+from popserv.auth import PasswdFile, checkers, hash_password
 from popserv.config import Config
 from popserv.maildir import MaildirStore, crlf_size
 from popserv.pop3 import POP3Factory
@@ -183,12 +183,15 @@ def start_server(
     users: dict[str, str] | None = None,
     *,
     argon2: bool = False,
+    schemes: dict[str, str] | None = None,
     **config_overrides,
 ) -> defer.Deferred:
     """Start popserv on 127.0.0.1 port 0 for one test; fires with a ``LiveServer``.
 
     Passwords are stored ``{PLAIN}`` for speed, or as popserv's real Argon2id hashes
-    with ``argon2=True``.  Cleanup stops listening and waits for open connections to close.
+    with ``argon2=True``; ``schemes`` picks another scheme per user (user -> scheme name).
+    The portal has every popserv checker, so APOP and each SASL mechanism work.
+    Cleanup stops listening and waits for open connections to close.
     """
     if users is None:
         users = {"alice": "secret"}
@@ -196,9 +199,10 @@ def start_server(
     mailroot = os.path.join(root, "mail")
     os.makedirs(mailroot)
     users_path = os.path.join(root, "users")
+    default_scheme = "ARGON2ID" if argon2 else "PLAIN"
     with open(users_path, "w", encoding="utf-8") as f:
         for user, password in users.items():
-            entry = hash_password(password) if argon2 else hash_password(password, "PLAIN")
+            entry = hash_password(password, (schemes or {}).get(user, default_scheme))
             f.write(f"{user}:{entry}\n")
     settings = {
         "hostname": HOST,
@@ -210,8 +214,9 @@ def start_server(
     settings.update(config_overrides)
     config = Config(**settings)
     store = MaildirStore(mailroot, reactor=reactor)
-    portal = Portal(MaildropRealm(store), [UserDBChecker(PasswdFile(users_path, reactor=reactor))])
-    factory = POP3Factory(portal, config, clock=reactor)
+    userdb = PasswdFile(users_path, reactor=reactor)
+    portal = Portal(MaildropRealm(store), checkers(userdb))
+    factory = POP3Factory(portal, config, clock=reactor, userdb=userdb)
     tracker = _TrackingFactory(factory)
     endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
 
