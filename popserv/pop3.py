@@ -759,7 +759,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._sasl = None
             self.say(e.reply)
             return
-        self._sasl_step(lambda: self._sasl.respond(data))
+        try:
+            self._sasl_step(lambda: self._sasl.respond(data))
+        except _CommandError as e:
+            self.say(e.reply)
 
     def _sasl_step(self, step) -> None:
         from popserv.sasl import Challenge, SASLError

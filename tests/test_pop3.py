@@ -329,6 +329,13 @@ class SASLTests(POP3TestCase):
         self.assert_reply(b"AUTH PLAIN " + b64(b"alice secret") + b"\r\n", [Reply.BAD_SASL])
         self.login()
 
+    def test_malformed_continuation(self):
+        """A malformed answer to a challenge gets -ERR, and the session can log in."""
+        self.send(b"AUTH PLAIN\r\n")
+        self.assert_reply(b64(b"\0alice") + b"\r\n", [Reply.BAD_SASL])
+        self.assertTrue(self.transport.connected)
+        self.login()
+
     def test_empty_initial_response(self):
         """"=" is an empty initial response: PLAIN then finds no credentials in it."""
         self.assert_reply(b"AUTH PLAIN =\r\n", [Reply.BAD_SASL])

@@ -392,3 +392,26 @@ class MalformedExchangeTests(SASLTestCase):
         replies = yield self.converse([b"AUTH PLAIN " + base64.b64encode(b"\0alice")])
         self.assertEqual(replies[0], b"-ERR Invalid authentication exchange.")
         self.assert_recovers(replies)
+
+    @defer.inlineCallbacks
+    def test_scram_final_first(self):
+        """A SCRAM client-final message sent where the client-first belongs gets -ERR."""
+        final = base64.b64encode(b"c=biws,r=abcdefghijkl,p=" + base64.b64encode(b"x" * 32))
+        replies = yield self.converse([b"AUTH SCRAM-SHA-256", final])
+        self.assertEqual(replies[:2], [b"+ ", b"-ERR Invalid authentication exchange."])
+        self.assert_recovers(replies)
+
+    @defer.inlineCallbacks
+    def test_plain_response_without_password(self):
+        """A PLAIN message with one NUL, sent after the empty challenge, gets -ERR."""
+        replies = yield self.converse([b"AUTH PLAIN", base64.b64encode(b"\0alice")])
+        self.assertEqual(replies[:2], [b"+ ", b"-ERR Invalid authentication exchange."])
+        self.assert_recovers(replies)
+
+    @defer.inlineCallbacks
+    def test_cram_md5_answer_without_digest(self):
+        """A CRAM-MD5 answer that is not "user hexdigest" gets -ERR."""
+        replies = yield self.converse([b"AUTH CRAM-MD5", base64.b64encode(b"alice")])
+        self.assertTrue(replies[0].startswith(b"+ "), replies[0])
+        self.assertEqual(replies[1], b"-ERR Invalid authentication exchange.")
+        self.assert_recovers(replies)
