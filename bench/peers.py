@@ -96,7 +96,11 @@ class Peer:
         with open(self.users, "w") as f:
             for user in mailboxes:
                 f.write(f"{user}:{{PLAIN}}{PASSWORD}\n")
-        os.chmod(self.users, 0o644)
+        self.protect_users()
+
+    def protect_users(self) -> None:
+        """Readable by the server only (popserv refuses a users file others can read)."""
+        os.chmod(self.users, 0o600)
 
     def add_mailbox(self, user: str, files: list[str], sub: str) -> None:
         path = os.path.join(self.mail, user)
@@ -311,6 +315,11 @@ class Dovecot(Peer):
 
     def own(self, path: str) -> None:
         _chown_tree(path, NOBODY, NOBODY)
+
+    def protect_users(self) -> None:
+        # Dovecot's auth process reads the passwd-file as its internal user.
+        os.chown(self.users, 0, _ids("dovecot")[1])
+        os.chmod(self.users, 0o640)
 
     def command(self, smtp: bool):
         config = os.path.join(self.root, "dovecot.conf")
