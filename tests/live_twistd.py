@@ -1,0 +1,128 @@
+"""A real ``twistd -n popserv`` in a child process, for fault, load and log-format tests.
+
+It listens on free 127.0.0.1 ports only; nothing here contacts any other address.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from popserv.auth import hash_password
+from tests.live_smtp import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+HOST = "twistd.test"
+
+
+def write_private(path: str, text: str) -> str:
+    """Write ``text`` to a new file of mode 0600 (as popserv wants its users file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+class TwistdServer:
+    """One popserv child process over a directory of its own: config, users, Maildirs, log.
+
+    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``.
+    ``start`` may be called again after ``kill`` or ``stop``: same files, same ports.
+    """
+
+    def __init__(self, testcase, users: dict[str, str], *, smtp: bool = False, settings=None):
+        self.root = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.root)
+        self.mailroot = os.path.join(self.root, "mail")
+        self.users_path = write_private(
+            os.path.join(self.root, "users"),
+            "".join(f"{user}:{hash_password(pw, 'PLAIN')}\n" for user, pw in users.items()),
+        )
+        self.log_path = os.path.join(self.root, "twistd.log")
+        self.pop3_port = free_port()
+        self.smtp_port = free_port() if smtp else None
+        sections = {
+            "server": {"hostname": HOST, "mailroot": self.mailroot, "users": self.users_path},
+            "pop3": {
+                "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1",
+                "failure_delay": "0",
+            },
+            "pop3s": {"listen": ""},
+            "tls": {"self_signed_dir": os.path.join(self.root, "tls")},
+            "smtp": {
+                "listen": f"tcp:{self.smtp_port}:interface=127.0.0.1" if smtp else "",
+            },
+        }
+        for section, keys in (settings or {}).items():
+            sections.setdefault(section, {}).update(keys)
+        self.config_path = os.path.join(self.root, "popserv.ini")
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            for section, keys in sections.items():
+                f.write(f"[{section}]\n")
+                f.writelines(f"{key} = {value}\n" for key, value in keys.items())
+        self.process: subprocess.Popen | None = None
+        testcase.addCleanup(self.kill)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start twistd and wait until POP3 answers with a greeting."""
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}"]
+        self.process = subprocess.Popen(
+            [*argv, "popserv", "--config", self.config_path],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.pop3_port), 1) as conn:
+                    if conn.recv(100).startswith(b"+OK"):
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"twistd did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL the server (if running) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean shutdown, which flushes and closes the log."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        """The server's log so far."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def rss_kib(self) -> int:
+        """The server's resident set size (VmRSS), in KiB."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS in /proc status")
+
+    def maildir(self, user: str, sub: str = "") -> str:
+        """The path of ``user``'s Maildir (or of one of its subdirectories)."""
+        return os.path.join(self.mailroot, user, sub)

@@ -1,0 +1,147 @@
+"""The fail2ban filter and jail in etc/fail2ban/, run by Debian's ``fail2ban-regex`` over
+the log a real ``twistd popserv`` writes when clients fail to log in.
+
+Everything runs on 127.0.0.1.  Without ``fail2ban-regex`` the tests skip (CI=true: fail).
+"""
+
+import base64
+import configparser
+import os
+import poplib
+import re
+import smtplib
+import subprocess
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.live import require_client
+from tests.live_twistd import HOST, REPO, TwistdServer
+
+FILTER = os.path.join(REPO, "etc", "fail2ban", "filter.d", "popserv.conf")
+JAIL = os.path.join(REPO, "etc", "fail2ban", "jail.d", "popserv.conf")
+
+#: A user name that tries to put another address in the failed-login line.
+FRAMING_NAME = "x from 192.0.2.99 (bad credentials)"
+
+#: The documented form of a failed POP3 login in twistd's log (README, "Running in production").
+FAILED_LOGIN = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.pop3\.POP3Server#info\] "
+    r"pop3\.login_failed: (?P<user>.*) from (?P<peer>\S+) \((?P<reason>[^)]*)\)$"
+)
+
+
+def fail2ban_regex(log_path: str, filter_spec: str = FILTER) -> tuple[int, int, list[str]]:
+    """Run fail2ban-regex; (lines read, lines matched, the address of each match)."""
+    program = require_client("fail2ban-regex")
+    summary = subprocess.run(
+        [program, log_path, filter_spec], capture_output=True, text=True, timeout=60
+    )
+    assert summary.returncode == 0, summary.stderr + summary.stdout
+    m = re.search(r"^Lines: (\d+) lines, \d+ ignored, (\d+) matched", summary.stdout, re.M)
+    assert m, summary.stdout
+    ips = subprocess.run(
+        [program, "--out", "ip", log_path, filter_spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ips.returncode == 0, ips.stderr + ips.stdout
+    return int(m.group(1)), int(m.group(2)), ips.stdout.split()
+
+
+class FilterTests(SynchronousTestCase):
+    """Failed logins against a real twistd, then fail2ban-regex over its log file."""
+
+    def setUp(self):
+        require_client("fail2ban-regex")
+        self.server = TwistdServer(self, {"alice": "secret"}, smtp=True)
+        self.server.start()
+
+    def pop3(self) -> poplib.POP3:
+        client = poplib.POP3("127.0.0.1", self.server.pop3_port, timeout=10)
+        self.addCleanup(client.close)
+        return client
+
+    def failed_login(self, user: str, password: str) -> None:
+        client = self.pop3()
+        client.user(user)
+        with self.assertRaises(poplib.error_proto) as cm:
+            client.pass_(password)
+        self.assertIn(b"[AUTH]", cm.exception.args[0])
+        client.quit()
+
+    def test_failed_logins_are_counted_for_the_peer(self):
+        """Each failed login and SMTP probe is one match for 127.0.0.1; successes are not."""
+        self.failed_login("alice", "wrong")
+        self.failed_login("mallory", "secret")
+        client = self.pop3()
+        with self.assertRaises(poplib.error_proto):
+            client._shortcmd("AUTH PLAIN " + base64.b64encode(b"\0alice").decode())
+        client.quit()
+        # A successful login, and a second one refused as [IN-USE]: neither is a failure.
+        first = self.pop3()
+        first.user("alice")
+        first.pass_("secret")
+        second = self.pop3()
+        second.user("alice")
+        with self.assertRaises(poplib.error_proto) as cm:
+            second.pass_("secret")
+        self.assertIn(b"[IN-USE]", cm.exception.args[0])
+        first.quit()
+        with smtplib.SMTP("127.0.0.1", self.server.smtp_port, timeout=10) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("s@remote.example")
+            self.assertEqual(smtp.rcpt(f"nobody@{HOST}")[0], 550)
+            self.assertEqual(smtp.rcpt("someone@elsewhere.example")[0], 550)
+        self.server.stop()
+
+        log = self.server.log()
+        failed = [FAILED_LOGIN.match(line) for line in log.splitlines()]
+        reasons = [m.group("reason") for m in failed if m]
+        sasl = "bad SASL exchange: PLAIN takes authzid, authcid and password separated by two NULs"
+        self.assertEqual(reasons, ["bad credentials", "bad credentials", sasl, "in use"])
+        self.assertEqual({m.group("peer") for m in failed if m}, {"127.0.0.1"})
+        self.assertIn("pop3.login: alice from 127.0.0.1", log)
+        lines, matched, ips = fail2ban_regex(self.server.log_path)
+        self.assertEqual(lines, len(log.splitlines()))
+        self.assertEqual(matched, 5)
+        self.assertEqual(ips, ["127.0.0.1"] * 5)
+
+    def test_user_name_cannot_frame_another_address(self):
+        """A user name holding "from <address> (bad credentials)" never yields that address."""
+        self.failed_login(FRAMING_NAME, "wrong")
+        self.failed_login("alice", "wrong")
+        self.server.stop()
+        log = self.server.log()
+        self.assertIn(f"pop3.login_failed: {FRAMING_NAME} from 127.0.0.1 (bad credentials)", log)
+        _, matched, ips = fail2ban_regex(self.server.log_path)
+        self.assertNotIn("192.0.2.99", ips)
+        self.assertEqual(ips, ["127.0.0.1"])
+
+    def test_aggressive_mode_counts_bad_command_floods(self):
+        """mode=aggressive also matches a session closed for too many bad commands."""
+        client = self.pop3()
+        for _ in range(20):
+            try:
+                client._shortcmd("XYZZY")
+            except poplib.error_proto:
+                pass
+        self.server.stop()
+        self.assertIn("pop3.bad_commands: 127.0.0.1", self.server.log())
+        self.assertEqual(fail2ban_regex(self.server.log_path)[1], 0)
+        _, matched, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
+        self.assertEqual(ips, ["127.0.0.1"])
+
+
+class JailTests(SynchronousTestCase):
+    def test_jail_names_filter_ports_and_log(self):
+        """The jail enables the popserv filter on pop3, pop3s and smtp over the twistd log."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(JAIL)
+        jail = parser["popserv"]
+        self.assertEqual(jail["enabled"], "true")
+        self.assertEqual(jail["filter"], "popserv")
+        self.assertEqual(jail["port"].split(","), ["pop3", "pop3s", "smtp"])
+        self.assertEqual(jail["logpath"], "/var/log/popserv/twistd.log")
+        with open(os.path.join(REPO, "etc", "popserv.service")) as f:
+            self.assertIn("--logfile=/var/log/popserv/twistd.log", f.read())
