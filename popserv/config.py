@@ -35,6 +35,8 @@ class Config:
     pop3_max_connections_per_peer: int = 50
     pop3_max_bad_commands: int = 20
     pop3_max_failures: int = 10
+    pop3_dovecot_uidl_format: str = "%08Xu%08Xv"
+    pop3_dovecot_reuse_xuidl: bool = False
 
     pop3s_listen: tuple[str, ...] = ("tcp:995",)
 
@@ -139,6 +141,12 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _uidl_format(text: str) -> str:
+    from popserv.uidlist import UidlFormat
+
+    return UidlFormat(text.strip()).text
+
+
 _KEYS = {
     ("server", "hostname"): ("hostname", _text),
     ("server", "mailroot"): ("mailroot", _text),
@@ -153,6 +161,8 @@ _KEYS = {
     ("pop3", "max_connections_per_peer"): ("pop3_max_connections_per_peer", _positive_int),
     ("pop3", "max_bad_commands"): ("pop3_max_bad_commands", _positive_int),
     ("pop3", "max_failures"): ("pop3_max_failures", _positive_int),
+    ("pop3", "dovecot_uidl_format"): ("pop3_dovecot_uidl_format", _uidl_format),
+    ("pop3", "dovecot_reuse_xuidl"): ("pop3_dovecot_reuse_xuidl", _boolean),
     ("pop3s", "listen"): ("pop3s_listen", _listeners),
     ("tls", "cert"): ("tls_cert", _optional_text),
     ("tls", "key"): ("tls_key", _optional_text),

@@ -3,10 +3,16 @@
 Reads Maildirs as Dovecot, Courier and Postfix write them.  Knows nothing of sockets or
 protocols; blocking file-system work runs in the reactor's thread pool.
 
-Message order (RFC 1939 message numbers): by delivery time, that is the leading integer
-seconds of the file name, then the ``M<usecs>`` of its second part when present (a name
-without leading seconds uses the file's mtime); ties are broken by the unique part of the
-name, so the order survives flag changes and the ``new/`` -> ``cur/`` move.
+Message order (RFC 1939 message numbers): messages listed in ``dovecot-uidlist`` first,
+by their Dovecot UID, as Dovecot numbered them; then the others by delivery time, that is
+the leading integer seconds of the file name, then the ``M<usecs>`` of its second part
+when present (a name without leading seconds uses the file's mtime); ties are broken by
+the unique part of the name, so the order survives flag changes and the ``new/`` ->
+``cur/`` move.
+
+UIDLs: a message listed in ``dovecot-uidlist`` or ``courierpop3dsizelist`` keeps the
+UIDL that server gave it (``popserv.uidlist``); any other gets popserv's own, the unique
+part of its name.  Neither file is ever written.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
+from popserv.uidlist import DEFAULT_DOVECOT_FORMAT, UidlInheritance, base_name, read_xuidl
 
 log = Logger()
 
@@ -173,19 +180,20 @@ def _in_thread(reactor, f, *args) -> Deferred:
 
 @dataclass
 class _Entry:
-    uidl: str
+    uidl: str  # what POP3 serves: inherited, or the same as ``key``
     size: int
     path: str
     order: tuple
+    key: str  # popserv's own UIDL of the file (``uidl_for``), stable across moves
 
 
-def _find_by_uidl(maildir: str, uidl: str) -> str | None:
-    """Where the message with this UIDL lives now (it may have moved or changed flags)."""
+def _find_by_key(maildir: str, key: str) -> str | None:
+    """Where the message with this own UIDL lives now (it may have moved or changed flags)."""
     for sub in _MESSAGE_DIRS:
         try:
             with os.scandir(os.path.join(maildir, sub)) as it:
                 for entry in it:
-                    if not entry.name.startswith(".") and uidl_for(entry.name) == uidl:
+                    if not entry.name.startswith(".") and uidl_for(entry.name) == key:
                         return entry.path
         except FileNotFoundError:
             continue
@@ -232,7 +240,7 @@ def _write_size_cache(path: str, cache: dict[str, tuple[int, int]]) -> None:
         )
 
 
-def _scan(maildir: str) -> list[_Entry]:
+def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Entry]:
     """List ``new/`` and ``cur/`` into snapshot entries in message-number order."""
     cache_path = os.path.join(maildir, SIZE_CACHE_NAME)
     old_cache = _read_size_cache(cache_path)
@@ -276,11 +284,82 @@ def _scan(maildir: str) -> list[_Entry]:
                     path=dirent.path,
                     other=earlier.path,
                 )
-            order = (*_delivery_key(name, st.st_mtime_ns), unique_part(name))
-            by_uidl[uidl] = _Entry(uidl, size, dirent.path, order)
+            order = (1, *_delivery_key(name, st.st_mtime_ns), unique_part(name))
+            by_uidl[uidl] = _Entry(uidl, size, dirent.path, order, uidl)
     if new_cache != old_cache:
         _write_size_cache(cache_path, new_cache)
-    return sorted(by_uidl.values(), key=lambda e: e.order)
+    entries = list(by_uidl.values())
+    _assign_uidls(maildir, entries, inheritance or _DEFAULT_INHERITANCE)
+    return sorted(entries, key=lambda e: e.order)
+
+
+_DEFAULT_INHERITANCE = UidlInheritance()
+
+
+def _warn_unusable(path: str, reason: str) -> None:
+    log.warn(  # noqa: G010 (twisted.logger has no warning())
+        "Ignoring unusable UIDL file {path}: {reason}", path=path, reason=reason
+    )
+
+
+def _assign_uidls(maildir: str, entries: list[_Entry], inheritance: UidlInheritance) -> None:
+    """Give each entry the UIDL it had under Dovecot or Courier, else popserv's own.
+
+    One pass over the parsed files (dict lookups by base name): O(n).  Inherited UIDLs
+    are settled first, in UID order, so that of two messages claiming one UIDL the
+    older keeps it; a UIDL that is not RFC 1939 material, or is taken, falls through
+    to the next candidate (Dovecot: saved ``P``, then X-UIDL if reused, then the format)
+    and finally to popserv's own.  Own UIDLs never equal an inherited one of the
+    snapshot, and in a Maildir with inherited files never have an inherited shape
+    (``UidlInheritance.own_is_ambiguous``); elsewhere they stay as they always were.
+    """
+    inherited = inheritance.read(maildir, _warn_unusable)
+    dovecot, courier = inherited.dovecot, inherited.courier
+    inheriting = dovecot is not None or bool(courier)
+    taken: set[str] = set()
+    pending: list[tuple[tuple, _Entry, list]] = []
+    for entry in entries:
+        base = base_name(os.path.basename(entry.path))
+        record = dovecot.records.get(base) if dovecot is not None else None
+        if record is not None:
+            candidates = [record.pop3_uidl]
+            if inheritance.reuse_xuidl:
+                candidates.append(_xuidl_of(entry.path, entry.key, maildir))
+            candidates.append(inheritance.format.expand(record.uid, dovecot.uidvalidity, base))
+            entry.order = (0, record.uid)
+            pending.append(((0, record.uid), entry, candidates))
+        elif base in courier:
+            pending.append(((1, *entry.order[1:]), entry, [courier[base]]))
+    settled: set[int] = set()
+    for _, entry, candidates in sorted(pending, key=lambda p: p[0]):
+        for candidate in candidates:
+            if candidate and _valid_uidl(candidate) and candidate not in taken:
+                entry.uidl = candidate
+                taken.add(candidate)
+                settled.add(id(entry))
+                break
+        else:
+            log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "No usable inherited UIDL for {path}; serving popserv's own",
+                path=entry.path,
+            )
+    for entry in entries:
+        if id(entry) in settled:
+            continue
+        own = entry.key
+        if own in taken or (inheriting and inheritance.own_is_ambiguous(own)):
+            own = inheritance.unambiguous(own)
+        entry.uidl = own
+
+
+def _xuidl_of(path: str, key: str, maildir: str) -> str | None:
+    try:
+        return read_xuidl(path)
+    except FileNotFoundError:
+        moved = _find_by_key(maildir, key)
+        return read_xuidl(moved) if moved is not None else None
+    except OSError:
+        return None
 
 
 @implementer(IMaildrop)
@@ -311,7 +390,7 @@ class MaildirMaildrop:
         try:
             return _open_nofollow(entry.path)
         except FileNotFoundError:
-            moved = _find_by_uidl(self.path, entry.uidl)
+            moved = _find_by_key(self.path, entry.key)
             if moved is None:
                 raise
             entry.path = moved
@@ -345,7 +424,7 @@ class MaildirMaildrop:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
-                    path = _find_by_uidl(self.path, entry.uidl)
+                    path = _find_by_key(self.path, entry.key)
                     if path is not None:
                         os.unlink(path)
             except FileNotFoundError:
@@ -379,9 +458,21 @@ class MaildirMaildrop:
 class MaildirStore:
     """Users' Maildirs under one mail root, ``<root>/<user>`` or ``<root>/<domain>/<user>``."""
 
-    def __init__(self, mailroot: str, reactor=None):
+    def __init__(
+        self,
+        mailroot: str,
+        reactor=None,
+        *,
+        dovecot_uidl_format: str = DEFAULT_DOVECOT_FORMAT,
+        dovecot_reuse_xuidl: bool = False,
+    ):
+        """``dovecot_uidl_format`` and ``dovecot_reuse_xuidl`` are the ``pop3_uidl_format``
+        and ``pop3_reuse_xuidl`` Dovecot served these Maildirs with (see
+        ``popserv.uidlist.UidlFormat``); ValueError for a format Dovecot could not have had.
+        """
         self.mailroot = mailroot
         self._reactor = reactor
+        self._inheritance = UidlInheritance(dovecot_uidl_format, dovecot_reuse_xuidl)
 
     def path_for(self, user: str) -> str:
         """The Maildir of ``user``; ValueError for names that could escape the root."""
@@ -421,7 +512,7 @@ class MaildirStore:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise MaildropLocked(user) from None
                 raise
-            entries = _scan(path)
+            entries = _scan(path, self._inheritance)
         except BaseException:
             lock_file.close()
             raise

@@ -36,7 +36,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
     _make_private_file(users)
 
     userdb = PasswdFile(users, reactor=reactor)
-    store = MaildirStore(mailroot, reactor=reactor)
+    store = MaildirStore(
+        mailroot,
+        reactor=reactor,
+        dovecot_uidl_format=config.pop3_dovecot_uidl_format,
+        dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
+    )
     realm = MaildropRealm(store)
     # USER/PASS, PLAIN and LOGIN; APOP and CRAM-MD5; SCRAM's verified outcome.
     portal = Portal(realm, checkers(userdb))

@@ -29,6 +29,8 @@ max_connections = 500
 max_connections_per_peer = 5
 max_bad_commands = 3
 max_failures = 4
+dovecot_uidl_format = %v.%u
+dovecot_reuse_xuidl = yes
 
 [pop3s]
 listen = tcp:9995:interface=127.0.0.1
@@ -80,6 +82,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 pop3_max_connections_per_peer=5,
                 pop3_max_bad_commands=3,
                 pop3_max_failures=4,
+                pop3_dovecot_uidl_format="%v.%u",
+                pop3_dovecot_reuse_xuidl=True,
                 pop3s_listen=("tcp:9995:interface=127.0.0.1",),
                 tls_cert="/etc/ssl/pop.pem",
                 tls_key="/etc/ssl/pop.key",
@@ -116,6 +120,14 @@ class ConfigFromStringTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as cm:
                 config_from_string(text)
             self.assertIn(key, str(cm.exception))
+
+    def test_bad_uidl_format(self):
+        """A Dovecot UIDL format with an unknown or unusable variable is an error naming it."""
+        for value, named in [("%08Xu%q", "%q"), ("%m", "%m"), ("uidl", "no variable")]:
+            with self.assertRaises(ConfigError) as cm:
+                config_from_string(f"[pop3]\ndovecot_uidl_format = {value}\n")
+            self.assertIn("dovecot_uidl_format", str(cm.exception))
+            self.assertIn(named, str(cm.exception))
 
     def test_bad_network(self):
         """A trusted network that is not an address or CIDR block is an error naming it."""
