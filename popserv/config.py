@@ -24,6 +24,7 @@ class Config:
     hostname: str = field(default_factory=_default_hostname)
     mailroot: str = "popserv-data/mail"
     users: str = "popserv-data/users"
+    user: str = ""  # empty: keep the user the server starts as
 
     pop3_listen: tuple[str, ...] = ("tcp:110",)
     pop3_timeout: float = 600.0
@@ -151,6 +152,7 @@ _KEYS = {
     ("server", "hostname"): ("hostname", _text),
     ("server", "mailroot"): ("mailroot", _text),
     ("server", "users"): ("users", _text),
+    ("server", "user"): ("user", _optional_text),
     ("pop3", "listen"): ("pop3_listen", _listeners),
     ("pop3", "timeout"): ("pop3_timeout", _positive_float),
     ("pop3", "login_timeout"): ("pop3_login_timeout", _positive_float),

@@ -27,13 +27,16 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from popserv.auth import PasswdFile, checkers
     from popserv.maildir import MaildirStore
     from popserv.pop3 import POP3Factory
+    from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
     from popserv.tls import load_or_create
 
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
-    _make_private_dir(mailroot)
-    _make_private_file(users)
+    # What this start creates goes to [server] user when root becomes that user.
+    created = _make_private_dir(mailroot) + _make_private_file(users)
+    tls_dir = os.path.abspath(config.tls_self_signed_dir)
+    tls_dir_existed = os.path.exists(tls_dir)
 
     userdb = PasswdFile(users, reactor=reactor)
     store = MaildirStore(
@@ -47,9 +50,14 @@ def make_service(config: Config, reactor=None) -> MultiService:
     portal = Portal(realm, checkers(userdb))
     # One TLS object for STLS and every POP3S listener, so SIGHUP reloads them all.
     tls = load_or_create(config)
+    if not tls_dir_existed and os.path.isdir(tls_dir):
+        created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
     factory = POP3Factory(portal, config, clock=reactor, userdb=userdb, tls=tls)
 
     top = MultiService()
+    # First child: it checks and raises limits before the listeners bind, and drops
+    # root only once they all have (see popserv.process).
+    ProcessSetup(config, created).setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"pop3-{index}")
@@ -131,22 +139,24 @@ class ReloadOnSIGHUP(Service):
         self._reload()
 
 
-def _make_private_dir(path: str) -> None:
-    """Create ``path`` and any missing parents, readable by the owner only."""
+def _make_private_dir(path: str) -> list[str]:
+    """Create ``path`` and any missing parents, readable by the owner only; those created."""
     if os.path.isdir(path):
-        return
-    _make_private_dir(os.path.dirname(path))
+        return []
+    created = _make_private_dir(os.path.dirname(path))
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        pass
+        return created
+    return [*created, path]
 
 
-def _make_private_file(path: str) -> None:
-    """Create an empty ``path`` (mode 0600), with its directory, unless it exists."""
-    _make_private_dir(os.path.dirname(path))
+def _make_private_file(path: str) -> list[str]:
+    """Create an empty ``path`` (mode 0600), with its directory, unless it exists; those created."""
+    created = _make_private_dir(os.path.dirname(path))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return
+        return created
     os.close(fd)
+    return [*created, path]

@@ -150,6 +150,7 @@ class Options(usage.Options):
                 "give a TLS certificate and its key together (--tls-cert and --tls-key, "
                 "or [tls] cert and key), or neither for a self-signed certificate"
             )
+        _check_process(config)
         self["popserv_config"] = config
 
     def _read_config(self) -> Config:
@@ -176,6 +177,17 @@ def _check_endpoint(description: str, kind: str = "POP3") -> None:
             "Give an endpoint string such as tcp:110 or "
             f"{_EXAMPLE_LISTENER} (see Twisted's serverFromString documentation)."
         ) from None
+
+
+def _check_process(config: Config) -> None:
+    """Refuse, before twistd daemonizes, an exposed secret file or an unknown server user."""
+    from popserv.process import check_secret_files, check_user
+
+    try:
+        check_secret_files(config)
+        check_user(config)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> IService:

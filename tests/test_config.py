@@ -15,6 +15,7 @@ EVERY_KEY = """\
 hostname = mail.example.org
 mailroot = /var/mail/popserv
 users = /etc/popserv/users
+user = popserv
 
 [pop3]
 listen =
@@ -72,6 +73,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 hostname="mail.example.org",
                 mailroot="/var/mail/popserv",
                 users="/etc/popserv/users",
+                user="popserv",
                 pop3_listen=("tcp:110", "tcp:1110:interface=127.0.0.1"),
                 pop3_timeout=900.0,
                 pop3_login_timeout=30.5,
