@@ -32,11 +32,14 @@ def write_private(path: str, text: str) -> str:
 class TwistdServer:
     """One popserv child process over a directory of its own: config, users, Maildirs, log.
 
-    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``.
+    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``;
+    ``backlog`` is the POP3 listener's queue of connections not yet accepted.
     ``start`` may be called again after ``kill`` or ``stop``: same files, same ports.
     """
 
-    def __init__(self, testcase, users: dict[str, str], *, smtp: bool = False, settings=None):
+    def __init__(
+        self, testcase, users: dict[str, str], *, smtp: bool = False, settings=None, backlog=50
+    ):
         self.root = os.path.abspath(testcase.mktemp())
         os.makedirs(self.root)
         self.mailroot = os.path.join(self.root, "mail")
@@ -50,7 +53,7 @@ class TwistdServer:
         sections = {
             "server": {"hostname": HOST, "mailroot": self.mailroot, "users": self.users_path},
             "pop3": {
-                "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1",
+                "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1:backlog={backlog}",
                 "failure_delay": "0",
             },
             "pop3s": {"listen": ""},
