@@ -21,7 +21,9 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -31,7 +33,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
-from popserv.uidlist import DEFAULT_DOVECOT_FORMAT, UidlInheritance, base_name, read_xuidl
+from popserv.uidlist import (
+    COURIER_SIZELIST,
+    DEFAULT_DOVECOT_FORMAT,
+    DOVECOT_UIDLIST,
+    UidlInheritance,
+    base_name,
+    read_xuidl,
+)
 
 log = Logger()
 
@@ -44,8 +53,12 @@ _SUBDIRS = ("tmp", "new", "cur")
 _MESSAGE_DIRS = ("new", "cur")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_SECONDS_RE = re.compile(r"(\d+)\.([^.]*)")
-_USECS_RE = re.compile(r"M(\d+)")
+#: A listing is reused only while new/ and cur/ are unchanged, and only if they were
+#: already this many seconds old when it was taken: a change within the same tick of
+#: the file system's clock could otherwise leave their mtimes as they were.
+STABLE_AGE = 1.0
+#: Maildirs whose last listing is kept in memory, at most (least recently used go).
+MAX_CACHED_LISTINGS = 1024
 
 
 # Sizes on the wire
@@ -105,11 +118,18 @@ def user_parts(user: str) -> tuple[str, ...]:
 
 def unique_part(name: str) -> str:
     """The unique part of a Maildir file name: everything before the first ``,`` or ``:``."""
-    return re.split(r"[,:]", name, maxsplit=1)[0]
+    end = len(name)
+    for sep in (",", ":"):
+        at = name.find(sep, 0, end)
+        if at >= 0:
+            end = at
+    return name[:end]
 
 
 def _valid_uidl(text: str) -> bool:
-    return 0 < len(text) <= MAX_UIDL_LENGTH and all("\x21" <= c <= "\x7e" for c in text)
+    """RFC 1939: 1 to 70 characters from 0x21 to 0x7E."""
+    return (0 < len(text) <= MAX_UIDL_LENGTH and text.isascii() and text.isprintable()
+            and " " not in text)
 
 
 def uidl_for(name: str) -> str:
@@ -128,18 +148,38 @@ def uidl_for(name: str) -> str:
 
 def wire_size_from_name(name: str) -> int | None:
     """The ``W=`` size a delivery agent stored in the name, if any."""
-    for field in name.split(":", 1)[0].split(",")[1:]:
-        if field.startswith("W=") and field[2:].isdigit():
-            return int(field[2:])
-    return None
+    at = name.find(",W=")
+    if at < 0:
+        return None
+    colon = name.find(":")
+    if 0 <= colon < at:
+        return None
+    end = at + 3
+    while end < len(name) and name[end].isdigit():
+        end += 1
+    if end == at + 3 or (end < len(name) and name[end] not in ",:"):
+        return None
+    return int(name[at + 3:end])
 
 
-def _delivery_key(name: str, mtime_ns: int) -> tuple[int, int]:
-    match = _SECONDS_RE.match(name)
-    if match is None:
-        return (mtime_ns // 1_000_000_000, 0)
-    usecs = _USECS_RE.search(match.group(2))
-    return (int(match.group(1)), int(usecs.group(1)) if usecs else 0)
+def _delivery_key(name: str, mtime_ns: int | None) -> tuple[int, int] | None:
+    """(seconds, microseconds) of delivery from the name; None if the name has none.
+
+    ``1700000000.M123456P789Q1.host`` -> ``(1700000000, 123456)``; a name without
+    leading seconds uses ``mtime_ns`` when given.
+    """
+    dot = name.find(".")
+    head = name[:dot] if dot > 0 else ""
+    if not (head.isascii() and head.isdigit()):
+        return None if mtime_ns is None else (mtime_ns // 1_000_000_000, 0)
+    usecs = 0
+    if name.startswith("M", dot + 1):
+        end = dot + 2
+        while end < len(name) and name[end].isdigit():
+            end += 1
+        if end > dot + 2 and name[dot + 2:end].isascii():
+            usecs = int(name[dot + 2:end])
+    return (int(head), usecs)
 
 
 def _open_nofollow(path: str) -> BinaryIO:
@@ -178,7 +218,27 @@ def _in_thread(reactor, f, *args) -> Deferred:
 # The snapshot
 
 
-@dataclass
+def _signature(maildir: str) -> tuple[tuple, bool]:
+    """What a listing depends on, and whether it is old enough to be trusted."""
+    now = time.time()
+    parts: list = []
+    stable = True
+    for sub in _MESSAGE_DIRS:
+        st = os.stat(os.path.join(maildir, sub))
+        parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        if now - st.st_mtime < STABLE_AGE:
+            stable = False
+    for name in (DOVECOT_UIDLIST, COURIER_SIZELIST):
+        try:
+            st = os.stat(os.path.join(maildir, name))
+        except FileNotFoundError:
+            parts.append(None)
+        else:
+            parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(parts), stable
+
+
+@dataclass(slots=True)
 class _Entry:
     uidl: str  # what POP3 serves: inherited, or the same as ``key``
     size: int
@@ -241,9 +301,13 @@ def _write_size_cache(path: str, cache: dict[str, tuple[int, int]]) -> None:
 
 
 def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Entry]:
-    """List ``new/`` and ``cur/`` into snapshot entries in message-number order."""
+    """List ``new/`` and ``cur/`` into snapshot entries in message-number order.
+
+    A name carrying ``W=`` and delivery seconds needs no ``stat``: a Maildir written by
+    popserv, Dovecot or Postfix's virtual(8) lists with one ``scandir`` per directory.
+    """
     cache_path = os.path.join(maildir, SIZE_CACHE_NAME)
-    old_cache = _read_size_cache(cache_path)
+    old_cache: dict[str, tuple[int, int]] | None = None
     new_cache: dict[str, tuple[int, int]] = {}
     by_uidl: dict[str, _Entry] = {}
     # new/ before cur/: a message moved between the two listings is seen twice, never missed.
@@ -255,10 +319,16 @@ def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Ent
             try:
                 if name.startswith(".") or not dirent.is_file(follow_symlinks=False):
                     continue
-                st = dirent.stat(follow_symlinks=False)
                 uidl = uidl_for(name)
                 size = wire_size_from_name(name)
+                when = _delivery_key(name, None)
+                if size is None or when is None:
+                    st = dirent.stat(follow_symlinks=False)
+                    if when is None:
+                        when = _delivery_key(name, st.st_mtime_ns)
                 if size is None:
+                    if old_cache is None:
+                        old_cache = _read_size_cache(cache_path)
                     cached = old_cache.get(uidl)
                     if cached is not None and cached[1] == st.st_mtime_ns:
                         size = cached[0]
@@ -284,13 +354,13 @@ def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Ent
                     path=dirent.path,
                     other=earlier.path,
                 )
-            order = (1, *_delivery_key(name, st.st_mtime_ns), unique_part(name))
-            by_uidl[uidl] = _Entry(uidl, size, dirent.path, order, uidl)
-    if new_cache != old_cache:
+            by_uidl[uidl] = _Entry(uidl, size, dirent.path, (1, *when, unique_part(name)), uidl)
+    if new_cache != (old_cache or {}) and (new_cache or os.path.exists(cache_path)):
         _write_size_cache(cache_path, new_cache)
     entries = list(by_uidl.values())
     _assign_uidls(maildir, entries, inheritance or _DEFAULT_INHERITANCE)
-    return sorted(entries, key=lambda e: e.order)
+    entries.sort(key=lambda e: e.order)
+    return entries
 
 
 _DEFAULT_INHERITANCE = UidlInheritance()
@@ -316,6 +386,8 @@ def _assign_uidls(maildir: str, entries: list[_Entry], inheritance: UidlInherita
     inherited = inheritance.read(maildir, _warn_unusable)
     dovecot, courier = inherited.dovecot, inherited.courier
     inheriting = dovecot is not None or bool(courier)
+    if not inheriting:
+        return  # every entry keeps its own UIDL
     taken: set[str] = set()
     pending: list[tuple[tuple, _Entry, list]] = []
     for entry in entries:
@@ -366,12 +438,15 @@ def _xuidl_of(path: str, key: str, maildir: str) -> str | None:
 class MaildirMaildrop:
     """One locked Maildir as one POP3 session sees it; see ``IMaildrop``."""
 
-    def __init__(self, user: str, path: str, lock_file: BinaryIO, entries: list[_Entry], reactor):
+    def __init__(self, user: str, path: str, lock_file: BinaryIO, entries: list[_Entry], reactor,
+                 snapshot: tuple | None = None):
         self.user = user
         self.path = path
         self._lock_file: BinaryIO | None = lock_file
         self._entries = entries
-        self._snapshot = tuple((e.uidl, e.size) for e in entries)
+        if snapshot is None:
+            snapshot = tuple((e.uidl, e.size) for e in entries)
+        self._snapshot = snapshot
         self._deleted: set[int] = set()
         self._reactor = reactor
 
@@ -473,6 +548,9 @@ class MaildirStore:
         self.mailroot = mailroot
         self._reactor = reactor
         self._inheritance = UidlInheritance(dovecot_uidl_format, dovecot_reuse_xuidl)
+        #: Maildir path -> (signature, entries, snapshot) of its last trustworthy listing.
+        self._listings: OrderedDict[str, tuple[tuple, list[_Entry], tuple]] = OrderedDict()
+        self._listings_lock = threading.Lock()  # sessions of different users list in parallel
 
     def path_for(self, user: str) -> str:
         """The Maildir of ``user``; ValueError for names that could escape the root."""
@@ -499,6 +577,33 @@ class MaildirStore:
         reactor = self._reactor if self._reactor is not None else _default_reactor()
         return _in_thread(reactor, self._open_blocking, user, reactor)
 
+    def _listing(self, path: str) -> tuple[list[_Entry], tuple]:
+        """The snapshot entries of a Maildir: the last listing while nothing changed.
+
+        Deliveries and removals by any process change the mtime of ``new/`` or
+        ``cur/``, and the inherited UIDL files are compared by inode, size and mtime;
+        a listing is kept only if its directories were already ``STABLE_AGE`` seconds
+        old when it was taken, so a change within one clock tick is never missed.
+        Called with the maildrop lock held, from one thread per Maildir at a time.
+        """
+        signature, stable = _signature(path)
+        with self._listings_lock:
+            cached = self._listings.get(path)
+            if cached is not None and cached[0] == signature:
+                self._listings.move_to_end(path)
+                return cached[1], cached[2]
+        entries = _scan(path, self._inheritance)
+        snapshot = tuple((e.uidl, e.size) for e in entries)
+        with self._listings_lock:
+            if stable:
+                self._listings[path] = (signature, entries, snapshot)
+                self._listings.move_to_end(path)
+                while len(self._listings) > MAX_CACHED_LISTINGS:
+                    self._listings.popitem(last=False)
+            else:
+                self._listings.pop(path, None)
+        return entries, snapshot
+
     def _open_blocking(self, user: str, reactor) -> MaildirMaildrop:
         path = self.create(user)
         lock_path = os.path.join(path, LOCK_NAME)
@@ -512,8 +617,8 @@ class MaildirStore:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise MaildropLocked(user) from None
                 raise
-            entries = _scan(path, self._inheritance)
+            entries, snapshot = self._listing(path)
         except BaseException:
             lock_file.close()
             raise
-        return MaildirMaildrop(user, path, lock_file, entries, reactor)
+        return MaildirMaildrop(user, path, lock_file, entries, reactor, snapshot)

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
@@ -648,3 +649,96 @@ class MaildirStoreTests(unittest.TestCase):
         yield self.open_maildrop()
         child = self.spawn_locker()
         self.assertEqual(child.stdout.readline(), b"busy\n")
+
+
+class ListingCacheTests(unittest.TestCase):
+    """Later logins reuse the last listing while the Maildir is unchanged."""
+
+    def setUp(self):
+        self.store = MaildirStore(self.mktemp())
+        self.path = self.store.create("alice")
+        for n in range(3):
+            self.write("new", f"17000000{n:02d}.M{n}P1Q{n}.h,S=2,W=3", b"a\n")
+        self.age()
+        self.scans = []
+        real_scandir = os.scandir
+
+        def counting_scandir(path):
+            self.scans.append(path)
+            return real_scandir(path)
+
+        self.patch(maildir.os, "scandir", counting_scandir)
+
+    def write(self, sub, name, data):
+        with open(os.path.join(self.path, sub, name), "wb") as f:
+            f.write(data)
+
+    def age(self):
+        """Make new/ and cur/ look untouched for a minute."""
+        old = time.time() - 60
+        for sub in ("new", "cur"):
+            os.utime(os.path.join(self.path, sub), (old, old))
+
+    @defer.inlineCallbacks
+    def uidls(self):
+        maildrop = yield self.store.open_maildrop("alice")
+        maildrop.close()
+        return [uidl for uidl, _ in maildrop.messages()]
+
+    @defer.inlineCallbacks
+    def test_unchanged_maildir_is_not_listed_again(self):
+        """A second login on an unchanged Maildir reads no directory."""
+        first = yield self.uidls()
+        scans = len(self.scans)
+        second = yield self.uidls()
+        self.assertEqual(second, first)
+        self.assertEqual(len(self.scans), scans)
+        self.assertEqual(len(first), 3)
+
+    @defer.inlineCallbacks
+    def test_new_mail_is_seen(self):
+        """A message delivered since the last login is in the next snapshot."""
+        yield self.uidls()
+        self.write("new", "1700000099.M9P1Q9.h,S=2,W=3", b"b\n")
+        uidls = yield self.uidls()
+        self.assertEqual(uidls[-1], "1700000099.M9P1Q9.h")
+
+    @defer.inlineCallbacks
+    def test_removal_by_another_agent_is_seen(self):
+        """A message removed by another program since the last login is gone from the next."""
+        first = yield self.uidls()
+        os.unlink(os.path.join(self.path, "new", "1700000001.M1P1Q1.h,S=2,W=3"))
+        uidls = yield self.uidls()
+        self.assertEqual(uidls, [first[0], first[2]])
+
+    @defer.inlineCallbacks
+    def test_fresh_directories_are_not_trusted(self):
+        """A listing taken while new/ was changed within STABLE_AGE is not reused."""
+        self.write("new", "1700000050.M5P1Q5.h,S=2,W=3", b"c\n")
+        yield self.uidls()
+        scans = len(self.scans)
+        yield self.uidls()
+        self.assertGreater(len(self.scans), scans)
+
+    @defer.inlineCallbacks
+    def test_commit_is_seen(self):
+        """Messages deleted by a session's commit are gone at the next login."""
+        maildrop = yield self.store.open_maildrop("alice")
+        maildrop.delete(0)
+        yield maildrop.commit()
+        maildrop.close()
+        uidls = yield self.uidls()
+        self.assertEqual(len(uidls), 2)
+
+    @defer.inlineCallbacks
+    def test_cache_is_bounded(self):
+        """The store keeps the listings of a bounded number of Maildirs."""
+        self.patch(maildir, "MAX_CACHED_LISTINGS", 2)
+        for user in ("a", "b", "c"):
+            path = self.store.create(user)
+            old = time.time() - 60
+            for sub in ("new", "cur"):
+                os.utime(os.path.join(path, sub), (old, old))
+            drop = yield self.store.open_maildrop(user)
+            drop.close()
+        self.assertEqual(len(self.store._listings), 2)
