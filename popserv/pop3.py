@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import ipaddress
 import os
 import time
@@ -186,8 +187,13 @@ class WireEncoder:
         if not chunk:
             return b""
         if b"\n" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            chunk = chunk.replace(b"\n.", b"\n..")
+            # Each pass copies the chunk: skip those that would change nothing.
+            if b"\r" not in chunk:
+                chunk = chunk.replace(b"\n", b"\r\n")
+            elif chunk.count(b"\n") != chunk.count(b"\r\n"):
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if b"\n." in chunk:
+                chunk = chunk.replace(b"\n.", b"\n..")
         if self._at_line_start and chunk[:1] == b".":
             chunk = b"." + chunk
         self._at_line_start = chunk[-1:] == b"\n"
@@ -257,17 +263,24 @@ class MessageStreamer:
     def __init__(self, protocol: POP3Server, source, header: bytes, limiter=None):
         self._protocol = protocol
         self._source = source
+        # Buffered files return a short read only at the end: no extra read to find it.
+        self._short_read_is_end = isinstance(source, io.BufferedIOBase)
         self._header = header
         self._limiter = limiter
         self._encoder = WireEncoder()
         self._paused = False
         self._producing = False
+        self._registered = False
         self._done = False
         self.sent = 0
 
     def start(self) -> None:
-        self._protocol.transport.registerProducer(self, True)
-        self.resumeProducing()
+        # A message that fits in one chunk goes out in one write, without a producer.
+        self._write_chunk()
+        if not self._done:
+            self._registered = True
+            self._protocol.transport.registerProducer(self, True)
+            self.resumeProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -290,15 +303,20 @@ class MessageStreamer:
             self._done = True
             self._source.close()
 
+    def _stop(self) -> None:
+        self._done = True
+        self._source.close()
+        if self._registered:
+            self._registered = False
+            self._protocol.transport.unregisterProducer()
+
     def _write_chunk(self) -> None:
         try:
             raw = self._source.read(CHUNK_SIZE)
         except OSError as e:
             self._protocol.log.error("pop3.unreadable: {user}: {error}",
                                      user=self._protocol.user, error=e)
-            self._done = True
-            self._source.close()
-            self._protocol.transport.unregisterProducer()
+            self._stop()
             if self._header:
                 # Nothing sent yet: the client can be told and the session goes on.
                 self._protocol.say(Reply.UNREADABLE)
@@ -307,21 +325,20 @@ class MessageStreamer:
                 # The reply has started; a broken multi-line answer must not look complete.
                 self._protocol.transport.loseConnection()
             return
-        finished = not raw
+        finished = not raw or (self._short_read_is_end and len(raw) < CHUNK_SIZE)
         if raw and self._limiter is not None:
-            raw, finished = self._limiter.feed(raw)
-        data = self._encoder.encode(raw)
+            raw, limited = self._limiter.feed(raw)
+            finished = finished or limited
+        parts = [self._encoder.encode(raw)]
         if self._header:
-            data = self._header + data
+            parts.insert(0, self._header)
             self._header = b""
         if finished:
-            data += self._encoder.finish()
-            self._done = True
-            self._source.close()
-        self.sent += len(data)
-        self._protocol.transport.write(data)
+            parts.append(self._encoder.finish())
+        self.sent += sum(map(len, parts))
+        self._protocol.transport.writeSequence(parts)
         if finished:
-            self._protocol.transport.unregisterProducer()
+            self._stop()
             self._protocol.streaming_done(self)
 
 

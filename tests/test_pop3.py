@@ -41,6 +41,9 @@ class PausingTransport(StringTransport):
         if self.producer is not None and self.streaming and len(self.value()) > self.limit:
             self.producer.pauseProducing()
 
+    def writeSequence(self, data):
+        self.write(b"".join(data))
+
 
 class ControlledChecker:
     """A checker whose answers the test fires itself, to hold a login in progress."""
@@ -942,6 +945,7 @@ class PipeliningTests(POP3TestCase):
     def test_commands_wait_for_a_streaming_retr(self):
         """Commands sent during a RETR are answered after its terminator."""
         big = b"Subject: big\n\n" + b"x" * 70 + b"\n" + b".line\n" * 5000
+        self.patch(pop3, "CHUNK_SIZE", 4096)
         self.store.mailboxes["bob"] = [big]
         proto, transport = self.connect(PausingTransport)
         self.login(b"bob", b"hunter2", proto=proto, transport=transport)
@@ -1001,7 +1005,8 @@ class StreamingTests(POP3TestCase):
         proto.maildrop.open = spy_open
         self.patch(pop3, "CHUNK_SIZE", 4096)
         proto.dataReceived(b"RETR 1\r\n")
-        self.assertEqual(reads, [4096])
+        # One chunk, then one more once the producer is registered: the buffer is full.
+        self.assertEqual(reads, [4096, 4096])
         self.assertIsNotNone(transport.producer)
         got = transport.value()
         while transport.producer is not None:
@@ -1014,7 +1019,7 @@ class StreamingTests(POP3TestCase):
 
     def test_reader_that_stops_is_aborted(self):
         """A client that stops reading mid-RETR is cut off at the timeout, nothing appended."""
-        self.store.mailboxes["bob"] = [b"x" * 100000]
+        self.store.mailboxes["bob"] = [b"x" * 300000]
         proto, transport = self.connect(PausingTransport)
         self.login(b"bob", b"hunter2", proto=proto, transport=transport)
         aborted = []
@@ -1027,7 +1032,7 @@ class StreamingTests(POP3TestCase):
 
     def test_disconnect_during_retr_closes_the_file(self):
         """A client that goes away mid-RETR leaves no open file and no lock."""
-        self.store.mailboxes["bob"] = [b"x" * 100000]
+        self.store.mailboxes["bob"] = [b"x" * 300000]
         proto, transport = self.connect(PausingTransport)
         self.login(b"bob", b"hunter2", proto=proto, transport=transport)
         proto.dataReceived(b"RETR 1\r\n")
