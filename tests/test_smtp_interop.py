@@ -278,6 +278,7 @@ class KillTests(SynchronousTestCase):
         os.makedirs(root)
         with open(os.path.join(root, "users"), "w") as f:
             f.write(f"alice:{hash_password('pw', 'PLAIN')}\n")
+        os.chmod(os.path.join(root, "users"), 0o600)
         process, conn = self.start(root)
         with conn, conn.makefile("rb") as replies:
 
