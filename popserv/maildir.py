@@ -21,6 +21,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -162,24 +163,38 @@ def wire_size_from_name(name: str) -> int | None:
     return int(name[at + 3:end])
 
 
+_DELIVERY_RE = re.compile(r"(\d+)\.(?:M(\d+))?")
+
+
 def _delivery_key(name: str, mtime_ns: int | None) -> tuple[int, int] | None:
     """(seconds, microseconds) of delivery from the name; None if the name has none.
 
     ``1700000000.M123456P789Q1.host`` -> ``(1700000000, 123456)``; a name without
     leading seconds uses ``mtime_ns`` when given.
     """
-    dot = name.find(".")
-    head = name[:dot] if dot > 0 else ""
-    if not (head.isascii() and head.isdigit()):
+    match = _DELIVERY_RE.match(name)
+    if match is None or not name[: match.end(1)].isascii():
         return None if mtime_ns is None else (mtime_ns // 1_000_000_000, 0)
-    usecs = 0
-    if name.startswith("M", dot + 1):
-        end = dot + 2
-        while end < len(name) and name[end].isdigit():
-            end += 1
-        if end > dot + 2 and name[dot + 2:end].isascii():
-            usecs = int(name[dot + 2:end])
-    return (int(head), usecs)
+    usecs = match.group(2)
+    return (int(match.group(1)), int(usecs) if usecs and usecs.isascii() else 0)
+
+
+def _crlf_size_of_path(path: str) -> int:
+    """The CRLF size of a stored message, read with plain system calls (no file object)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        total = 0
+        after_cr = False
+        while True:
+            chunk = os.read(fd, CHUNK_SIZE)
+            if not chunk:
+                return total
+            total += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
+            if after_cr and chunk[:1] == b"\n":
+                total -= 1
+            after_cr = chunk[-1:] == b"\r"
+    finally:
+        os.close(fd)
 
 
 def _open_nofollow(path: str) -> BinaryIO:
@@ -300,12 +315,27 @@ def _write_size_cache(path: str, cache: dict[str, tuple[int, int]]) -> None:
         )
 
 
-def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Entry]:
+#: What a file name tells once parsed: (own UIDL, CRLF size, order key, and for a size
+#: read from the file, the ``(size, mtime_ns)`` the size cache keeps; else None).
+_Parsed = tuple[str, int, tuple, "tuple[int, int] | None"]
+
+
+def _scan(
+    maildir: str,
+    inheritance: UidlInheritance | None = None,
+    known: dict[str, _Parsed] | None = None,
+) -> tuple[list[_Entry], dict[str, _Parsed]]:
     """List ``new/`` and ``cur/`` into snapshot entries in message-number order.
 
     A name carrying ``W=`` and delivery seconds needs no ``stat``: a Maildir written by
     popserv, Dovecot or Postfix's virtual(8) lists with one ``scandir`` per directory.
+    ``known`` holds what earlier listings parsed, by file name (a flag change renames
+    a file), so a listing after new mail parses only the new names; a size that was
+    read from a file is checked against its mtime.  Returns the entries and the
+    parsed names.
     """
+    known = known or {}
+    parsed_now: dict[str, _Parsed] = {}
     cache_path = os.path.join(maildir, SIZE_CACHE_NAME)
     old_cache: dict[str, tuple[int, int]] | None = None
     new_cache: dict[str, tuple[int, int]] = {}
@@ -317,34 +347,37 @@ def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Ent
         for dirent in entries:
             name = dirent.name
             try:
+                # d_type from the directory itself: no system call per name.
                 if name.startswith(".") or not dirent.is_file(follow_symlinks=False):
                     continue
-                uidl = uidl_for(name)
-                size = wire_size_from_name(name)
-                when = _delivery_key(name, None)
-                if size is None or when is None:
-                    st = dirent.stat(follow_symlinks=False)
-                    if when is None:
-                        when = _delivery_key(name, st.st_mtime_ns)
-                if size is None:
+            except OSError:
+                continue
+            parsed = known.get(name)
+            if parsed is not None and parsed[3] is not None:
+                # A size read from the file holds only while the file is unchanged.
+                try:
+                    if dirent.stat(follow_symlinks=False).st_mtime_ns != parsed[3][1]:
+                        parsed = None
+                except FileNotFoundError:
+                    continue
+            if parsed is None:
+                try:
                     if old_cache is None:
                         old_cache = _read_size_cache(cache_path)
-                    cached = old_cache.get(uidl)
-                    if cached is not None and cached[1] == st.st_mtime_ns:
-                        size = cached[0]
-                    else:
-                        with _open_nofollow(dirent.path) as f:
-                            size = crlf_size_of_file(f)
-                    new_cache[uidl] = (size, st.st_mtime_ns)
-            except FileNotFoundError:
-                continue  # removed by another agent while we listed
-            except OSError as e:
-                log.warn(  # noqa: G010 (twisted.logger has no warning())
-                    "Leaving unreadable message {path} out of the snapshot: {reason}",
-                    path=dirent.path,
-                    reason=str(e),
-                )
-                continue
+                    parsed = _parse(dirent, old_cache)
+                except FileNotFoundError:
+                    continue  # removed by another agent while we listed
+                except OSError as e:
+                    log.warn(  # noqa: G010 (twisted.logger has no warning())
+                        "Leaving unreadable message {path} out of the snapshot: {reason}",
+                        path=dirent.path,
+                        reason=str(e),
+                    )
+                    continue
+            parsed_now[name] = parsed
+            uidl, size, when, cached = parsed
+            if cached is not None:
+                new_cache[uidl] = cached
             earlier = by_uidl.get(uidl)
             if earlier is not None and os.path.lexists(earlier.path):
                 # Not a move between our two listings: two files share a unique part.
@@ -354,13 +387,43 @@ def _scan(maildir: str, inheritance: UidlInheritance | None = None) -> list[_Ent
                     path=dirent.path,
                     other=earlier.path,
                 )
-            by_uidl[uidl] = _Entry(uidl, size, dirent.path, (1, *when, unique_part(name)), uidl)
-    if new_cache != (old_cache or {}) and (new_cache or os.path.exists(cache_path)):
+            by_uidl[uidl] = _Entry(uidl, size, dirent.path, when, uidl)
+    if old_cache is None and new_cache.keys() != {
+        p[0] for p in known.values() if p[3] is not None
+    }:
+        old_cache = _read_size_cache(cache_path)  # names with computed sizes went away
+    if old_cache is not None and new_cache != old_cache and (
+        new_cache or os.path.exists(cache_path)
+    ):
         _write_size_cache(cache_path, new_cache)
     entries = list(by_uidl.values())
     _assign_uidls(maildir, entries, inheritance or _DEFAULT_INHERITANCE)
     entries.sort(key=lambda e: e.order)
-    return entries
+    return entries, parsed_now
+
+
+def _parse(dirent: os.DirEntry, size_cache: dict[str, tuple[int, int]]):
+    """Parse one file name, reading the file only when the name carries no size.
+
+    Sizes known from the file or the size cache carry the ``(size, mtime_ns)`` to keep.
+    """
+    name = dirent.name
+    uidl = uidl_for(name)
+    size = wire_size_from_name(name)
+    when = _delivery_key(name, None)
+    cached = None
+    if size is None or when is None:
+        st = dirent.stat(follow_symlinks=False)
+        if when is None:
+            when = _delivery_key(name, st.st_mtime_ns)
+        if size is None:
+            hit = size_cache.get(uidl)
+            if hit is not None and hit[1] == st.st_mtime_ns:
+                size = hit[0]
+            else:
+                size = _crlf_size_of_path(dirent.path)
+            cached = (size, st.st_mtime_ns)
+    return (uidl, size, (1, *when, unique_part(name)), cached)
 
 
 _DEFAULT_INHERITANCE = UidlInheritance()
@@ -550,6 +613,8 @@ class MaildirStore:
         self._inheritance = UidlInheritance(dovecot_uidl_format, dovecot_reuse_xuidl)
         #: Maildir path -> (signature, entries, snapshot) of its last trustworthy listing.
         self._listings: OrderedDict[str, tuple[tuple, list[_Entry], tuple]] = OrderedDict()
+        #: Maildir path -> its parsed file names, so a new listing parses only new names.
+        self._parsed: OrderedDict[str, dict[str, _Parsed]] = OrderedDict()
         self._listings_lock = threading.Lock()  # sessions of different users list in parallel
 
     def path_for(self, user: str) -> str:
@@ -592,9 +657,15 @@ class MaildirStore:
             if cached is not None and cached[0] == signature:
                 self._listings.move_to_end(path)
                 return cached[1], cached[2]
-        entries = _scan(path, self._inheritance)
+        with self._listings_lock:
+            known = self._parsed.get(path)
+        entries, parsed = _scan(path, self._inheritance, known)
         snapshot = tuple((e.uidl, e.size) for e in entries)
         with self._listings_lock:
+            self._parsed[path] = parsed
+            self._parsed.move_to_end(path)
+            while len(self._parsed) > MAX_CACHED_LISTINGS:
+                self._parsed.popitem(last=False)
             if stable:
                 self._listings[path] = (signature, entries, snapshot)
                 self._listings.move_to_end(path)

@@ -445,14 +445,27 @@ class MaildirStoreTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_size_cache_skips_reading(self):
-        """With a valid cache, listing opens no message file."""
+        """With a valid cache file, a restarted server's listing reads no message file."""
         self.write("cur", "1700000000.M1P1Q1.h:2,S", b"a\nb\n")
         yield self.snapshot()
-        opened = []
-        real_open = maildir._open_nofollow
-        self.patch(maildir, "_open_nofollow", lambda path: opened.append(path) or real_open(path))
+        self.store = MaildirStore(self.store.mailroot)
+        read = []
+        real_size = maildir._crlf_size_of_path
+        self.patch(maildir, "_crlf_size_of_path", lambda path: read.append(path) or real_size(path))
         self.assertEqual((yield self.snapshot())[0][1], 6)
-        self.assertEqual([os.path.basename(p) for p in opened], ["popserv-sizes"])
+        self.assertEqual(read, [])
+
+    @defer.inlineCallbacks
+    def test_listing_parses_only_new_names(self):
+        """After new mail, a listing reads only the new messages, not the known ones."""
+        self.write("new", "1700000000.M1P1Q1.h", b"a\n")
+        yield self.snapshot()
+        new = self.write("new", "1700000001.M1P1Q1.h", b"bb\n")
+        read = []
+        real_size = maildir._crlf_size_of_path
+        self.patch(maildir, "_crlf_size_of_path", lambda path: read.append(path) or real_size(path))
+        self.assertEqual([size for _, size in (yield self.snapshot())], [3, 4])
+        self.assertEqual(read, [new])
 
     @defer.inlineCallbacks
     def test_corrupt_cache(self):
@@ -473,14 +486,14 @@ class MaildirStoreTests(unittest.TestCase):
         """A message whose size cannot be read is left out of the snapshot with a warning."""
         self.write("new", "1700000000.M1P1Q1.h", b"a\n")
         bad = self.write("new", "1700000001.M1P1Q1.h", b"b\n")
-        real_open = maildir._open_nofollow
+        real_size = maildir._crlf_size_of_path
 
-        def refusing_open(path):
+        def refusing_size(path):
             if path == bad:
                 raise PermissionError(errno.EACCES, "Permission denied", path)
-            return real_open(path)
+            return real_size(path)
 
-        self.patch(maildir, "_open_nofollow", refusing_open)
+        self.patch(maildir, "_crlf_size_of_path", refusing_size)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.assertEqual((yield self.snapshot()), [("1700000000.M1P1Q1.h", 3)])
         self.assertIn(bad, [e.get("path") for e in events if e["log_level"] == LogLevel.warn])
