@@ -6,6 +6,7 @@ import getpass
 import io
 import os
 import stat
+import subprocess
 import sys
 
 import argon2
@@ -275,3 +276,23 @@ class AdminTests(unittest.TestCase):
         """--help exits with status 0."""
         self.assertEqual(self.run_admin("--help"), 0)
         self.assertIn("adduser", self.stdout.getvalue())
+
+
+class ModuleEntryTests(unittest.TestCase):
+    def test_python_m_popserv_runs_the_admin_command(self):
+        """``python3 -m popserv`` runs the admin command, for machines without the script."""
+        root = self.mktemp()
+        os.makedirs(root)
+        users = os.path.join(root, "users")
+        mail = os.path.join(root, "mail")
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+        subprocess.run(
+            [sys.executable, "-m", "popserv", "adduser", "--users", users, "--mailroot", mail,
+             "--password-stdin", "--scheme", "PLAIN", "carol"],
+            input=b"pw\n", env=env, check=True, timeout=60,
+        )
+        listed = subprocess.run(
+            [sys.executable, "-m", "popserv", "list", "--users", users, "--mailroot", mail],
+            env=env, check=True, capture_output=True, timeout=60,
+        )
+        self.assertEqual(listed.stdout, b"carol\n")
