@@ -179,20 +179,28 @@ def _delivery_key(name: str, mtime_ns: int | None) -> tuple[int, int] | None:
     return (int(match.group(1)), int(usecs) if usecs and usecs.isascii() else 0)
 
 
-def _crlf_size_of_path(path: str) -> int:
-    """The CRLF size of a stored message, read with plain system calls (no file object)."""
+def _crlf_size_of_path(path: str, expected: int = CHUNK_SIZE) -> int:
+    """The CRLF size of a stored message, read with plain system calls (no file object).
+
+    ``expected`` (the size ``stat`` gave) lets a small message be read in one call: a
+    read that returns less than was asked for has reached the end.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         total = 0
         after_cr = False
+        want = min(expected + 1, CHUNK_SIZE)
         while True:
-            chunk = os.read(fd, CHUNK_SIZE)
+            chunk = os.read(fd, want)
             if not chunk:
                 return total
             total += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
             if after_cr and chunk[:1] == b"\n":
                 total -= 1
             after_cr = chunk[-1:] == b"\r"
+            if len(chunk) < want:
+                return total
+            want = CHUNK_SIZE
     finally:
         os.close(fd)
 
@@ -421,7 +429,7 @@ def _parse(dirent: os.DirEntry, size_cache: dict[str, tuple[int, int]]):
             if hit is not None and hit[1] == st.st_mtime_ns:
                 size = hit[0]
             else:
-                size = _crlf_size_of_path(dirent.path)
+                size = _crlf_size_of_path(dirent.path, st.st_size)
             cached = (size, st.st_mtime_ns)
     return (uidl, size, (1, *when, unique_part(name)), cached)
 

@@ -451,7 +451,9 @@ class MaildirStoreTests(unittest.TestCase):
         self.store = MaildirStore(self.store.mailroot)
         read = []
         real_size = maildir._crlf_size_of_path
-        self.patch(maildir, "_crlf_size_of_path", lambda path: read.append(path) or real_size(path))
+        self.patch(
+            maildir, "_crlf_size_of_path", lambda path, *a: read.append(path) or real_size(path, *a)
+        )
         self.assertEqual((yield self.snapshot())[0][1], 6)
         self.assertEqual(read, [])
 
@@ -463,7 +465,9 @@ class MaildirStoreTests(unittest.TestCase):
         new = self.write("new", "1700000001.M1P1Q1.h", b"bb\n")
         read = []
         real_size = maildir._crlf_size_of_path
-        self.patch(maildir, "_crlf_size_of_path", lambda path: read.append(path) or real_size(path))
+        self.patch(
+            maildir, "_crlf_size_of_path", lambda path, *a: read.append(path) or real_size(path, *a)
+        )
         self.assertEqual([size for _, size in (yield self.snapshot())], [3, 4])
         self.assertEqual(read, [new])
 
@@ -488,10 +492,10 @@ class MaildirStoreTests(unittest.TestCase):
         bad = self.write("new", "1700000001.M1P1Q1.h", b"b\n")
         real_size = maildir._crlf_size_of_path
 
-        def refusing_size(path):
+        def refusing_size(path, *args):
             if path == bad:
                 raise PermissionError(errno.EACCES, "Permission denied", path)
-            return real_size(path)
+            return real_size(path, *args)
 
         self.patch(maildir, "_crlf_size_of_path", refusing_size)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
