@@ -1,12 +1,13 @@
-"""Atomic delivery into Maildirs: write to ``tmp/``, fsync, then link into each ``new/``.
+"""Atomic delivery into Maildirs: write to ``tmp/``, fsync, then rename or link into ``new/``.
 
-A message is streamed into one temporary file in the first recipient's ``tmp/``; at the end
-it is fsynced and hard-linked (copied, when a Maildir is on another file system) into every
-recipient's ``new/`` under ``<secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<crlf-size>``,
-the name ``popserv.maildir`` reads sizes from.  Until then nothing is visible in any
-``new/``; a failure removes what was linked, and a crash leaves only a ``tmp/`` file,
-which ``remove_stale_temp_files`` deletes at the next start (after 36 hours, as Dovecot
-does).  Knows nothing of SMTP.
+A message is streamed into one temporary file in the first recipient's ``tmp/``.  At the
+end it is fsynced, then renamed into ``new/`` when it has one recipient, or hard-linked
+(copied, when a Maildir is on another file system) into every recipient's ``new/``, and
+each ``new/`` is fsynced.  Its name there is
+``<secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<crlf-size>``, which ``popserv.maildir``
+reads sizes from.  Until then nothing is visible in any ``new/``; a failure removes what
+was linked, and a crash leaves only a ``tmp/`` file, which ``remove_stale_temp_files``
+deletes at the next start (after 36 hours, as Dovecot does).  Knows nothing of SMTP.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class MaildirDelivery:
         self.users = tuple(dict.fromkeys(users))
         if not self.users:
             raise ValueError("a delivery needs at least one recipient")
-        self._maildirs = [deliverer.store.create(user) for user in self.users]
+        self._maildirs = [deliverer.maildir(user) for user in self.users]
+        remade = False
         for _ in range(100):
             self.id = unique_name(deliverer.hostname)
             self._temp = os.path.join(self._maildirs[0], "tmp", self.id)
@@ -88,6 +90,12 @@ class MaildirDelivery:
                 break
             except FileExistsError:
                 continue
+            except FileNotFoundError:
+                if remade:
+                    raise
+                # Removed since this process last delivered to it: make the Maildir again.
+                deliverer.maildir(self.users[0], known=False)
+                remade = True
         else:
             raise DeliveryFailed(f"no free temporary name in {self._maildirs[0]}/tmp")
         self.size = 0
@@ -120,27 +128,54 @@ class MaildirDelivery:
 
     def _finish_blocking(self, f: BinaryIO) -> str:
         name = f"{self.id},S={self.size},W={self.crlf_size}"
-        linked: list[str] = []
+        placed: list[str] = []
+        temp_left = True
         try:
             try:
                 f.flush()
                 os.fsync(f.fileno())
             finally:
                 f.close()
-            for maildir in self._maildirs:
-                target = os.path.join(maildir, "new", name)
-                self._place(maildir, target)
-                linked.append(target)
-            for directory in sorted({os.path.dirname(path) for path in linked}):
+            if len(self._maildirs) == 1:
+                target = os.path.join(self._maildirs[0], "new", name)
+                temp_left = not self._remaking(self.users[0], self._move, self._maildirs[0], target)
+                placed.append(target)
+            else:
+                for user, maildir in zip(self.users, self._maildirs, strict=True):
+                    target = os.path.join(maildir, "new", name)
+                    self._remaking(user, self._place, maildir, target)
+                    placed.append(target)
+            # The new names must survive a crash; the temporary name leaving tmp/ need not.
+            for directory in sorted({os.path.dirname(path) for path in placed}):
                 _fsync_dir(directory)
         except OSError as e:
-            for path in linked:
+            for path in placed:
                 _unlink_quietly(path)
             _unlink_quietly(self._temp)
             raise DeliveryFailed(f"cannot deliver {self.id}: {e.strerror}", e) from None
-        _unlink_quietly(self._temp)
+        if temp_left:
+            _unlink_quietly(self._temp)
         self._done = True
         return name
+
+    def _remaking(self, user: str, place, maildir: str, target: str):
+        """``place(maildir, target)``, again after making the Maildir if it was removed."""
+        try:
+            return place(maildir, target)
+        except FileNotFoundError:
+            self._deliverer.store.create(user)
+            return place(maildir, target)
+
+    def _move(self, maildir: str, target: str) -> bool:
+        """Rename the temporary file to ``target`` (one recipient); False if it was copied."""
+        try:
+            os.rename(self._temp, target)
+            return True
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+        self._place(maildir, target)
+        return False
 
     def _place(self, maildir: str, target: str) -> None:
         """Hard-link the temporary file to ``target``; across devices, copy via ``tmp/``."""
@@ -178,6 +213,14 @@ class MaildirDeliverer:
         self.store = store
         self.hostname = hostname
         self._reactor = reactor
+        self._known: dict[str, str] = {}
+
+    def maildir(self, user: str, known: bool = True) -> str:
+        """The user's Maildir, made (if missing) on the first delivery, or when not ``known``."""
+        path = self._known.get(user) if known else None
+        if path is None:
+            path = self._known[user] = self.store.create(user)
+        return path
 
     def begin(self, users: Sequence[str]) -> MaildirDelivery:
         """A new delivery to ``users``; creates missing Maildirs and the temporary file."""
@@ -212,10 +255,14 @@ def _maildirs_below(mailroot: str) -> Iterable[str]:
         if is_maildir(entry.path):
             yield entry.path
             continue
-        with os.scandir(entry.path) as it:
-            for sub in it:
-                if sub.is_dir(follow_symlinks=False) and is_maildir(sub.path):
-                    yield sub.path
+        try:
+            with os.scandir(entry.path) as it:
+                subs = list(it)
+        except OSError:
+            continue  # removed (or unreadable) since the listing above
+        for sub in subs:
+            if sub.is_dir(follow_symlinks=False) and is_maildir(sub.path):
+                yield sub.path
 
 
 def remove_stale_temp_files(mailroot: str, now: float | None = None, age: float = STALE_AGE) -> int:

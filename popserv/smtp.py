@@ -22,6 +22,7 @@ is the user ``alice@<domain>`` when the users file has that entry, else the user
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -109,6 +110,12 @@ def _header_safe(text: bytes, limit: int = 255) -> bytes:
     return _UNSAFE_IN_HEADER.sub(b"?", text[:limit])
 
 
+@functools.lru_cache(maxsize=4)
+def _date(seconds: int) -> bytes:
+    """An RFC 5322 date in local time; the same for every message of that second."""
+    return formatdate(seconds, localtime=True).encode("ascii")
+
+
 def _address_literal(host: str) -> bytes:
     if ":" in host:
         return b"[IPv6:" + host.encode("ascii", "replace") + b"]"
@@ -159,6 +166,10 @@ class LocalMessage:
 
     def lineReceived(self, line: bytes) -> None:
         self.delivery.write(line + b"\n")
+
+    def write(self, data: bytes) -> None:
+        """Store lines that already end with LF, in one piece."""
+        self.delivery.write(data)
 
     def eomReceived(self) -> defer.Deferred:
         """Fires with the stored file name once the message is in every recipient's Maildir."""
@@ -248,7 +259,7 @@ class LocalDelivery:
             + b" id "
             + transaction_id.encode("ascii"),
         ]
-        date = formatdate(self.clock.seconds(), localtime=True).encode("ascii")
+        date = _date(int(self.clock.seconds()))
         if len(recipients) == 1:
             rcpt = _header_safe(bytes(recipients[0].dest), 512)
             lines.append(b"\tfor <" + rcpt + b">; " + date)
@@ -331,6 +342,8 @@ class ESMTPReceiver(smtp.ESMTP):
     def _process(self) -> None:
         buf, pos = self._buffer, 0
         while self._connected and not self._awaiting_reply and not self.transport.disconnecting:
+            if self.mode == DATA and not self._discarding:
+                pos = self._take_data(buf, pos)
             end = buf.find(b"\r\n", pos)
             if end < 0:
                 break
@@ -349,6 +362,69 @@ class ESMTPReceiver(smtp.ESMTP):
             self._discarding = True
             rest = rest[-1:] if rest.endswith(b"\r") else b""
         self._buffer = rest
+
+    def _take_data(self, buf: bytes, pos: int) -> int:
+        """Take the complete DATA lines from ``pos`` up to the final ".", all at once.
+
+        Returns where the rest begins: the "." line, or a line not complete yet, is left
+        to the line-by-line loop.
+        """
+        if buf.startswith(b".\r\n", pos):
+            return pos
+        stop = buf.find(b"\r\n.\r\n", pos)
+        if stop >= 0:
+            end = stop + 2
+        else:
+            last = buf.rfind(b"\r\n", pos)
+            if last < 0:
+                return pos
+            end = last + 2
+        self.resetTimeout()
+        if self.transaction is not None and self.transaction.failure is None:
+            self._data_block(buf[pos:end])
+        return end
+
+    def _data_block(self, block: bytes) -> None:
+        """Store CRLF-ended DATA lines (none of them the final ".") with one write each.
+
+        The checks run over the whole block in C; a block that fails any of them goes
+        line by line instead, so the reply is the one the first bad line earns.
+        """
+        transaction = self.transaction
+        data = block[1:] if block[:1] == b"." else block
+        data = data.replace(b"\r\n.", b"\r\n")
+        lines = data.split(b"\r\n")
+        ends = len(lines) - 1
+        if (
+            b"\0" in data
+            or data.count(b"\n") != ends
+            or data.count(b"\r") != ends
+            # Shorter than the limit, as a line may have lost a leading dot.
+            or max(map(len, lines)) >= self._line_limit
+            or transaction.size + len(data) > self.config.smtp_max_message_size
+            or not all(type(message) is LocalMessage for message in transaction.messages)
+        ):
+            self._data_lines(block)
+            return
+        transaction.size += len(data)
+        if transaction.first_line:
+            transaction.first_line = False
+            if lines[0] and not _HEADER_RE.match(lines[0]):
+                lines.insert(0, b"")
+        data = b"\n".join(lines)
+        try:
+            for message in transaction.messages:
+                message.write(data)
+        except Exception:
+            self._fail_data(self._reply_for(defer.Failure(), "cannot store the message"))
+
+    def _data_lines(self, block: bytes) -> None:
+        """CRLF-ended DATA lines (none of them the final "."), one at a time."""
+        for line in block[:-2].split(b"\r\n"):
+            if len(line) > self._line_limit:
+                self._line_too_long()
+            else:
+                self.dataLineReceived(line)
 
     def _line(self, line: bytes) -> None:
         mode, replies = self.mode, self._replies

@@ -3,6 +3,7 @@
 import errno
 import os
 import re
+import shutil
 import stat
 import time
 from unittest import mock
@@ -118,20 +119,43 @@ class DeliverTests(DeliveryTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "new", name)).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
 
-    async def test_fsync_before_link(self):
-        """The file is fsynced before it is linked into new/, and new/ after."""
+    def record_calls(self):
+        """Record fsync, rename and link calls (in order) while letting them happen."""
         calls = []
-        real_fsync, real_link = os.fsync, os.link
-        with (
-            mock.patch.object(
-                delivery.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd)
-            ),
-            mock.patch.object(
-                delivery.os, "link", lambda a, b: calls.append("link") or real_link(a, b)
-            ),
-        ):
-            await self.deliver(["alice"])
-        self.assertEqual(calls, ["fsync", "link", "fsync"])
+        for name in ("fsync", "rename", "link"):
+            real = getattr(os, name)
+
+            def spy(*args, name=name, real=real):
+                calls.append(name)
+                return real(*args)
+
+            patcher = mock.patch.object(delivery.os, name, spy)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        return calls
+
+    async def test_fsync_before_rename(self):
+        """One recipient: the file is fsynced, renamed into new/, then new/ is fsynced."""
+        calls = self.record_calls()
+        await self.deliver(["alice"])
+        self.assertEqual(calls, ["fsync", "rename", "fsync"])
+        self.assertEqual(self.listing("alice", "tmp"), [])
+
+    async def test_fsync_before_link(self):
+        """Several recipients: fsync, a link into each new/, then each new/ is fsynced."""
+        calls = self.record_calls()
+        await self.deliver(["alice", "bob"])
+        self.assertEqual(calls, ["fsync", "link", "link", "fsync", "fsync"])
+
+    async def test_rename_keeps_inode(self):
+        """The one recipient's file in new/ is the temporary file itself, not a copy."""
+        started = self.deliverer.begin(["alice"])
+        started.write(MESSAGE)
+        inode = os.stat(os.path.join(self.store.path_for("alice"), "tmp", started.id)).st_ino
+        name = await started.finish()
+        path = os.path.join(self.store.path_for("alice"), "new", name)
+        self.assertEqual(os.stat(path).st_ino, inode)
+        self.assertEqual(os.stat(path).st_nlink, 1)
 
     async def test_copy_across_devices(self):
         """Where a hard link fails with EXDEV, the message is copied, complete, into new/."""
@@ -228,6 +252,80 @@ class AtomicityTests(DeliveryTestCase):
         self.assertEqual(maildrop.messages()[1][1], crlf_size(MESSAGE))
 
 
+class RenameTests(DeliveryTestCase):
+    async def test_rename_across_devices(self):
+        """Where renaming into new/ fails with EXDEV, the message is copied and tmp/ emptied."""
+
+        def rename(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        with mock.patch.object(delivery.os, "rename", rename):
+            await self.deliver(["alice"])
+        self.assertEqual(self.read_new("alice")[1], MESSAGE)
+        self.assertEqual(self.listing("alice", "tmp"), [])
+
+    async def test_enospc_on_rename(self):
+        """ENOSPC on the rename fails the delivery (disk_full) with nothing in new/ or tmp/."""
+
+        def rename(src, dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with mock.patch.object(delivery.os, "rename", rename):
+            with self.assertRaises(DeliveryFailed) as cm:
+                await self.deliver(["alice"])
+        self.assertTrue(cm.exception.disk_full)
+        self.assertEqual(self.listing("alice", "new"), [])
+        self.assertEqual(self.listing("alice", "tmp"), [])
+
+    async def test_directory_fsync_fails_after_rename(self):
+        """When new/ cannot be fsynced, the renamed file is removed again: nothing is kept."""
+        real_fsync = os.fsync
+        calls = []
+
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_fsync(fd)
+
+        with mock.patch.object(delivery.os, "fsync", fsync):
+            with self.assertRaises(DeliveryFailed):
+                await self.deliver(["alice"])
+        self.assertEqual(self.listing("alice", "new"), [])
+        self.assertEqual(self.listing("alice", "tmp"), [])
+
+
+class RemovedMaildirTests(DeliveryTestCase):
+    async def test_maildir_removed_between_deliveries(self):
+        """A Maildir removed after a delivery is made again by the next one."""
+        await self.deliver(["alice"])
+        shutil.rmtree(self.store.path_for("alice"))
+        await self.deliver(["alice"])
+        self.assertEqual(self.read_new("alice")[1], MESSAGE)
+
+    async def test_new_removed_during_delivery(self):
+        """A new/ removed while a message is written is made again before the rename or link."""
+        for users in (["alice"], ["alice", "bob"]):
+            started = self.deliverer.begin(users)
+            started.write(MESSAGE)
+            for user in users:
+                shutil.rmtree(os.path.join(self.store.path_for(user), "new"))
+            await started.finish()
+            for user in users:
+                self.assertEqual(self.read_new(user)[1], MESSAGE)
+                shutil.rmtree(os.path.join(self.store.path_for(user), "new"))
+                os.mkdir(os.path.join(self.store.path_for(user), "new"))
+
+    def test_maildir_made_once(self):
+        """The Maildir is made on the first delivery only, not on every one."""
+        calls = []
+        real_create = self.store.create
+        self.store.create = lambda user: calls.append(user) or real_create(user)
+        for _ in range(3):
+            self.deliverer.begin(["alice"]).abort()
+        self.assertEqual(calls, ["alice"])
+
+
 class StaleCleanupTests(DeliveryTestCase):
     def make_temp(self, user, name, age):
         path = os.path.join(self.store.create(user), "tmp", name)
@@ -253,6 +351,21 @@ class StaleCleanupTests(DeliveryTestCase):
         cleaner = delivery.StaleTempCleaner(self.mailroot)
         self.assertTrue(os.path.exists(old))
         cleaner.startService()
+        self.assertFalse(os.path.exists(old))
+
+    def test_maildir_removed_while_scanning(self):
+        """A user directory removed while the cleaner scans is skipped, not an error."""
+        old = self.make_temp("alice", "old", 37 * 3600)
+        os.makedirs(os.path.join(self.mailroot, "example.org"))
+        real_scandir = os.scandir
+
+        def scandir(path):
+            if path.endswith("example.org"):
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            return real_scandir(path)
+
+        with mock.patch.object(delivery.os, "scandir", scandir):
+            self.assertEqual(delivery.remove_stale_temp_files(self.mailroot), 1)
         self.assertFalse(os.path.exists(old))
 
     def test_missing_mailroot(self):

@@ -4,6 +4,8 @@ import errno
 import os
 import re
 
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITLSTransport
@@ -448,6 +450,104 @@ class SmugglingTests(SMTPTestCase):
         self.send(b"Subject: x\r\n\r\n" + b"x" * 998 + b"\r")
         self.send(b"\n.\r\n")
         self.assertTrue(self.replies()[0].startswith(b"250 2.0.0"))
+
+
+def expected_outcome(stream: bytes, line_limit: int, max_size: int) -> tuple[bytes, bytes]:
+    """What DATA ``stream`` (up to its final ".") earns, worked out one line at a time.
+
+    Returns the reply line and the stored body after the trace headers (empty if refused).
+    """
+    lines, failure, size = [], None, 0
+    for line in stream.split(b"\r\n")[:-2]:
+        if len(line) > line_limit:
+            failure = failure or b"500 " + smtp.LINE_TOO_LONG[1]
+            continue
+        if failure:
+            continue
+        line = line[1:] if line[:1] == b"." else line
+        size += len(line) + 2
+        if b"\r" in line or b"\n" in line:
+            failure = b"550 " + smtp.BARE_LINE_END[1]
+        elif b"\0" in line:
+            failure = b"550 " + smtp.NUL_IN_DATA[1]
+        elif size > max_size:
+            failure = b"552 " + smtp.TOO_BIG[1]
+        lines.append(line)
+    if failure:
+        return failure, b""
+    if lines and lines[0] and not re.match(rb"[!-9;-~]+:", lines[0]):
+        lines.insert(0, b"")
+    return b"250", b"".join(line + b"\n" for line in lines)
+
+
+DATA_PIECES = st.sampled_from(
+    [b"Subject: x", b"text", b" ", b".", b"..", b"\r", b"\n", b"\0", b"y" * 45, b"\xe9"]
+)
+
+
+class BulkDataTests(SMTPTestCase):
+    config_changes = {"smtp_max_line_length": 100, "smtp_max_message_size": 600}
+
+    def deliver_stream(self, stream: bytes, cuts=()) -> tuple[bytes, bytes]:
+        """Send ``stream`` after DATA, cut at ``cuts``; the reply and the stored body."""
+        self.envelope(b"alice@localhost")
+        for user in ("alice",):
+            for name in os.listdir(os.path.join(self.store.path_for(user), "new")):
+                os.unlink(os.path.join(self.store.path_for(user), "new", name))
+        bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            self.send(stream[start:end])
+        self.send(b"NOOP\r\n")
+        reply, noop = self.replies()
+        self.assertEqual(noop, b"250 2.0.0 Ok")
+        self.assertEqual(self.tmp("alice"), [])
+        stored = self.new("alice")
+        if not reply.startswith(b"250 "):
+            self.assertEqual(stored, [])
+            return reply, b""
+        [message] = stored
+        return reply[:3], message.split(b"\n", 4)[4]
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(st.lists(DATA_PIECES, max_size=4).map(b"".join), max_size=14),
+        st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+    )
+    def test_same_outcome_as_line_by_line(self, lines, cuts):
+        """However DATA is cut into packets, reply and stored bytes are those line by line."""
+        stream = b"".join(line + b"\r\n" for line in lines) + b".\r\n"
+        assume(stream.find(b"\r\n.\r\n") in (-1, len(stream) - 5))
+        assume(not stream.startswith(b".\r\n") or stream == b".\r\n")
+        expected = expected_outcome(stream, 98, 600)
+        self.assertEqual(self.deliver_stream(stream, cuts), expected)
+        self.assertEqual(self.deliver_stream(stream, range(len(stream))), expected)
+
+    def test_one_write_per_packet(self):
+        """The lines of one packet reach the delivery in one write, dots unstuffed, LF ends."""
+        self.envelope(b"alice@localhost")
+        [message] = self.proto.transaction.messages
+        writes = []
+        real_write = message.delivery.write
+        message.delivery.write = lambda data: writes.append(data) or real_write(data)
+        self.send(b"Subject: x\r\n\r\n..a\r\nb\r\n.c\r\n")
+        self.send(b".\r\n")
+        self.assertEqual(writes, [b"Subject: x\n\n.a\nb\nc\n"])
+        self.assertTrue(self.replies()[0].startswith(b"250 2.0.0"))
+
+    def test_longest_stuffed_line(self):
+        """A dot-stuffed line of exactly the limit is accepted; one octet more is too long."""
+        self.assertEqual(
+            self.deliver_stream(b"Subject: x\r\n\r\n." + b"z" * 97 + b"\r\n.\r\n"),
+            (b"250", b"Subject: x\n\n" + b"z" * 97 + b"\n"),
+        )
+        self.assertEqual(
+            self.deliver_stream(b"Subject: x\r\n\r\n." + b"z" * 98 + b"\r\n.\r\n"),
+            (b"500 5.5.2 Line too long", b""),
+        )
+
+    def test_empty_message(self):
+        """DATA ended at once stores the trace headers alone."""
+        self.assertEqual(self.deliver_stream(b".\r\n"), (b"250", b""))
 
 
 class DeferredValidator:
