@@ -3,8 +3,8 @@
 Built on ``twisted.mail.smtp.ESMTP``; the subclass fixes what popserv cannot ship as it is:
 
 * Replies stay in order when a validator answers with a Deferred (twisted/twisted#8126):
-  after a command whose reply is pending, no further input is processed (and the
-  transport stops reading) until that reply is sent.
+  after a command whose reply is pending, no further input is processed until that
+  reply is sent, and once input waits behind it the transport stops reading.
 * EHLO advertises SIZE, 8BITMIME, PIPELINING and ENHANCEDSTATUSCODES, and each is honoured;
   every reply after the greeting carries an RFC 3463 status code.
 * Lines end only at CRLF.  A bare CR or LF, or a NUL, in DATA fails the whole message, so
@@ -292,6 +292,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self._discarding = False
         self._drop_buffered = False
         self._awaiting_reply = False
+        self._paused = False
         self._replies = 0
         self._connected = False
         self._counted = False
@@ -362,6 +363,9 @@ class ESMTPReceiver(smtp.ESMTP):
             self._discarding = True
             rest = rest[-1:] if rest.endswith(b"\r") else b""
         self._buffer = rest
+        if rest and self._awaiting_reply:
+            # Input waits behind a pending reply: read no more until the reply is sent.
+            self._pause()
 
     def _take_data(self, buf: bytes, pos: int) -> int:
         """Take the complete DATA lines from ``pos`` up to the final ".", all at once.
@@ -433,7 +437,6 @@ class ESMTPReceiver(smtp.ESMTP):
         if expects_reply and self._replies == replies and self._connected:
             if not self.transport.disconnecting:
                 self._awaiting_reply = True
-                self.transport.pauseProducing()
 
     def _line_too_long(self) -> None:
         self.resetTimeout()
@@ -475,8 +478,16 @@ class ESMTPReceiver(smtp.ESMTP):
         if self._awaiting_reply:
             self._awaiting_reply = False
             if self._connected and not self.transport.disconnecting:
-                self.transport.resumeProducing()
-                self.clock.callLater(0, self._process)
+                if self._paused:
+                    self._paused = False
+                    self.transport.resumeProducing()
+                if self._buffer:
+                    self.clock.callLater(0, self._process)
+
+    def _pause(self) -> None:
+        if not self._paused and self._connected and not self.transport.disconnecting:
+            self._paused = True
+            self.transport.pauseProducing()
 
     def sendSyntaxError(self) -> None:
         self.sendCode(*EMPTY_COMMAND)

@@ -601,6 +601,21 @@ class PipeliningOrderTests(SMTPTestCase):
         )
         self.assertEqual(self.transport.producerState, "producing")
 
+    def test_pause_only_when_input_waits(self):
+        """A pending reply with nothing behind it keeps reading; input arriving meanwhile pauses."""
+        self.ehlo()
+        validator = DeferredValidator()
+        self.proto.delivery = validator
+        self.send(b"MAIL FROM:<a@b.example>\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(b"NO")
+        self.assertEqual(self.transport.producerState, "paused")
+        validator.pending[0][1].callback(twisted_smtp.Address(b"a@b.example"))
+        self.clock.advance(0)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(b"OP\r\n")
+        self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK", b"250 2.0.0 Ok"])
+
     def test_pipelined_transaction(self):
         """A whole pipelined transaction gets its replies in order and delivers."""
         self.ehlo()
