@@ -75,7 +75,9 @@ def crlf_size_of_chunks(chunks: Iterable[bytes]) -> int:
     for chunk in chunks:
         if not chunk:
             continue
-        total += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
+        total += len(chunk) + chunk.count(b"\n")
+        if b"\r" in chunk:  # counting CRLF is slow: only when there is a CR at all
+            total -= chunk.count(b"\r\n")
         if after_cr and chunk[:1] == b"\n":
             total -= 1
         after_cr = chunk[-1:] == b"\r"
@@ -194,7 +196,9 @@ def _crlf_size_of_path(path: str, expected: int = CHUNK_SIZE) -> int:
             chunk = os.read(fd, want)
             if not chunk:
                 return total
-            total += len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
+            total += len(chunk) + chunk.count(b"\n")
+            if b"\r" in chunk:  # counting CRLF is slow: only when there is a CR at all
+                total -= chunk.count(b"\r\n")
             if after_cr and chunk[:1] == b"\n":
                 total -= 1
             after_cr = chunk[-1:] == b"\r"
