@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 from unittest import mock
 
@@ -26,6 +27,7 @@ class DeliveryTestCase(unittest.TestCase):
         os.makedirs(self.mailroot)
         self.store = MaildirStore(self.mailroot, reactor=reactor)
         self.deliverer = delivery.MaildirDeliverer(self.store, "mx.example.org", reactor=reactor)
+        self.addCleanup(self.deliverer.stop)
 
     def listing(self, user, sub):
         return sorted(os.listdir(os.path.join(self.store.path_for(user), sub)))
@@ -324,6 +326,62 @@ class RemovedMaildirTests(DeliveryTestCase):
         for _ in range(3):
             self.deliverer.begin(["alice"]).abort()
         self.assertEqual(calls, ["alice"])
+
+
+class RecordingReactor:
+    """Just what Workers uses of a reactor: calls from threads are recorded, not run."""
+
+    def __init__(self):
+        self.calls = []
+        self.triggers = []
+
+    def callFromThread(self, f, *args):
+        self.calls.append((f, args))
+
+    def addSystemEventTrigger(self, phase, event, f):
+        self.triggers.append((phase, event, f))
+
+
+class WorkersTests(unittest.TestCase):
+    async def test_result_and_failure(self):
+        """A call's result, or its exception, reaches the Deferred in the reactor thread."""
+        workers = delivery.Workers(reactor, 2)
+        self.addCleanup(workers.stop)
+        threads = []
+        self.assertEqual(await workers.run(lambda a, b: a + b, 2, 3), 5)
+        await workers.run(lambda: threads.append(threading.current_thread()))
+        self.assertNotEqual(threads, [threading.current_thread()])
+        with self.assertRaises(ZeroDivisionError):
+            await workers.run(lambda: 1 // 0)
+
+    def test_stop_finishes_queued_jobs(self):
+        """Stopping (at reactor shutdown) runs what was queued, then ends the threads."""
+        fake = RecordingReactor()
+        workers = delivery.Workers(fake, 2)
+        self.assertEqual(fake.triggers, [("during", "shutdown", workers.stop)])
+        ran = []
+        for n in range(20):
+            workers.run(lambda n=n: ran.append(n) or n)
+        workers.stop()
+        self.assertEqual(sorted(ran), list(range(20)))
+        self.assertEqual(len(fake.calls), 20)
+        self.assertFalse(any(t.is_alive() for t in workers._threads))
+
+    def test_deliverer_starts_workers_once(self):
+        """A deliverer starts its threads at its first blocking call, and again after a stop."""
+        fake = RecordingReactor()
+        deliverer = delivery.MaildirDeliverer(None, "mx.example.org", reactor=fake)
+        self.assertIsNone(deliverer._workers)
+        deliverer.in_thread(lambda: None)
+        deliverer.in_thread(lambda: None)
+        self.assertEqual(len(fake.triggers), 1)
+        deliverer.stop()
+        deliverer.stop()
+        self.assertEqual(len(fake.calls), 2)
+        deliverer.in_thread(lambda: None)
+        self.assertEqual(len(fake.triggers), 2)
+        deliverer.stop()
+        self.assertEqual(len(fake.calls), 3)
 
 
 class StaleCleanupTests(DeliveryTestCase):
