@@ -57,6 +57,7 @@ class Config:
     smtp_max_line_length: int = 1000
     smtp_timeout: float = 300.0
     smtp_max_connections_per_peer: int = 20
+    smtp_postmaster: str = "postmaster"
 
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
@@ -180,6 +181,7 @@ _KEYS = {
     ("smtp", "max_line_length"): ("smtp_max_line_length", _positive_int),
     ("smtp", "timeout"): ("smtp_timeout", _positive_float),
     ("smtp", "max_connections_per_peer"): ("smtp_max_connections_per_peer", _positive_int),
+    ("smtp", "postmaster"): ("smtp_postmaster", _text),
 }
 
 

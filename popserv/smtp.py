@@ -191,8 +191,10 @@ class LocalDelivery:
         domains: tuple[str, ...],
         hostname: str,
         clock,
+        postmaster: str = "postmaster",
     ):
         self.session = session
+        self.postmaster = postmaster
         self.userdb = userdb
         self.deliverer = deliverer
         self.domains = frozenset(d.lower() for d in domains)
@@ -222,6 +224,10 @@ class LocalDelivery:
             local = address.local.decode("ascii")
         except UnicodeDecodeError:
             raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT)) from None
+        if local.lower() == "postmaster" and (domain in self.domains or domain == "localhost"):
+            # RFC 5321 section 4.5.1: postmaster is always accepted (a bare <postmaster>
+            # arrives with Twisted's default domain, localhost).
+            return self.postmaster
         if domain not in self.domains:
             raise smtp.SMTPBadRcpt(address, *_text(RELAY_DENIED))
         candidates = dict.fromkeys(
@@ -316,6 +322,7 @@ class ESMTPReceiver(smtp.ESMTP):
             self.factory.domains,
             self.factory.config.hostname,
             self.clock,
+            self.factory.config.smtp_postmaster,
         )
         super().connectionMade()
 

@@ -57,6 +57,7 @@ max_recipients = 10
 max_line_length = 2000
 timeout = 600
 max_connections_per_peer = 5
+postmaster = admin@example.org
 """
 
 
@@ -101,6 +102,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 smtp_max_line_length=2000,
                 smtp_timeout=600.0,
                 smtp_max_connections_per_peer=5,
+                smtp_postmaster="admin@example.org",
             ),
         )
 

@@ -236,6 +236,19 @@ class RecipientRuleTests(SMTPTestCase):
         """An address without a domain is taken to be at this host."""
         self.assertEqual(self.rcpt(b"alice"), b"250 2.1.5 Recipient OK")
 
+    def test_postmaster_always_accepted(self):
+        """postmaster at any local domain, or bare, is accepted though no such user exists."""
+        for address in (b"postmaster@mx.example.org", b"PostMaster@example.org", b"postmaster"):
+            self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
+        self.assertEqual(
+            self.proto.delivery.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
+            "postmaster",
+        )
+
+    def test_postmaster_elsewhere_is_not_relayed(self):
+        """postmaster at a foreign domain is relaying, and denied."""
+        self.assertEqual(self.rcpt(b"postmaster@elsewhere.example"), b"550 5.7.1 Relaying denied")
+
     def test_rcpt_parameters_refused(self):
         """RCPT parameters (no DSN here) get 555 5.5.4."""
         self.send(b"RCPT TO:<alice@mx.example.org> NOTIFY=NEVER\r\n")
