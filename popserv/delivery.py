@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IMaildropStore
+from popserv.maildir import fsync_dir
 
 log = Logger()
 
@@ -54,14 +55,6 @@ def unique_name(hostname: str, now_ns: int | None = None) -> str:
         now_ns = time.time_ns()
     secs, rest = divmod(now_ns, 1_000_000_000)
     return f"{secs}.M{rest // 1000:06d}P{os.getpid()}Q{next(_counter)}.{host_for_name(hostname)}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -152,7 +145,7 @@ class MaildirDelivery:
                     placed.append(target)
             # The new names must survive a crash; the temporary name leaving tmp/ need not.
             for directory in sorted({os.path.dirname(path) for path in placed}):
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as e:
             for path in placed:
                 _unlink_quietly(path)

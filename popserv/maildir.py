@@ -182,31 +182,25 @@ def _delivery_key(name: str, mtime_ns: int | None) -> tuple[int, int] | None:
 
 
 def _crlf_size_of_path(path: str, expected: int = CHUNK_SIZE) -> int:
-    """The CRLF size of a stored message, read with plain system calls (no file object).
-
-    ``expected`` (the size ``stat`` gave) lets a small message be read in one call: a
-    read that returns less than was asked for has reached the end.
-    """
+    """The CRLF size of a stored message, read with plain system calls (no file object)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        total = 0
-        after_cr = False
-        want = min(expected + 1, CHUNK_SIZE)
-        while True:
-            chunk = os.read(fd, want)
-            if not chunk:
-                return total
-            total += len(chunk) + chunk.count(b"\n")
-            if b"\r" in chunk:  # counting CRLF is slow: only when there is a CR at all
-                total -= chunk.count(b"\r\n")
-            if after_cr and chunk[:1] == b"\n":
-                total -= 1
-            after_cr = chunk[-1:] == b"\r"
-            if len(chunk) < want:
-                return total
-            want = CHUNK_SIZE
+        return crlf_size_of_chunks(_chunks_of(fd, expected))
     finally:
         os.close(fd)
+
+
+def _chunks_of(fd: int, expected: int):
+    """Read a file's chunks; ``expected`` (its ``stat`` size) lets a small one take one
+    call, since a read that returns less than was asked for has reached the end."""
+    want = min(expected + 1, CHUNK_SIZE)
+    while True:
+        chunk = os.read(fd, want)
+        if chunk:
+            yield chunk
+        if len(chunk) < want:
+            return
+        want = CHUNK_SIZE
 
 
 def _open_nofollow(path: str) -> BinaryIO:
@@ -222,7 +216,8 @@ def _mkdir(path: str) -> None:
         pass
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (new, renamed or removed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -589,7 +584,7 @@ class MaildirMaildrop:
                 touched.add(os.path.dirname(path))
         for directory in sorted(touched):
             try:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             except OSError as e:
                 log.warn(  # noqa: G010 (twisted.logger has no warning())
                     "Cannot fsync {path}: {reason}", path=directory, reason=str(e)
