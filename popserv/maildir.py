@@ -375,13 +375,18 @@ def _scan(
                 except FileNotFoundError:
                     continue  # removed by another agent while we listed
                 except OSError as e:
+                    parsed = _unreadable(dirent)
+                    if parsed is None:
+                        continue
                     log.warn(  # noqa: G010 (twisted.logger has no warning())
-                        "Leaving unreadable message {path} out of the snapshot: {reason}",
+                        "Listing unreadable message {path} with its size on disk: {reason}",
                         path=dirent.path,
                         reason=str(e),
                     )
-                    continue
-            parsed_now[name] = parsed
+                else:
+                    parsed_now[name] = parsed
+            else:
+                parsed_now[name] = parsed
             uidl, size, when, cached = parsed
             if cached is not None:
                 new_cache[uidl] = cached
@@ -407,6 +412,19 @@ def _scan(
     _assign_uidls(maildir, entries, inheritance or _DEFAULT_INHERITANCE)
     entries.sort(key=lambda e: e.order)
     return entries, parsed_now
+
+
+def _unreadable(dirent: os.DirEntry) -> _Parsed | None:
+    """A message whose size cannot be read: listed with its size on disk, so the client
+    sees it and gets ``-ERR [SYS/PERM]`` for it alone (not remembered: tried again at
+    the next listing).  None when even ``stat`` fails."""
+    try:
+        st = dirent.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    name = dirent.name
+    when = _delivery_key(name, st.st_mtime_ns)
+    return (uidl_for(name), st.st_size, (1, *when, unique_part(name)), None)
 
 
 def _parse(dirent: os.DirEntry, size_cache: dict[str, tuple[int, int]]):

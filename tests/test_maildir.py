@@ -487,20 +487,33 @@ class MaildirStoreTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unreadable_at_listing(self):
-        """A message whose size cannot be read is left out of the snapshot with a warning."""
+        """A message whose size cannot be read is listed with its size on disk and a
+        warning, so the client sees it; opening it fails, the others open."""
         self.write("new", "1700000000.M1P1Q1.h", b"a\n")
-        bad = self.write("new", "1700000001.M1P1Q1.h", b"b\n")
+        bad = self.write("new", "1700000001.M1P1Q1.h", b"bb\n")
         real_size = maildir._crlf_size_of_path
 
-        def refusing_size(path, *args):
-            if path == bad:
-                raise PermissionError(errno.EACCES, "Permission denied", path)
-            return real_size(path, *args)
+        real_open = maildir._open_nofollow
 
-        self.patch(maildir, "_crlf_size_of_path", refusing_size)
+        def refusing(real):
+            def call(path, *args):
+                if path == bad:
+                    raise PermissionError(errno.EACCES, "Permission denied", path)
+                return real(path, *args)
+
+            return call
+
+        self.patch(maildir, "_crlf_size_of_path", refusing(real_size))
+        self.patch(maildir, "_open_nofollow", refusing(real_open))
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.assertEqual((yield self.snapshot()), [("1700000000.M1P1Q1.h", 3)])
+        drop = yield self.open_maildrop()
+        self.assertEqual(
+            list(drop.messages()), [("1700000000.M1P1Q1.h", 3), ("1700000001.M1P1Q1.h", 3)]
+        )
         self.assertIn(bad, [e.get("path") for e in events if e["log_level"] == LogLevel.warn])
+        with drop.open(0) as f:
+            self.assertEqual(f.read(), b"a\n")
+        self.assertRaises(PermissionError, drop.open, 1)
 
     @defer.inlineCallbacks
     def test_ignores_non_messages(self):
