@@ -774,8 +774,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             raise _CommandError(Reply.BAD_BASE64) from None
 
     def _sasl_response(self, line: bytes) -> None:
-        """A client's answer to a "+ " challenge: base64 data, or "*" to cancel."""
-        self.resetTimeout()
+        """A client's answer to a "+ " challenge: base64 data, or "*" to cancel.
+
+        Like commands before login, answers do not restart the (absolute) login timer.
+        """
         if line.strip() == b"*":
             self._sasl = None
             self.say(Reply.AUTH_CANCELLED)

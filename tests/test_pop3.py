@@ -602,6 +602,15 @@ class LimitTests(POP3TestCase):
         self.clock.advance(self.config.pop3_login_timeout / 10 + 0.001)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_sasl_answers_do_not_restart_the_login_timer(self):
+        """Answers to SASL challenges before login leave the login timer running."""
+        self.send(b"AUTH LOGIN\r\n")
+        self.clock.advance(self.config.pop3_login_timeout - 1)
+        self.send(b64(b"alice") + b"\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_dribbled_bytes_do_not_keep_a_session(self):
         """A client sending one byte at a time never resets the timers."""
         self.login()
