@@ -794,21 +794,59 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self.say(e.reply)
 
     def _sasl_step(self, step) -> None:
-        from popserv.sasl import Challenge, SASLError
+        """Run one step of the exchange; a costly one (SCRAM's key derivation) in a thread."""
+        from popserv.sasl import SASLError
 
+        if getattr(self._sasl, "costly", False):
+            # Later commands wait, as for a login; the reactor serves everyone else.
+            self._begin_async()
+            d = self.factory.run_in_thread(step)
+            d.addCallbacks(self._sasl_async_result, self._sasl_async_error)
+            d.addErrback(lambda f: self.log.failure("pop3.sasl_error", f))
+            return
         try:
             result = step()
         except SASLError as e:
-            self._sasl = None
-            self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
-                          user=None, peer=self.peer, reason=f"bad SASL exchange: {e}")
+            self._sasl_refused(e)
             raise _CommandError(Reply.BAD_SASL) from None
+        self._sasl_result(result)
+
+    def _sasl_result(self, result) -> None:
+        from popserv.sasl import Challenge
+
         if isinstance(result, Challenge):
             self.send_line(b"+ " + base64.b64encode(result.data))
             return
         self._sasl = None
         credentials = result.credentials
         self.login(credentials, _username_of(credentials))
+
+    def _sasl_refused(self, error: Exception) -> None:
+        self._sasl = None
+        self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
+                      user=None, peer=self.peer, reason=f"bad SASL exchange: {error}")
+
+    def _sasl_async_result(self, result) -> None:
+        if not self._connected:
+            return
+        self._busy = False
+        self._sasl_result(result)
+        if not self._busy:  # a challenge: the client's answer may already be waiting
+            self._end_async()
+
+    def _sasl_async_error(self, failure: Failure) -> None:
+        from popserv.sasl import SASLError
+
+        if not self._connected:
+            return
+        if failure.check(SASLError):
+            self._sasl_refused(failure.value)
+            self.say(Reply.BAD_SASL)
+        else:
+            self.log.failure("pop3.sasl_error: {peer}", failure, peer=self.peer)
+            self._sasl = None
+            self.say(Reply.TEMP_FAILURE)
+        self._end_async()
 
     def do_APOP(self, rest: bytes) -> None:
         """APOP name digest (RFC 1939 section 7), only when enabled."""
@@ -1076,12 +1114,13 @@ class POP3Factory(ServerFactory):
     protocol = POP3Server
 
     def __init__(self, portal, config: Config | None = None, clock=None, tls=None,
-                 userdb=None, mechanisms=None):
+                 userdb=None, mechanisms=None, run_in_thread=None):
         """Wire a POP3 service.
 
         ``tls``: the server TLS connection creator for STLS, or None to not offer it.
         ``userdb``: the ``IUserDB`` that SASL mechanisms needing stored keys consult.
         ``mechanisms``: name -> mechanism class (default: ``popserv.sasl.MECHANISMS``).
+        ``run_in_thread``: how costly SASL steps leave the reactor thread (``deferToThread``).
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -1097,6 +1136,10 @@ class POP3Factory(ServerFactory):
         self.connections = 0
         self._per_peer: dict[str, int] = {}
         self.userdb = userdb
+        if run_in_thread is None:
+            from twisted.internet.threads import deferToThread as run_in_thread
+        #: Runs a blocking callable off the reactor thread, returning a Deferred.
+        self.run_in_thread = run_in_thread
         if mechanisms is None:
             from popserv.sasl import MECHANISMS as mechanisms
         enabled = [name.encode("ascii") for name in self.config.auth_mechanisms]

@@ -57,6 +57,8 @@ class _Mechanism:
 
     name: ClassVar[bytes]
     plaintext: ClassVar[bool] = False
+    #: Whether a step may take long (key derivation): the protocol runs it in a thread.
+    costly: ClassVar[bool] = False
 
     def __init__(self, hostname: str, userdb: IUserDB, nonce: Callable[[], bytes] | None = None):
         self.hostname = hostname
@@ -211,6 +213,7 @@ class _Scram(_Mechanism):
     """
 
     scram_name: ClassVar[str]
+    costly = True  # each lookup derives keys with PBKDF2
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -5,7 +5,7 @@ import hashlib
 import re
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
@@ -454,6 +454,71 @@ class InternationalTests(POP3TestCase):
         self.assertTrue(self.proto.utf8)
         self.login()
         self.assert_reply(b"UTF8\r\n", [Reply.WRONG_STATE])
+
+
+class SlowMechanism:
+    """A mechanism whose steps are costly, like SCRAM's key derivation."""
+
+    name = b"X-SLOW"
+    plaintext = False
+    costly = True
+
+    def __init__(self, hostname, userdb, nonce=None):
+        pass
+
+    def start(self, initial):
+        from popserv.sasl import Challenge
+
+        return Challenge(b"step")
+
+    def respond(self, data):
+        from popserv.sasl import SASLError, Success
+
+        if data != b"alice":
+            raise SASLError("who?")
+        return Success(UsernamePassword(b"alice", b"secret"))
+
+
+class CostlySASLTests(POP3TestCase):
+    """Costly SASL steps run off the reactor thread, and replies keep their order."""
+
+    def setUp(self):
+        super().setUp()
+        self.jobs = []
+
+        def run_in_thread(f):
+            d = defer.Deferred()
+            self.jobs.append((f, d))
+            return d
+
+        self.factory.run_in_thread = run_in_thread
+        self.factory.mechanisms = {b"X-SLOW": SlowMechanism}
+
+    def run_job(self):
+        f, d = self.jobs.pop(0)
+        try:
+            d.callback(f())
+        except Exception:
+            d.errback()
+
+    def test_steps_run_in_a_thread_and_answers_wait(self):
+        """Each step goes to the thread runner; a pipelined answer waits for its challenge."""
+        self.send(b"AUTH X-SLOW\r\n" + b64(b"alice") + b"\r\n")
+        self.assertEqual((self.lines(), len(self.jobs)), ([], 1))
+        self.run_job()
+        self.assertEqual(self.lines(), [b"+ " + b64(b"step")])
+        self.assertEqual(len(self.jobs), 1)
+        self.run_job()
+        self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
+
+    def test_a_refused_step_gets_err(self):
+        """A step that refuses the exchange in the thread gets -ERR; the session goes on."""
+        self.send(b"AUTH X-SLOW\r\n")
+        self.run_job()
+        self.send(b64(b"mallory") + b"\r\n")
+        self.run_job()
+        self.assertEqual(self.lines(), [b"+ " + b64(b"step"), Reply.BAD_SASL])
+        self.login()
 
 
 class APOPTests(POP3TestCase):
