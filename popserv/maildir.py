@@ -131,8 +131,12 @@ def unique_part(name: str) -> str:
 
 def _valid_uidl(text: str) -> bool:
     """RFC 1939: 1 to 70 characters from 0x21 to 0x7E."""
-    return (0 < len(text) <= MAX_UIDL_LENGTH and text.isascii() and text.isprintable()
-            and " " not in text)
+    return (
+        0 < len(text) <= MAX_UIDL_LENGTH
+        and text.isascii()
+        and text.isprintable()
+        and " " not in text
+    )
 
 
 def uidl_for(name: str) -> str:
@@ -162,7 +166,7 @@ def wire_size_from_name(name: str) -> int | None:
         end += 1
     if end == at + 3 or (end < len(name) and name[end] not in ",:"):
         return None
-    return int(name[at + 3:end])
+    return int(name[at + 3 : end])
 
 
 _DELIVERY_RE = re.compile(r"(\d+)\.(?:M(\d+))?")
@@ -400,12 +404,12 @@ def _scan(
                     other=earlier.path,
                 )
             by_uidl[uidl] = _Entry(uidl, size, dirent.path, when, uidl)
-    if old_cache is None and new_cache.keys() != {
-        p[0] for p in known.values() if p[3] is not None
-    }:
+    if old_cache is None and new_cache.keys() != {p[0] for p in known.values() if p[3] is not None}:
         old_cache = _read_size_cache(cache_path)  # names with computed sizes went away
-    if old_cache is not None and new_cache != old_cache and (
-        new_cache or os.path.exists(cache_path)
+    if (
+        old_cache is not None
+        and new_cache != old_cache
+        and (new_cache or os.path.exists(cache_path))
     ):
         _write_size_cache(cache_path, new_cache)
     entries = list(by_uidl.values())
@@ -526,8 +530,15 @@ def _xuidl_of(path: str, key: str, maildir: str) -> str | None:
 class MaildirMaildrop:
     """One locked Maildir as one POP3 session sees it; see ``IMaildrop``."""
 
-    def __init__(self, user: str, path: str, lock_file: BinaryIO, entries: list[_Entry], reactor,
-                 snapshot: tuple | None = None):
+    def __init__(
+        self,
+        user: str,
+        path: str,
+        lock_file: BinaryIO,
+        entries: list[_Entry],
+        reactor,
+        snapshot: tuple | None = None,
+    ):
         self.user = user
         self.path = path
         self._lock_file: BinaryIO | None = lock_file

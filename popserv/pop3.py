@@ -105,54 +105,59 @@ class Reply:
 
 
 #: RFC 6856 LANG: response texts in Spanish, keyed by the English template.
-SPANISH = {english: spanish.encode("utf-8") for english, spanish in {
-    Reply.GREETING: "+OK Servidor POP3 listo.",
-    Reply.UNKNOWN: "-ERR Orden desconocida.",
-    Reply.WRONG_STATE: "-ERR Orden no válida en este estado.",
-    Reply.LINE_TOO_LONG: "-ERR Línea de orden demasiado larga.",
-    Reply.BAD_ARGUMENTS: "-ERR Argumentos no válidos.",
-    Reply.NO_MESSAGE_NUMBER: "-ERR Falta el número de mensaje.",
-    Reply.BAD_MESSAGE_NUMBER: "-ERR Número de mensaje no válido.",
-    Reply.NO_SUCH_MESSAGE: "-ERR No existe ese mensaje.",
-    Reply.DELETED: "-ERR El mensaje está borrado.",
-    Reply.BAD_LINE_COUNT: "-ERR Número de líneas no válido.",
-    Reply.USER_FIRST: "-ERR Envíe USER primero.",
-    Reply.BAD_USER: "-ERR Nombre de usuario no válido.",
-    Reply.AUTH_FAILED: "-ERR [AUTH] Autenticación fallida.",
-    Reply.IN_USE: "-ERR [IN-USE] El buzón está bloqueado por otra sesión.",
-    Reply.LOGIN_DELAY: "-ERR [LOGIN-DELAY] Aún no ha pasado el tiempo mínimo entre accesos.",
-    Reply.TEMP_FAILURE: "-ERR [SYS/TEMP] Fallo temporal del servidor; inténtelo más tarde.",
-    Reply.UNREADABLE: "-ERR [SYS/PERM] No se puede leer el mensaje.",
-    Reply.COMMIT_FAILED: "-ERR [SYS/TEMP] No se pudieron eliminar algunos mensajes borrados.",
-    Reply.TIMEOUT: "-ERR Desconectado por inactividad.",
-    Reply.PLAINTEXT_REFUSED:
-        "-ERR [AUTH] No se admiten contraseñas en claro sin TLS; use STLS primero.",
-    Reply.ALREADY_TLS: "-ERR TLS ya está activo.",
-    Reply.NO_TLS: "-ERR TLS no está disponible.",
-    Reply.BEGIN_TLS: "+OK Comience la negociación TLS.",
-    Reply.NO_MECHANISM: "-ERR Mecanismo de autenticación no admitido.",
-    Reply.BAD_BASE64: "-ERR Datos base64 no válidos.",
-    Reply.AUTH_CANCELLED: "-ERR Autenticación cancelada.",
-    Reply.BAD_SASL: "-ERR Intercambio de autenticación no válido.",
-    Reply.NO_APOP: "-ERR APOP no está activado.",
-    Reply.MECHANISMS: "+OK Mecanismos admitidos:",
-    Reply.CAPA: "+OK Lista de capacidades:",
-    Reply.BYE: "+OK Adiós.",
-    Reply.LOGGED_IN: "+OK Sesión iniciada, %d mensajes (%d octetos).",
-    Reply.LOGGING_OUT: "+OK Cerrando la sesión, %d mensajes borrados.",
-    Reply.LISTING: "+OK %d mensajes (%d octetos)",
-    Reply.RETR: "+OK %d octetos",
-    Reply.MESSAGE_DELETED: "+OK Mensaje %d borrado.",
-    Reply.RESET: "+OK %d mensajes (%d octetos).",
-    Reply.TOO_MANY_CONNECTIONS: "-ERR [SYS/TEMP] Demasiadas conexiones; inténtelo más tarde.",
-    Reply.TOO_MANY_FAILURES:
-        "-ERR [SYS/TEMP] Demasiados accesos fallidos; inténtelo más tarde.",
-    Reply.TOO_MANY_BAD_COMMANDS: "-ERR Demasiadas órdenes erróneas; se cierra la conexión.",
-    Reply.UTF8: "+OK Modo UTF-8 activado.",
-    Reply.LANGUAGES: "+OK Lista de idiomas:",
-    Reply.LANGUAGE_SET: "+OK %s Idioma cambiado.",
-    Reply.NO_LANGUAGE: "-ERR Idioma no disponible.",
-}.items()}
+SPANISH = {
+    english: spanish.encode("utf-8")
+    for english, spanish in {
+        Reply.GREETING: "+OK Servidor POP3 listo.",
+        Reply.UNKNOWN: "-ERR Orden desconocida.",
+        Reply.WRONG_STATE: "-ERR Orden no válida en este estado.",
+        Reply.LINE_TOO_LONG: "-ERR Línea de orden demasiado larga.",
+        Reply.BAD_ARGUMENTS: "-ERR Argumentos no válidos.",
+        Reply.NO_MESSAGE_NUMBER: "-ERR Falta el número de mensaje.",
+        Reply.BAD_MESSAGE_NUMBER: "-ERR Número de mensaje no válido.",
+        Reply.NO_SUCH_MESSAGE: "-ERR No existe ese mensaje.",
+        Reply.DELETED: "-ERR El mensaje está borrado.",
+        Reply.BAD_LINE_COUNT: "-ERR Número de líneas no válido.",
+        Reply.USER_FIRST: "-ERR Envíe USER primero.",
+        Reply.BAD_USER: "-ERR Nombre de usuario no válido.",
+        Reply.AUTH_FAILED: "-ERR [AUTH] Autenticación fallida.",
+        Reply.IN_USE: "-ERR [IN-USE] El buzón está bloqueado por otra sesión.",
+        Reply.LOGIN_DELAY: "-ERR [LOGIN-DELAY] Aún no ha pasado el tiempo mínimo entre accesos.",
+        Reply.TEMP_FAILURE: "-ERR [SYS/TEMP] Fallo temporal del servidor; inténtelo más tarde.",
+        Reply.UNREADABLE: "-ERR [SYS/PERM] No se puede leer el mensaje.",
+        Reply.COMMIT_FAILED: "-ERR [SYS/TEMP] No se pudieron eliminar algunos mensajes borrados.",
+        Reply.TIMEOUT: "-ERR Desconectado por inactividad.",
+        Reply.PLAINTEXT_REFUSED: (
+            "-ERR [AUTH] No se admiten contraseñas en claro sin TLS; use STLS primero."
+        ),
+        Reply.ALREADY_TLS: "-ERR TLS ya está activo.",
+        Reply.NO_TLS: "-ERR TLS no está disponible.",
+        Reply.BEGIN_TLS: "+OK Comience la negociación TLS.",
+        Reply.NO_MECHANISM: "-ERR Mecanismo de autenticación no admitido.",
+        Reply.BAD_BASE64: "-ERR Datos base64 no válidos.",
+        Reply.AUTH_CANCELLED: "-ERR Autenticación cancelada.",
+        Reply.BAD_SASL: "-ERR Intercambio de autenticación no válido.",
+        Reply.NO_APOP: "-ERR APOP no está activado.",
+        Reply.MECHANISMS: "+OK Mecanismos admitidos:",
+        Reply.CAPA: "+OK Lista de capacidades:",
+        Reply.BYE: "+OK Adiós.",
+        Reply.LOGGED_IN: "+OK Sesión iniciada, %d mensajes (%d octetos).",
+        Reply.LOGGING_OUT: "+OK Cerrando la sesión, %d mensajes borrados.",
+        Reply.LISTING: "+OK %d mensajes (%d octetos)",
+        Reply.RETR: "+OK %d octetos",
+        Reply.MESSAGE_DELETED: "+OK Mensaje %d borrado.",
+        Reply.RESET: "+OK %d mensajes (%d octetos).",
+        Reply.TOO_MANY_CONNECTIONS: "-ERR [SYS/TEMP] Demasiadas conexiones; inténtelo más tarde.",
+        Reply.TOO_MANY_FAILURES: (
+            "-ERR [SYS/TEMP] Demasiados accesos fallidos; inténtelo más tarde."
+        ),
+        Reply.TOO_MANY_BAD_COMMANDS: "-ERR Demasiadas órdenes erróneas; se cierra la conexión.",
+        Reply.UTF8: "+OK Modo UTF-8 activado.",
+        Reply.LANGUAGES: "+OK Lista de idiomas:",
+        Reply.LANGUAGE_SET: "+OK %s Idioma cambiado.",
+        Reply.NO_LANGUAGE: "-ERR Idioma no disponible.",
+    }.items()
+}
 
 #: Response languages (RFC 6856 LANG): tag -> (description, translations).
 LANGUAGES = {
@@ -321,8 +326,9 @@ class MessageStreamer:
         try:
             raw = self._source.read(CHUNK_SIZE)
         except OSError as e:
-            self._protocol.log.error("pop3.unreadable: {user}: {error}",
-                                     user=self._protocol.user, error=e)
+            self._protocol.log.error(
+                "pop3.unreadable: {user}: {error}", user=self._protocol.user, error=e
+            )
             self._stop()
             if self._header:
                 # Nothing sent yet: the client can be told and the session goes on.
@@ -444,8 +450,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         if self.factory.config.auth_apop:
             # RFC 1939 section 7: a timestamp unique to this greeting.
             self._apop_stamp = b"<%d.%d.%s@%s>" % (
-                os.getpid(), time.time_ns(), os.urandom(6).hex().encode("ascii"),
-                self.factory.config.hostname.encode("idna"))
+                os.getpid(),
+                time.time_ns(),
+                os.urandom(6).hex().encode("ascii"),
+                self.factory.config.hostname.encode("idna"),
+            )
             self.say(Reply.GREETING + b" " + self._apop_stamp)
         else:
             self.say(Reply.GREETING)
@@ -456,8 +465,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._counted = False
             self.factory.connection_closed(self.peer)
         if reason is not None and self.secure and _is_tls_error(reason):
-            self.log.info("pop3.tls_failed: {peer}: {error}", peer=self.peer,
-                          error=reason.getErrorMessage())
+            self.log.info(
+                "pop3.tls_failed: {peer}: {error}", peer=self.peer, error=reason.getErrorMessage()
+            )
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
@@ -574,8 +584,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._bad_commands += 1
         self.say(reply)
         if self._bad_commands >= self.factory.config.pop3_max_bad_commands:
-            self.log.info("pop3.bad_commands: {peer} {user}: closing after {count}",
-                          peer=self.peer, user=self.user, count=self._bad_commands)
+            self.log.info(
+                "pop3.bad_commands: {peer} {user}: closing after {count}",
+                peer=self.peer,
+                user=self.user,
+                count=self._bad_commands,
+            )
             self.say(Reply.TOO_MANY_BAD_COMMANDS)
             self.transport.loseConnection()
             self._connected = False
@@ -702,8 +716,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         """List the response languages, or choose one (a language range; "*": the default)."""
         args = rest.split()
         if not args:
-            self.send_multiline(self.text(Reply.LANGUAGES),
-                                [tag + b" " + name for tag, (name, _) in LANGUAGES.items()])
+            self.send_multiline(
+                self.text(Reply.LANGUAGES),
+                [tag + b" " + name for tag, (name, _) in LANGUAGES.items()],
+            )
             return
         if len(args) > 1:
             raise _CommandError(Reply.BAD_ARGUMENTS)
@@ -741,8 +757,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def offered_mechanisms(self) -> list[bytes]:
         """SASL mechanisms enabled and allowed on this connection (no plaintext ones in clear)."""
         plaintext_ok = self.plaintext_allowed()
-        return [name for name, mechanism in self.factory.mechanisms.items()
-                if plaintext_ok or not mechanism.plaintext]
+        return [
+            name
+            for name, mechanism in self.factory.mechanisms.items()
+            if plaintext_ok or not mechanism.plaintext
+        ]
 
     def do_AUTH(self, rest: bytes) -> None:
         """SASL authentication (RFC 5034); bare AUTH lists the mechanisms (RFC 1734 form)."""
@@ -761,9 +780,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         initial = None
         if len(args) == 2:
             initial = b"" if args[1] == b"=" else self._decode_base64(args[1])
-        self._sasl = mechanism(
-            self.factory.config.hostname, self.factory.userdb
-        )
+        self._sasl = mechanism(self.factory.config.hostname, self.factory.userdb)
         self._sasl_step(lambda: self._sasl.start(initial))
 
     @staticmethod
@@ -823,8 +840,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def _sasl_refused(self, error: Exception) -> None:
         self._sasl = None
-        self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
-                      user=None, peer=self.peer, reason=f"bad SASL exchange: {error}")
+        self.log.info(
+            "pop3.login_failed: {user} from {peer} ({reason})",
+            user=None,
+            peer=self.peer,
+            reason=f"bad SASL exchange: {error}",
+        )
 
     def _sasl_async_result(self, result) -> None:
         if not self._connected:
@@ -859,8 +880,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             raise _CommandError(Reply.BAD_ARGUMENTS)
         name, digest = args
         # Twisted's APOPCredentials compares with a hex *str* digest.
-        credentials = APOPCredentials(self._apop_stamp, name,
-                                      digest.decode("ascii", "replace").lower())
+        credentials = APOPCredentials(
+            self._apop_stamp, name, digest.decode("ascii", "replace").lower()
+        )
         self.login(credentials, _username_of(credentials))
 
     def do_USER(self, rest: bytes) -> None:
@@ -895,19 +917,25 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._begin_async()
         if self.factory.too_many_failures(self.peer):
             # This address failed too often: refuse without checking, after the delay.
-            self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
-                          user=user, peer=self.peer, reason="too many failures")
-            self._delayed = self.callLater(self.factory.failure_delay(self.peer),
-                                           self._reply_and_continue, Reply.TOO_MANY_FAILURES)
+            self.log.info(
+                "pop3.login_failed: {user} from {peer} ({reason})",
+                user=user,
+                peer=self.peer,
+                reason="too many failures",
+            )
+            self._delayed = self.callLater(
+                self.factory.failure_delay(self.peer),
+                self._reply_and_continue,
+                Reply.TOO_MANY_FAILURES,
+            )
             return
         if user is None or not user:
             d = defer.fail(UnauthorizedLogin("undecodable user name"))
         else:
-            d = defer.maybeDeferred(
-                self.factory.portal.login, credentials, None, IMaildrop
-            )
-        d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(user,),
-                       errbackArgs=(user,))
+            d = defer.maybeDeferred(self.factory.portal.login, credentials, None, IMaildrop)
+        d.addCallbacks(
+            self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,)
+        )
         d.addErrback(lambda f: self.log.failure("pop3.login_error", f))
 
     def _logged_in(self, result, user: str) -> None:
@@ -921,8 +949,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             last = self.factory.last_logins.get(user)
             if last is not None and now - last < delay:
                 logout()
-                self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
-                              user=user, peer=self.peer, reason="login-delay")
+                self.log.info(
+                    "pop3.login_failed: {user} from {peer} ({reason})",
+                    user=user,
+                    peer=self.peer,
+                    reason="login-delay",
+                )
                 self.say(Reply.LOGIN_DELAY)
                 self._end_async()
                 return
@@ -937,8 +969,13 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.state = TRANSACTION
         self.setTimeout(self.factory.config.pop3_timeout)
         count = len(self._messages)
-        self.log.info("pop3.login: {user} from {peer}, {count} messages ({octets} octets)",
-                      user=user, peer=self.peer, count=count, octets=octets)
+        self.log.info(
+            "pop3.login: {user} from {peer}, {count} messages ({octets} octets)",
+            user=user,
+            peer=self.peer,
+            count=count,
+            octets=octets,
+        )
         self.say(Reply.LOGGED_IN, count, octets)
         self._end_async()
 
@@ -950,11 +987,16 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         elif failure.check(UserDBUnavailable):
             reason, reply, delay = "user database unavailable", Reply.TEMP_FAILURE, False
         else:
-            self.log.failure("pop3.login_error: {user} from {peer}", failure,
-                             user=user, peer=self.peer)
+            self.log.failure(
+                "pop3.login_error: {user} from {peer}", failure, user=user, peer=self.peer
+            )
             reason, reply, delay = "server error", Reply.TEMP_FAILURE, False
-        self.log.info("pop3.login_failed: {user} from {peer} ({reason})",
-                      user=user, peer=self.peer, reason=reason)
+        self.log.info(
+            "pop3.login_failed: {user} from {peer} ({reason})",
+            user=user,
+            peer=self.peer,
+            reason=reason,
+        )
         if not self._connected:
             return
         seconds = self.factory.failure_delay(self.peer) if delay else 0
@@ -993,8 +1035,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def _commit_failed(self, failure: Failure) -> None:
         self._committing = False
         if failure.check(CommitFailed):
-            self.log.error("pop3.commit_failed: {user}: {failed} messages not removed",
-                           user=self.user, failed=failure.value.failed)
+            self.log.error(
+                "pop3.commit_failed: {user}: {failed} messages not removed",
+                user=self.user,
+                failed=failure.value.failed,
+            )
         else:
             self.log.failure("pop3.commit_failed: {user}", failure, user=self.user)
         self._end_session("quit, commit failed")
@@ -1009,7 +1054,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.log.info(
             "pop3.logout: {user} from {peer} ({how}): {retrieved} retrieved, "
             "{deleted} deleted, {bytes_sent} bytes sent",
-            user=self.user, peer=self.peer, how=how, retrieved=self.retrieved,
+            user=self.user,
+            peer=self.peer,
+            how=how,
+            retrieved=self.retrieved,
             deleted=self.deleted if how.startswith("quit") else 0,
             bytes_sent=self.bytes_sent,
         )
@@ -1081,8 +1129,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         try:
             source = self.maildrop.open(index)
         except OSError as e:
-            self.log.error("pop3.unreadable: {user} message {number}: {error}",
-                           user=self.user, number=index + 1, error=e)
+            self.log.error(
+                "pop3.unreadable: {user} message {number}: {error}",
+                user=self.user,
+                number=index + 1,
+                error=e,
+            )
             raise _CommandError(Reply.UNREADABLE) from None
         self._begin_async()
         self._streamer = MessageStreamer(self, source, header, limiter)
@@ -1113,8 +1165,16 @@ class POP3Factory(ServerFactory):
 
     protocol = POP3Server
 
-    def __init__(self, portal, config: Config | None = None, clock=None, tls=None,
-                 userdb=None, mechanisms=None, run_in_thread=None):
+    def __init__(
+        self,
+        portal,
+        config: Config | None = None,
+        clock=None,
+        tls=None,
+        userdb=None,
+        mechanisms=None,
+        run_in_thread=None,
+    ):
         """Wire a POP3 service.
 
         ``tls``: the server TLS connection creator for STLS, or None to not offer it.
@@ -1176,8 +1236,10 @@ class POP3Factory(ServerFactory):
 
     def connection_opened(self, peer: str) -> bool:
         """Count a new connection; False (not counted) when over a limit."""
-        if (self.connections >= self.config.pop3_max_connections
-                or self._per_peer.get(peer, 0) >= self.config.pop3_max_connections_per_peer):
+        if (
+            self.connections >= self.config.pop3_max_connections
+            or self._per_peer.get(peer, 0) >= self.config.pop3_max_connections_per_peer
+        ):
             return False
         self.connections += 1
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
@@ -1196,8 +1258,9 @@ class POP3Factory(ServerFactory):
     @config.setter
     def config(self, config: Config) -> None:
         self._config = config
-        self._trusted = [ipaddress.ip_network(n, strict=False)
-                         for n in config.auth_trusted_networks]
+        self._trusted = [
+            ipaddress.ip_network(n, strict=False) for n in config.auth_trusted_networks
+        ]
 
     def is_trusted(self, address) -> bool:
         """Whether a peer may log in with a plaintext password without TLS.
@@ -1239,4 +1302,5 @@ def _username_of(credentials) -> str | None:
 
 def _is_tls_error(reason: Failure) -> bool:
     from OpenSSL.SSL import Error
+
     return reason.check(Error) is not None

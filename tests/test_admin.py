@@ -287,12 +287,30 @@ class ModuleEntryTests(unittest.TestCase):
         mail = os.path.join(root, "mail")
         env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
         subprocess.run(
-            [sys.executable, "-m", "popserv", "adduser", "--users", users, "--mailroot", mail,
-             "--password-stdin", "--scheme", "PLAIN", "carol"],
-            input=b"pw\n", env=env, check=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "popserv",
+                "adduser",
+                "--users",
+                users,
+                "--mailroot",
+                mail,
+                "--password-stdin",
+                "--scheme",
+                "PLAIN",
+                "carol",
+            ],
+            input=b"pw\n",
+            env=env,
+            check=True,
+            timeout=60,
         )
         listed = subprocess.run(
             [sys.executable, "-m", "popserv", "list", "--users", users, "--mailroot", mail],
-            env=env, check=True, capture_output=True, timeout=60,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         self.assertEqual(listed.stdout, b"carol\n")

@@ -80,8 +80,11 @@ class MailboxMaildropTests(unittest.TestCase):
         """The mailbox's deleteMessage runs only at QUIT, through a real POP3 session."""
         mailbox = ListMailbox([b"Subject: x\r\n\r\nhi\r\n", b"Subject: y\r\n\r\nyo\r\n"])
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
-        factory = POP3Factory(Portal(MailboxRealm(mailbox), [checker]),
-                              Config(auth_allow_plaintext=True), clock=task.Clock())
+        factory = POP3Factory(
+            Portal(MailboxRealm(mailbox), [checker]),
+            Config(auth_allow_plaintext=True),
+            clock=task.Clock(),
+        )
         proto = factory.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)

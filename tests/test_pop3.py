@@ -78,8 +78,9 @@ class POP3TestCase(unittest.TestCase):
     """A POP3 session over a StringTransport, with a fake maildrop store."""
 
     peer = IPv4Address("TCP", "192.0.2.7", 40000)
-    config = Config(hostname="pop.example.org", pop3_failure_delay=1.0,
-                    auth_trusted_networks=("192.0.2.0/24",))
+    config = Config(
+        hostname="pop.example.org", pop3_failure_delay=1.0, auth_trusted_networks=("192.0.2.0/24",)
+    )
 
     def setUp(self):
         self.clock = task.Clock()
@@ -140,11 +141,24 @@ class GreetingTests(POP3TestCase):
 class CapaTests(POP3TestCase):
     def test_capa_in_authorization(self):
         """CAPA lists exactly the capabilities on offer before login."""
-        self.assert_reply(b"CAPA\r\n", [
-            Reply.CAPA, b"TOP", b"UIDL", b"USER", b"SASL PLAIN LOGIN", b"RESP-CODES",
-            b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER", b"UTF8 USER", b"LANG",
-            b"IMPLEMENTATION popserv-" + pop3.__version__.encode(), b".",
-        ])
+        self.assert_reply(
+            b"CAPA\r\n",
+            [
+                Reply.CAPA,
+                b"TOP",
+                b"UIDL",
+                b"USER",
+                b"SASL PLAIN LOGIN",
+                b"RESP-CODES",
+                b"PIPELINING",
+                b"AUTH-RESP-CODE",
+                b"EXPIRE NEVER",
+                b"UTF8 USER",
+                b"LANG",
+                b"IMPLEMENTATION popserv-" + pop3.__version__.encode(),
+                b".",
+            ],
+        )
 
     def test_capa_in_transaction_drops_user(self):
         """After login, CAPA no longer offers USER."""
@@ -196,8 +210,9 @@ class TLSPolicyTests(POP3TestCase):
 
     def test_user_refused_in_clear(self):
         """USER and PASS are refused with [AUTH] and a hint to use STLS."""
-        self.assert_reply(b"USER alice\r\nPASS secret\r\n",
-                          [Reply.PLAINTEXT_REFUSED, Reply.PLAINTEXT_REFUSED])
+        self.assert_reply(
+            b"USER alice\r\nPASS secret\r\n", [Reply.PLAINTEXT_REFUSED, Reply.PLAINTEXT_REFUSED]
+        )
         self.assertIn(b"STLS", Reply.PLAINTEXT_REFUSED)
 
     def test_trusted_network_may_use_user(self):
@@ -208,8 +223,9 @@ class TLSPolicyTests(POP3TestCase):
 
     def test_allow_plaintext_config(self):
         """The allow_plaintext setting lets legacy clients log in without TLS."""
-        self.factory.config = self.config.replace(auth_trusted_networks=(),
-                                                  auth_allow_plaintext=True)
+        self.factory.config = self.config.replace(
+            auth_trusted_networks=(), auth_allow_plaintext=True
+        )
         proto, transport = self.connect()
         self.login(proto=proto, transport=transport)
 
@@ -340,7 +356,7 @@ class SASLTests(POP3TestCase):
         self.login()
 
     def test_empty_initial_response(self):
-        """"=" is an empty initial response: PLAIN then finds no credentials in it."""
+        """ "=" is an empty initial response: PLAIN then finds no credentials in it."""
         self.assert_reply(b"AUTH PLAIN =\r\n", [Reply.BAD_SASL])
 
     def test_unknown_mechanism(self):
@@ -396,8 +412,9 @@ class InternationalTests(POP3TestCase):
 
     def test_lang_lists_languages(self):
         """LANG alone lists the languages, English and Spanish."""
-        self.assert_reply(b"LANG\r\n", [Reply.LANGUAGES, b"en English",
-                                          "es Español".encode(), b"."])
+        self.assert_reply(
+            b"LANG\r\n", [Reply.LANGUAGES, b"en English", "es Español".encode(), b"."]
+        )
 
     def test_lang_es_switches_replies(self):
         """After LANG es, replies come in Spanish, with their response codes unchanged."""
@@ -436,8 +453,13 @@ class InternationalTests(POP3TestCase):
         ].addUser("josé".encode(), "contraseña".encode())
         self.store.mailboxes["josé"] = []
         # "e" + combining acute accent: the same name once normalized.
-        self.send(b"UTF8\r\nUSER " + "jose\u0301".encode() + b"\r\nPASS "
-                  + "contraseña".encode() + b"\r\n")
+        self.send(
+            b"UTF8\r\nUSER "
+            + "jose\u0301".encode()
+            + b"\r\nPASS "
+            + "contraseña".encode()
+            + b"\r\n"
+        )
         replies = self.lines()
         self.assertTrue(replies[-1].startswith(b"+OK Logged in"), replies)
         self.assertEqual(self.proto.user, "josé")
@@ -599,8 +621,12 @@ class LimitTests(POP3TestCase):
     """Limits on connections, bad commands, failed logins and slow clients."""
 
     config = POP3TestCase.config.replace(
-        pop3_max_connections=4, pop3_max_connections_per_peer=2, pop3_max_bad_commands=3,
-        pop3_max_failures=3, pop3_login_timeout=1000)
+        pop3_max_connections=4,
+        pop3_max_connections_per_peer=2,
+        pop3_max_bad_commands=3,
+        pop3_max_failures=3,
+        pop3_login_timeout=1000,
+    )
 
     def test_connections_per_peer(self):
         """A peer over its connection limit gets -ERR [SYS/TEMP] and is closed."""
@@ -631,15 +657,18 @@ class LimitTests(POP3TestCase):
     def test_bad_commands_in_a_row_close(self):
         """After too many bad commands in a row, the server says so and hangs up."""
         self.send(b"FOO\r\nBAR\r\nNOOP\r\n")
-        self.assertEqual(self.lines(), [Reply.UNKNOWN, Reply.UNKNOWN, Reply.WRONG_STATE,
-                                        Reply.TOO_MANY_BAD_COMMANDS])
+        self.assertEqual(
+            self.lines(),
+            [Reply.UNKNOWN, Reply.UNKNOWN, Reply.WRONG_STATE, Reply.TOO_MANY_BAD_COMMANDS],
+        )
         self.assertTrue(self.transport.disconnecting)
 
     def test_a_good_command_resets_the_count(self):
         """A successful command in between starts the count of bad ones afresh."""
         self.send(b"FOO\r\nBAR\r\nUSER alice\r\nFOO\r\nBAR\r\n")
-        self.assertEqual(self.lines(), [Reply.UNKNOWN, Reply.UNKNOWN, b"+OK",
-                                        Reply.UNKNOWN, Reply.UNKNOWN])
+        self.assertEqual(
+            self.lines(), [Reply.UNKNOWN, Reply.UNKNOWN, b"+OK", Reply.UNKNOWN, Reply.UNKNOWN]
+        )
         self.assertFalse(self.transport.disconnecting)
         self.send(b"BAZ\r\nCAPA\r\n")
         self.assertEqual(self.lines(), [Reply.UNKNOWN, Reply.TOO_MANY_BAD_COMMANDS])
@@ -690,15 +719,21 @@ class AuthorizationTests(POP3TestCase):
         """USER then PASS with the right password enters TRANSACTION."""
         self.assert_reply(b"USER alice\r\n", [b"+OK"])
         self.send(b"PASS secret\r\n")
-        self.assertEqual(self.lines(), [b"+OK Logged in, 3 messages (%d octets)." % (
-            len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))])
+        self.assertEqual(
+            self.lines(),
+            [
+                b"+OK Logged in, 3 messages (%d octets)."
+                % (len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))
+            ],
+        )
         self.assertEqual(self.proto.state, pop3.TRANSACTION)
 
     def test_commands_are_case_insensitive(self):
         """Command keywords match in any case (RFC 1939 section 3)."""
         self.send(b"user alice\r\npAsS secret\r\nstat\r\n")
-        self.assertEqual(self.lines()[-1], b"+OK 3 %d" % (
-            len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3))))
+        self.assertEqual(
+            self.lines()[-1], b"+OK 3 %d" % (len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))
+        )
 
     def test_wrong_password_fails_after_delay(self):
         """A wrong password gets -ERR [AUTH], only after the failure delay."""
@@ -797,8 +832,9 @@ class WrongInputTests(POP3TestCase):
 
     def test_overlong_line(self):
         """A line over 255 octets gets -ERR and the next command still works."""
-        self.assert_reply(b"NOOP " + b"x" * 300 + b"\r\nUSER alice\r\n",
-                          [Reply.LINE_TOO_LONG, b"+OK"])
+        self.assert_reply(
+            b"NOOP " + b"x" * 300 + b"\r\nUSER alice\r\n", [Reply.LINE_TOO_LONG, b"+OK"]
+        )
 
     def test_overlong_line_in_pieces(self):
         """An over-long line arriving in pieces is answered once, when it ends."""
@@ -835,11 +871,16 @@ class TransactionTests(POP3TestCase):
     def test_list_all(self):
         """LIST answers one "number size" line per message, sizes with CRLF line ends."""
         total = len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3))
-        self.assert_reply(b"LIST\r\n", [
-            b"+OK 3 messages (%d octets)" % total,
-            b"1 %d" % len(wire(MSG1)), b"2 %d" % len(wire(MSG2)), b"3 %d" % len(wire(MSG3)),
-            b".",
-        ])
+        self.assert_reply(
+            b"LIST\r\n",
+            [
+                b"+OK 3 messages (%d octets)" % total,
+                b"1 %d" % len(wire(MSG1)),
+                b"2 %d" % len(wire(MSG2)),
+                b"3 %d" % len(wire(MSG3)),
+                b".",
+            ],
+        )
 
     def test_list_one(self):
         """LIST n answers that message's size on one line."""
@@ -872,17 +913,22 @@ class TransactionTests(POP3TestCase):
     def test_uidl(self):
         """UIDL lists the unique ids; UIDL n gives one."""
         uidls = [uidl.encode() for uidl, _ in self.proto.maildrop.messages()]
-        self.assert_reply(b"UIDL\r\n", [b"+OK", b"1 " + uidls[0], b"2 " + uidls[1],
-                                         b"3 " + uidls[2], b"."])
+        self.assert_reply(
+            b"UIDL\r\n", [b"+OK", b"1 " + uidls[0], b"2 " + uidls[1], b"3 " + uidls[2], b"."]
+        )
         self.assert_reply(b"UIDL 3\r\n", [b"+OK 3 " + uidls[2]])
 
     def test_retr_crlf_and_dot_stuffing(self):
         """RETR sends CRLF line ends, stuffs dot-led lines, and ends with a lone dot."""
         self.received()
         self.send(b"RETR 1\r\n")
-        self.assertEqual(self.received(), b"+OK %d octets\r\n" % len(wire(MSG1))
-                         + b"From: a@example.org\r\nSubject: one\r\n\r\nHello\r\n"
-                         b"..\r\n...two dots\r\n.\r\n")
+        self.assertEqual(
+            self.received(),
+            b"+OK %d octets\r\n"
+            % len(wire(MSG1))
+            + b"From: a@example.org\r\nSubject: one\r\n\r\nHello\r\n"
+            b"..\r\n...two dots\r\n.\r\n",
+        )
 
     def test_retr_size_matches_list(self):
         """What RETR sends before the terminator, un-stuffed, is exactly LIST's size."""
@@ -921,8 +967,11 @@ class TransactionTests(POP3TestCase):
         """TOP n k with k past the end sends the whole message, as fetchmail needs."""
         self.received()
         self.send(b"TOP 1 99999999\r\n")
-        self.assertEqual(self.received(), b"+OK\r\nFrom: a@example.org\r\nSubject: one\r\n\r\n"
-                         b"Hello\r\n..\r\n...two dots\r\n.\r\n")
+        self.assertEqual(
+            self.received(),
+            b"+OK\r\nFrom: a@example.org\r\nSubject: one\r\n\r\n"
+            b"Hello\r\n..\r\n...two dots\r\n.\r\n",
+        )
 
     def test_dele_marks_only(self):
         """DELE marks a message: it leaves LIST, STAT and UIDL and refuses RETR, LIST n, TOP."""
@@ -932,15 +981,19 @@ class TransactionTests(POP3TestCase):
         self.received()
         self.send(b"LIST\r\n")
         listing = self.lines()
-        self.assertEqual(listing[1:], [b"1 %d" % len(wire(MSG1)), b"3 %d" % len(wire(MSG3)),
-                                       b"."])
+        self.assertEqual(listing[1:], [b"1 %d" % len(wire(MSG1)), b"3 %d" % len(wire(MSG3)), b"."])
         self.assertEqual(len(self.store.mailboxes["alice"]), 3)
 
     def test_rset_undeletes(self):
         """RSET unmarks every deleted message."""
         self.send(b"DELE 1\r\nDELE 3\r\n")
-        self.assert_reply(b"RSET\r\n", [b"+OK 3 messages (%d octets)." % (
-            len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))])
+        self.assert_reply(
+            b"RSET\r\n",
+            [
+                b"+OK 3 messages (%d octets)."
+                % (len(wire(MSG1)) + len(wire(MSG2)) + len(wire(MSG3)))
+            ],
+        )
         self.assert_reply(b"LIST 1\r\n", [b"+OK 1 %d" % len(wire(MSG1))])
 
     def test_noop(self):
@@ -1033,8 +1086,9 @@ class PipeliningTests(POP3TestCase):
         transport.clear()
         body, _, rest = out.partition(b"\r\n.\r\n")
         self.assertEqual(rest, b"+OK\r\n+OK 1 %d\r\n" % len(wire(big)))
-        self.assertEqual(body.split(b"\r\n", 1)[1].replace(b"\r\n..", b"\r\n.") + b"\r\n",
-                         wire(big))
+        self.assertEqual(
+            body.split(b"\r\n", 1)[1].replace(b"\r\n..", b"\r\n.") + b"\r\n", wire(big)
+        )
 
     def test_thousands_of_commands_in_one_packet(self):
         """Every one of thousands of commands in one packet gets its reply, in order."""
@@ -1042,9 +1096,14 @@ class PipeliningTests(POP3TestCase):
         self.send(b"".join(b"LIST %d\r\n" % (i % 3 + 1) for i in range(6000)))
         replies = self.lines()
         self.assertEqual(len(replies), 6000)
-        self.assertEqual(replies[3:6], [b"+OK 1 %d" % len(wire(MSG1)),
-                                        b"+OK 2 %d" % len(wire(MSG2)),
-                                        b"+OK 3 %d" % len(wire(MSG3))])
+        self.assertEqual(
+            replies[3:6],
+            [
+                b"+OK 1 %d" % len(wire(MSG1)),
+                b"+OK 2 %d" % len(wire(MSG2)),
+                b"+OK 3 %d" % len(wire(MSG3)),
+            ],
+        )
 
     def test_login_failure_holds_pipelined_commands(self):
         """Commands pipelined after a bad PASS wait for its delayed reply."""
@@ -1068,14 +1127,18 @@ class StreamingTests(POP3TestCase):
         self.login(b"bob", b"hunter2", proto=proto, transport=transport)
         reads = []
         opened = proto.maildrop.open
+
         def spy_open(index):
             source = opened(index)
             real_read = source.read
+
             def read(n=-1):
                 reads.append(n)
                 return real_read(n)
+
             source.read = read
             return source
+
         proto.maildrop.open = spy_open
         self.patch(pop3, "CHUNK_SIZE", 4096)
         proto.dataReceived(b"RETR 1\r\n")
@@ -1142,8 +1205,10 @@ class LoggingTests(POP3TestCase):
         formats = [e["log_format"].split(":")[0] for e in events]
         self.assertIn("pop3.login", formats)
         logout = [e for e in events if e["log_format"].startswith("pop3.logout")][0]
-        self.assertEqual((logout["user"], logout["peer"], logout["retrieved"], logout["deleted"]),
-                         ("alice", "192.0.2.7", 1, 1))
+        self.assertEqual(
+            (logout["user"], logout["peer"], logout["retrieved"], logout["deleted"]),
+            ("alice", "192.0.2.7", 1, 1),
+        )
 
     def test_failed_login_logged_without_password(self):
         """A failed login logs the peer, the user and the reason, never the password."""
@@ -1151,8 +1216,10 @@ class LoggingTests(POP3TestCase):
         self.send(b"USER alice\r\nPASS topsecret\r\n")
         failed = [e for e in events if e["log_format"].startswith("pop3.login_failed")]
         self.assertEqual(len(failed), 1)
-        self.assertEqual((failed[0]["user"], failed[0]["peer"], failed[0]["reason"]),
-                         ("alice", "192.0.2.7", "bad credentials"))
+        self.assertEqual(
+            (failed[0]["user"], failed[0]["peer"], failed[0]["reason"]),
+            ("alice", "192.0.2.7", "bad credentials"),
+        )
         self.assertNotIn("topsecret", repr(failed[0]))
 
 
@@ -1187,7 +1254,7 @@ class TopLimiterTests(unittest.TestCase):
         limiter = TopLimiter(lines)
         out = b""
         for i in range(0, len(message), size):
-            part, done = limiter.feed(message[i:i + size])
+            part, done = limiter.feed(message[i : i + size])
             out += part
             if done:
                 break
