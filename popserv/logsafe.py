@@ -29,3 +29,25 @@ def quoted(value: str | bytes | None) -> str:
     if _BARE.fullmatch(value):
         return value
     return json.dumps(value).replace("\x7f", "\\u007f")
+
+
+class Untrusted(str):
+    """Text a client chose: the event's field holds it as it is, the log line shows it quoted.
+
+    Structured observers (JSON, tests) see the real value; twistd's text log, which
+    formats the event, sees ``quoted(value)``.
+    """
+
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        return format(quoted(str(self)), spec)
+
+
+def untrusted(value: str | bytes | None) -> Untrusted | None:
+    """Mark a client-supplied value for a log event's fields (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    return Untrusted(value)

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from popserv import __version__
 from popserv.config import Config
 from popserv.interfaces import CommitFailed, IMaildrop, MaildropLocked, UserDBUnavailable
+from popserv.logsafe import untrusted
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -327,7 +328,10 @@ class MessageStreamer:
             raw = self._source.read(CHUNK_SIZE)
         except OSError as e:
             self._protocol.log.error(
-                "pop3.unreadable: {user}: {error}", user=self._protocol.user, error=e
+                "pop3.unreadable: peer={peer} user={user} error={error}",
+                peer=self._protocol.peer,
+                user=untrusted(self._protocol.user),
+                error=untrusted(str(e)),
             )
             self._stop()
             if self._header:
@@ -436,7 +440,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         # Implicit TLS (POP3S, port 995): the transport is already encrypted.
         self.secure = ISSLTransport.providedBy(self.transport)
         if not self.factory.connection_opened(self.peer):
-            self.log.info("pop3.refused: {peer}: too many connections", peer=self.peer)
+            self.log.info("pop3.refused: peer={peer} reason=too-many-connections", peer=self.peer)
             self.state = UPDATE
             self.say(Reply.TOO_MANY_CONNECTIONS)
             self.transport.loseConnection()
@@ -466,7 +470,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self.factory.connection_closed(self.peer)
         if reason is not None and self.secure and _is_tls_error(reason):
             self.log.info(
-                "pop3.tls_failed: {peer}: {error}", peer=self.peer, error=reason.getErrorMessage()
+                "pop3.tls_failed: peer={peer} error={error}",
+                peer=self.peer,
+                error=untrusted(reason.getErrorMessage()),
             )
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
@@ -479,7 +485,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._end_session("disconnected")
 
     def timeoutConnection(self) -> None:
-        self.log.info("pop3.timeout: {peer} {user} idle too long", peer=self.peer, user=self.user)
+        self.log.info(
+            "pop3.timeout: peer={peer} user={user}", peer=self.peer, user=untrusted(self.user)
+        )
         if self._streamer is not None:
             # A client that stopped reading mid-message: a polite close would wait for
             # the buffered data forever, holding the maildrop lock.
@@ -554,7 +562,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         return self.MAX_LENGTH
 
     def _reply_too_long(self) -> None:
-        self.log.info("pop3.line_too_long: from {peer}", peer=self.peer)
+        self.log.info("pop3.line_too_long: peer={peer}", peer=self.peer)
         if self._sasl is not None:
             self._sasl = None
             self.say(Reply.BAD_SASL)
@@ -585,9 +593,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.say(reply)
         if self._bad_commands >= self.factory.config.pop3_max_bad_commands:
             self.log.info(
-                "pop3.bad_commands: {peer} {user}: closing after {count}",
+                "pop3.bad_commands: peer={peer} user={user} count={count}",
                 peer=self.peer,
-                user=self.user,
+                user=untrusted(self.user),
                 count=self._bad_commands,
             )
             self.say(Reply.TOO_MANY_BAD_COMMANDS)
@@ -752,7 +760,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._translations = {}
         self.secure = True
         self.transport.startTLS(self.factory.tls)
-        self.log.info("pop3.stls: {peer}", peer=self.peer)
+        self.log.info("pop3.stls: peer={peer}", peer=self.peer)
 
     def offered_mechanisms(self) -> list[bytes]:
         """SASL mechanisms enabled and allowed on this connection (no plaintext ones in clear)."""
@@ -819,7 +827,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._begin_async()
             d = self.factory.run_in_thread(step)
             d.addCallbacks(self._sasl_async_result, self._sasl_async_error)
-            d.addErrback(lambda f: self.log.failure("pop3.sasl_error", f))
+            d.addErrback(
+                lambda f: self.log.failure("pop3.sasl_error: peer={peer}", f, peer=self.peer)
+            )
             return
         try:
             result = step()
@@ -840,12 +850,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def _sasl_refused(self, error: Exception) -> None:
         self._sasl = None
-        self.log.info(
-            "pop3.login_failed: {user} from {peer} ({reason})",
-            user=None,
-            peer=self.peer,
-            reason=f"bad SASL exchange: {error}",
-        )
+        self.log_login_failed(None, "bad-sasl", detail=str(error))
 
     def _sasl_async_result(self, result) -> None:
         if not self._connected:
@@ -864,7 +869,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._sasl_refused(failure.value)
             self.say(Reply.BAD_SASL)
         else:
-            self.log.failure("pop3.sasl_error: {peer}", failure, peer=self.peer)
+            self.log.failure("pop3.sasl_error: peer={peer}", failure, peer=self.peer)
             self._sasl = None
             self.say(Reply.TEMP_FAILURE)
         self._end_async()
@@ -917,12 +922,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._begin_async()
         if self.factory.too_many_failures(self.peer):
             # This address failed too often: refuse without checking, after the delay.
-            self.log.info(
-                "pop3.login_failed: {user} from {peer} ({reason})",
-                user=user,
-                peer=self.peer,
-                reason="too many failures",
-            )
+            self.log_login_failed(user, "too-many-failures")
             self._delayed = self.callLater(
                 self.factory.failure_delay(self.peer),
                 self._reply_and_continue,
@@ -936,7 +936,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         d.addCallbacks(
             self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,)
         )
-        d.addErrback(lambda f: self.log.failure("pop3.login_error", f))
+        d.addErrback(lambda f: self.log.failure("pop3.login_error: peer={peer}", f, peer=self.peer))
 
     def _logged_in(self, result, user: str) -> None:
         _, maildrop, logout = result
@@ -949,12 +949,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             last = self.factory.last_logins.get(user)
             if last is not None and now - last < delay:
                 logout()
-                self.log.info(
-                    "pop3.login_failed: {user} from {peer} ({reason})",
-                    user=user,
-                    peer=self.peer,
-                    reason="login-delay",
-                )
+                self.log_login_failed(user, "login-delay")
                 self.say(Reply.LOGIN_DELAY)
                 self._end_async()
                 return
@@ -970,9 +965,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.setTimeout(self.factory.config.pop3_timeout)
         count = len(self._messages)
         self.log.info(
-            "pop3.login: {user} from {peer}, {count} messages ({octets} octets)",
-            user=user,
+            "pop3.login: peer={peer} user={user} messages={count} octets={octets}",
             peer=self.peer,
+            user=untrusted(user),
             count=count,
             octets=octets,
         )
@@ -981,22 +976,20 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def _login_failed(self, failure: Failure, user: str | None) -> None:
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
-            reason, reply, delay = "bad credentials", Reply.AUTH_FAILED, True
+            reason, reply, delay = "bad-credentials", Reply.AUTH_FAILED, True
         elif failure.check(MaildropLocked):
-            reason, reply, delay = "in use", Reply.IN_USE, False
+            reason, reply, delay = "in-use", Reply.IN_USE, False
         elif failure.check(UserDBUnavailable):
-            reason, reply, delay = "user database unavailable", Reply.TEMP_FAILURE, False
+            reason, reply, delay = "userdb-unavailable", Reply.TEMP_FAILURE, False
         else:
             self.log.failure(
-                "pop3.login_error: {user} from {peer}", failure, user=user, peer=self.peer
+                "pop3.login_error: peer={peer} user={user}",
+                failure,
+                peer=self.peer,
+                user=untrusted(user),
             )
-            reason, reply, delay = "server error", Reply.TEMP_FAILURE, False
-        self.log.info(
-            "pop3.login_failed: {user} from {peer} ({reason})",
-            user=user,
-            peer=self.peer,
-            reason=reason,
-        )
+            reason, reply, delay = "server-error", Reply.TEMP_FAILURE, False
+        self.log_login_failed(user, reason)
         if not self._connected:
             return
         seconds = self.factory.failure_delay(self.peer) if delay else 0
@@ -1006,6 +999,28 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._delayed = self.callLater(seconds, self._reply_and_continue, reply)
         else:
             self._reply_and_continue(reply)
+
+    def log_login_failed(self, user: str | None, reason: str, detail: str | None = None) -> None:
+        """One event per failed login, the address first: what fail2ban counts.
+
+        ``reason`` is one of a fixed set of words; the user name and any detail are the
+        client's text, quoted so they cannot end the line or move the address.
+        """
+        if detail is None:
+            self.log.info(
+                "pop3.login_failed: peer={peer} user={user} reason={reason}",
+                peer=self.peer,
+                user=untrusted(user),
+                reason=reason,
+            )
+        else:
+            self.log.info(
+                "pop3.login_failed: peer={peer} user={user} reason={reason} detail={detail}",
+                peer=self.peer,
+                user=untrusted(user),
+                reason=reason,
+                detail=untrusted(detail),
+            )
 
     def _reply_and_continue(self, reply: bytes) -> None:
         self._delayed = None
@@ -1024,7 +1039,9 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._committing = True
         d = defer.maybeDeferred(self.maildrop.commit)
         d.addCallbacks(self._committed, self._commit_failed)
-        d.addErrback(lambda f: self.log.failure("pop3.commit_error", f))
+        d.addErrback(
+            lambda f: self.log.failure("pop3.commit_error: peer={peer}", f, peer=self.peer)
+        )
 
     def _committed(self, _) -> None:
         self._committing = False
@@ -1036,13 +1053,19 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._committing = False
         if failure.check(CommitFailed):
             self.log.error(
-                "pop3.commit_failed: {user}: {failed} messages not removed",
-                user=self.user,
+                "pop3.commit_failed: peer={peer} user={user} failed={failed}",
+                peer=self.peer,
+                user=untrusted(self.user),
                 failed=failure.value.failed,
             )
         else:
-            self.log.failure("pop3.commit_failed: {user}", failure, user=self.user)
-        self._end_session("quit, commit failed")
+            self.log.failure(
+                "pop3.commit_failed: peer={peer} user={user}",
+                failure,
+                peer=self.peer,
+                user=untrusted(self.user),
+            )
+        self._end_session("commit-failed")
         self.say(Reply.COMMIT_FAILED)
         self.transport.loseConnection()
 
@@ -1052,13 +1075,13 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             return
         logout()
         self.log.info(
-            "pop3.logout: {user} from {peer} ({how}): {retrieved} retrieved, "
-            "{deleted} deleted, {bytes_sent} bytes sent",
-            user=self.user,
+            "pop3.logout: peer={peer} user={user} how={how} retrieved={retrieved} "
+            "deleted={deleted} bytes_sent={bytes_sent}",
             peer=self.peer,
+            user=untrusted(self.user),
             how=how,
             retrieved=self.retrieved,
-            deleted=self.deleted if how.startswith("quit") else 0,
+            deleted=self.deleted if how != "disconnected" else 0,
             bytes_sent=self.bytes_sent,
         )
 
@@ -1130,10 +1153,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             source = self.maildrop.open(index)
         except OSError as e:
             self.log.error(
-                "pop3.unreadable: {user} message {number}: {error}",
-                user=self.user,
+                "pop3.unreadable: peer={peer} user={user} message={number} error={error}",
+                peer=self.peer,
+                user=untrusted(self.user),
                 number=index + 1,
-                error=e,
+                error=untrusted(str(e)),
             )
             raise _CommandError(Reply.UNREADABLE) from None
         self._begin_async()

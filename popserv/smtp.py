@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from popserv.config import Config
 from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IUserDB, UserDBUnavailable
+from popserv.logsafe import untrusted
 
 log = Logger()
 
@@ -710,14 +711,14 @@ class ESMTPReceiver(smtp.ESMTP):
             return
         stored = [result for ok, result in results]
         log.info(
-            "smtp accepted id={id} from=<{sender}> to={recipients} size={size} "
-            "peer={peer} stored={stored}",
-            id=transaction.id,
-            sender=bytes(transaction.sender).decode("ascii", "replace"),
-            recipients=",".join(r.decode("ascii", "replace") for r in transaction.recipients),
-            size=transaction.size,
+            "smtp.accepted: peer={peer} id={id} from={sender} to={recipients} size={size} "
+            "stored={stored}",
             peer=self.session.peer,
-            stored=stored,
+            id=transaction.id,
+            sender=untrusted(bytes(transaction.sender)),
+            recipients=untrusted(b",".join(transaction.recipients)),
+            size=transaction.size,
+            stored=",".join(stored),
         )
         self.sendCode(250, b"2.0.0 Ok: queued as " + transaction.id.encode("ascii"))
 
@@ -788,23 +789,24 @@ class ESMTPReceiver(smtp.ESMTP):
         return LOCAL_ERROR
 
     def _reject(self, stage: str, reply, *, host=False, transaction=None, **fields) -> None:
-        """Log one line per refusal, with the reply that says why."""
+        """Log one event per refusal: the address, the stage and the reply first.
+
+        What fail2ban reads comes before any client text, and each client value (sender,
+        recipient, ...) is quoted, so no address or reply can be forged into the line.
+        """
         text = reply[1] % self.host if host else reply[1]
         if transaction is not None:
             fields["sender"] = bytes(transaction.sender)
             fields["recipients"] = b",".join(transaction.recipients)
             fields["id"] = transaction.id
-        details = " ".join(
-            f"{key}={value.decode('ascii', 'replace') if isinstance(value, bytes) else value}"
-            for key, value in sorted(fields.items())
-        )
+        details = "".join(f" {key}={{{key}}}" for key in sorted(fields))
         log.info(
-            "smtp rejected {stage} peer={peer} {details}: {code} {reason}",
-            stage=stage,
+            "smtp.rejected: peer={peer} stage={stage} code={code} reason={reason}" + details,
             peer=self.session.peer,
-            details=details,
+            stage=stage,
             code=reply[0],
-            reason=text.decode("ascii", "replace"),
+            reason=untrusted(text),
+            **{key: untrusted(value) for key, value in fields.items()},
         )
 
 

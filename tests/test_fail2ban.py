@@ -10,6 +10,7 @@ import os
 import poplib
 import re
 import smtplib
+import socket
 import subprocess
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,7 +27,14 @@ FRAMING_NAME = "x from 192.0.2.99 (bad credentials)"
 #: The documented form of a failed POP3 login in twistd's log (README, "Running in production").
 FAILED_LOGIN = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.pop3\.POP3Server#info\] "
-    r"pop3\.login_failed: (?P<user>.*) from (?P<peer>\S+) \((?P<reason>[^)]*)\)$"
+    r"pop3\.login_failed: peer=(?P<peer>\S+) user=(?P<user>\S+|\"(?:[^\"\\\\]|\\\\.)*\") "
+    r"reason=(?P<reason>[a-z-]+)(?: detail=.*)?$"
+)
+
+#: A forged event a client hides in its user name: a line end, then a whole log line.
+FORGED = (
+    "alice\n2026-12-04T00:00:00+0000 [popserv.pop3.POP3Server#info] "
+    "pop3.login_failed: peer=198.51.100.77 user=alice reason=bad-credentials"
 )
 
 
@@ -98,25 +106,29 @@ class FilterTests(SynchronousTestCase):
         log = self.server.log()
         failed = [FAILED_LOGIN.match(line) for line in log.splitlines()]
         reasons = [m.group("reason") for m in failed if m]
-        sasl = "bad SASL exchange: PLAIN takes authzid, authcid and password separated by two NULs"
-        self.assertEqual(reasons, ["bad credentials", "bad credentials", sasl, "in use"])
+        self.assertEqual(reasons, ["bad-credentials", "bad-credentials", "bad-sasl", "in-use"])
+        self.assertIn(
+            'detail="PLAIN takes authzid, authcid and password separated by two NULs"', log
+        )
         self.assertEqual({m.group("peer") for m in failed if m}, {"127.0.0.1"})
-        self.assertIn("pop3.login: alice from 127.0.0.1", log)
+        self.assertIn("pop3.login: peer=127.0.0.1 user=alice ", log)
         lines, matched, ips = fail2ban_regex(self.server.log_path)
         self.assertEqual(lines, len(log.splitlines()))
         self.assertEqual(matched, 5)
         self.assertEqual(ips, ["127.0.0.1"] * 5)
 
     def test_user_name_cannot_frame_another_address(self):
-        """A user name holding "from <address> (bad credentials)" never yields that address."""
+        """A user name holding another address is still counted, for the real peer only."""
         self.failed_login(FRAMING_NAME, "wrong")
         self.failed_login("alice", "wrong")
         self.server.stop()
         log = self.server.log()
-        self.assertIn(f"pop3.login_failed: {FRAMING_NAME} from 127.0.0.1 (bad credentials)", log)
+        self.assertIn(
+            f'pop3.login_failed: peer=127.0.0.1 user="{FRAMING_NAME}" reason=bad-credentials', log
+        )
         _, matched, ips = fail2ban_regex(self.server.log_path)
         self.assertNotIn("192.0.2.99", ips)
-        self.assertEqual(ips, ["127.0.0.1"])
+        self.assertEqual(ips, ["127.0.0.1", "127.0.0.1"])
 
     def test_aggressive_mode_counts_bad_command_floods(self):
         """mode=aggressive also matches a session closed for too many bad commands."""
@@ -127,10 +139,81 @@ class FilterTests(SynchronousTestCase):
             except poplib.error_proto:
                 pass
         self.server.stop()
-        self.assertIn("pop3.bad_commands: 127.0.0.1", self.server.log())
+        self.assertIn("pop3.bad_commands: peer=127.0.0.1 ", self.server.log())
         self.assertEqual(fail2ban_regex(self.server.log_path)[1], 0)
         _, matched, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
         self.assertEqual(ips, ["127.0.0.1"])
+
+
+class InjectionTests(SynchronousTestCase):
+    """Clients that hide line ends, escapes and forged events in the names they send.
+
+    The attacker connects from 127.0.80.1 (any 127/8 address is this machine's loopback).
+    """
+
+    ATTACKER = "127.0.80.1"
+
+    def setUp(self):
+        require_client("fail2ban-regex")
+        self.server = TwistdServer(self, {"alice": "secret"}, smtp=True)
+        self.server.start()
+
+    def connect(self, port: int) -> socket.socket:
+        sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(self.ATTACKER, 0)
+        )
+        self.addCleanup(sock.close)
+        sock.makefile("rb").readline()
+        return sock
+
+    def pop3_exchange(self, lines: list[bytes]) -> list[bytes]:
+        """Send each line on a fresh session from the attacker; the replies, one a line."""
+        sock = self.connect(self.server.pop3_port)
+        replies = sock.makefile("rb")
+        answers = []
+        for line in lines:
+            sock.sendall(line + b"\r\n")
+            answers.append(replies.readline())
+        sock.sendall(b"QUIT\r\n")
+        replies.readline()
+        return answers
+
+    def test_forged_events_ban_only_the_attacker(self):
+        """Names with LF, CR, ESC and spaces are logged quoted; fail2ban counts 127.0.80.1 only."""
+        names = [
+            FORGED,
+            FORGED.replace("\n", "\r"),
+            "\x1b[31malice\x1b[0m",
+            "alice from 192.0.2.99",
+            "bob smith",
+            FORGED.replace("\n", "\n\t"),
+        ]
+        for name in names:
+            plain = base64.b64encode(b"\0" + name.encode() + b"\0wrong").decode()
+            (answer,) = self.pop3_exchange([f"AUTH PLAIN {plain}".encode()])
+            self.assertTrue(answer.startswith(b"-ERR [AUTH]"), answer)
+        sock = self.connect(self.server.smtp_port)
+        replies = sock.makefile("rb")
+        sock.sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
+        replies.readline()
+        while not replies.readline().startswith(b"250 "):
+            pass
+        replies.readline()
+        for rcpt in (b'<"\x1b[31m"@localhost>', b'<"x\r\n"@elsewhere.example>'):
+            sock.sendall(b"RCPT TO:" + rcpt + b"\r\n")
+            self.assertTrue(replies.readline()[:1] in (b"5",))
+        sock.sendall(b"QUIT\r\n")
+        replies.readline()
+        self.server.stop()
+        log = self.server.log()
+        for line in log.splitlines():
+            self.assertNotIn("\x1b", line)
+            self.assertFalse(line.startswith("\t") and "login_failed" in line, line)
+        self.assertNotIn("\r", log)
+        _, _, ips = fail2ban_regex(self.server.log_path)
+        self.assertIn(self.ATTACKER, ips)
+        self.assertEqual(set(ips), {self.ATTACKER})
+        self.assertGreaterEqual(ips.count(self.ATTACKER), len(names))
 
 
 class JailTests(SynchronousTestCase):

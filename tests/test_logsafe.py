@@ -4,7 +4,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.logsafe import quoted
+from popserv.logsafe import quoted, untrusted
 
 
 class QuotedTests(SynchronousTestCase):
@@ -40,3 +40,21 @@ class QuotedTests(SynchronousTestCase):
         """A missing value is ``-``; an empty one is ``""``, so neither vanishes from the line."""
         self.assertEqual(quoted(None), "-")
         self.assertEqual(quoted(""), '""')
+
+
+class UntrustedTests(SynchronousTestCase):
+    def test_field_is_raw_and_text_is_quoted(self):
+        """An event keeps the client's value in its field and shows it quoted in its text."""
+        from twisted.logger import formatEvent
+
+        name = "alice\n2026 [popserv.pop3.POP3Server#info] pop3.login_failed: 192.0.2.1"
+        event = {"log_format": "x: peer={peer} user={user}", "peer": "127.0.0.1"}
+        event["user"] = untrusted(name)
+        self.assertEqual(event["user"], name)
+        self.assertEqual(formatEvent(event), "x: peer=127.0.0.1 user=" + quoted(name))
+        self.assertNotIn("\n", formatEvent(event))
+
+    def test_bytes_and_none(self):
+        """Bytes are decoded (undecodable ones escaped in the text); None stays None."""
+        self.assertEqual(format(untrusted(b"\xffx")), '"\\udcffx"')
+        self.assertIsNone(untrusted(None))

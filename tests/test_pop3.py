@@ -1218,7 +1218,7 @@ class LoggingTests(POP3TestCase):
         self.assertEqual(len(failed), 1)
         self.assertEqual(
             (failed[0]["user"], failed[0]["peer"], failed[0]["reason"]),
-            ("alice", "192.0.2.7", "bad credentials"),
+            ("alice", "192.0.2.7", "bad-credentials"),
         )
         self.assertNotIn("topsecret", repr(failed[0]))
 

@@ -738,7 +738,7 @@ class LogTests(SMTPTestCase):
         self.assertEqual(rejected["stage"], "RCPT")
         self.assertEqual(rejected["code"], 550)
         self.assertIn("relaying denied", rejected["reason"].lower())
-        self.assertIn("recipient=x@elsewhere.example", rejected["details"])
+        self.assertEqual(rejected["recipient"], "x@elsewhere.example")
         self.assertEqual(accepted["sender"], "s@remote.example")
         self.assertEqual(accepted["recipients"], "alice@localhost")
         self.assertEqual(accepted["peer"], "192.0.2.7")
