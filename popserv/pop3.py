@@ -10,9 +10,8 @@ import base64
 import binascii
 import io
 import ipaddress
-import os
 import re
-import time
+import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar
@@ -31,6 +30,7 @@ from zope.interface import implementer
 
 from popserv import __version__
 from popserv.config import Config
+from popserv.flow import ConnectionFlow
 from popserv.interfaces import CommitFailed, IMaildrop, MaildropLocked, UserDBUnavailable
 from popserv.logsafe import untrusted
 
@@ -283,7 +283,7 @@ class MessageStreamer:
         self._encoder = WireEncoder()
         self._paused = False
         self._producing = False
-        self._registered = False
+        self._attached = False
         self._done = False
         self.sent = 0
 
@@ -291,9 +291,12 @@ class MessageStreamer:
         # A message that fits in one chunk goes out in one write, without a producer.
         self._write_chunk()
         if not self._done:
-            self._registered = True
-            self._protocol.transport.registerProducer(self, True)
-            self.resumeProducing()
+            # The connection's flow pauses and resumes it with the transport's buffer.
+            flow = self._protocol.flow
+            self._attached = True
+            flow.stream = self
+            if not flow.blocked:
+                self.resumeProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -319,9 +322,9 @@ class MessageStreamer:
     def _stop(self) -> None:
         self._done = True
         self._source.close()
-        if self._registered:
-            self._registered = False
-            self._protocol.transport.unregisterProducer()
+        if self._attached:
+            self._attached = False
+            self._protocol.flow.stream = None
 
     def _write_chunk(self) -> None:
         try:
@@ -340,7 +343,7 @@ class MessageStreamer:
                 self._protocol.streaming_done(self)
             else:
                 # The reply has started; a broken multi-line answer must not look complete.
-                self._protocol.transport.loseConnection()
+                self._protocol.flow.abort()
             return
         finished = not raw or (self._short_read_is_end and len(raw) < CHUNK_SIZE)
         if raw and self._limiter is not None:
@@ -439,11 +442,11 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._trusted = self.factory.is_trusted(peer)
         # Implicit TLS (POP3S, port 995): the transport is already encrypted.
         self.secure = ISSLTransport.providedBy(self.transport)
+        self.flow = ConnectionFlow(self.transport, self.factory.clock, self._output_drained)
         if not self.factory.connection_opened(self.peer):
             self.log.info("pop3.refused: peer={peer} reason=too-many-connections", peer=self.peer)
             self.state = UPDATE
-            self.say(Reply.TOO_MANY_CONNECTIONS)
-            self.transport.loseConnection()
+            self.close(Reply.TOO_MANY_CONNECTIONS)
             return
         self._counted = True
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -452,19 +455,28 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             set_no_delay(True)
         self.setTimeout(self.factory.config.pop3_login_timeout)
         if self.factory.config.auth_apop:
-            # RFC 1939 section 7: a timestamp unique to this greeting.
-            self._apop_stamp = b"<%d.%d.%s@%s>" % (
-                os.getpid(),
-                time.time_ns(),
-                os.urandom(6).hex().encode("ascii"),
+            # RFC 1939 section 7: a token unique to this greeting.  Random, so it
+            # tells nothing of the process or its clock.
+            self._apop_stamp = b"<%s@%s>" % (
+                secrets.token_hex(16).encode("ascii"),
                 self.factory.config.hostname.encode("idna"),
             )
             self.say(Reply.GREETING + b" " + self._apop_stamp)
         else:
             self.say(Reply.GREETING)
 
+    def close(self, template: bytes | None = None) -> None:
+        """Send a last reply and hang up, never waiting on a client that will not read."""
+        last = b""
+        if template is not None:
+            last = self.text(template) + b"\r\n"
+            self.bytes_sent += len(last)
+        self.flow.close(last)
+
     def connectionLost(self, reason=None) -> None:
         self._connected = False
+        if hasattr(self, "flow"):
+            self.flow.lost()
         if self._counted:
             self._counted = False
             self.factory.connection_closed(self.peer)
@@ -491,10 +503,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         if self._streamer is not None:
             # A client that stopped reading mid-message: a polite close would wait for
             # the buffered data forever, holding the maildrop lock.
-            self.transport.abortConnection()
+            self.flow.abort()
             return
-        self.say(Reply.TIMEOUT)
-        self.transport.loseConnection()
+        # Aborted instead when the client is not reading or never finished TLS.
+        self.close(Reply.TIMEOUT)
 
     # -- input: lines, pipelining and over-long lines ------------------------
 
@@ -524,7 +536,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         # costs linear time, not a copy of the rest of the buffer per command.
         buffer, pos = self._buffer, 0
         try:
-            while not self._busy and self._connected and self.state != UPDATE:
+            while (
+                not self._busy
+                and not self.flow.blocked
+                and self._connected
+                and self.state != UPDATE
+            ):
                 nl = buffer.find(b"\n", pos)
                 if nl < 0:
                     if len(buffer) - pos > self._longest_line():
@@ -548,7 +565,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         finally:
             self._buffer = buffer[pos:] if pos else buffer
             self._processing = False
-        if self._busy and len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
+        waiting = self._busy or self.flow.blocked
+        if waiting and len(self._buffer) > PIPELINE_BUFFER and not self._reading_paused:
+            # Input waits behind a slow command or behind replies the client does not
+            # read: stop reading, so neither buffer grows without bound.
             self._reading_paused = True
             self.transport.pauseProducing()
 
@@ -562,12 +582,13 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         return self.MAX_LENGTH
 
     def _reply_too_long(self) -> None:
+        """An over-long line is a bad command: it counts towards the limit in a row."""
         self.log.info("pop3.line_too_long: peer={peer}", peer=self.peer)
         if self._sasl is not None:
             self._sasl = None
-            self.say(Reply.BAD_SASL)
+            self._bad_command(Reply.BAD_SASL)
         else:
-            self.say(Reply.LINE_TOO_LONG)
+            self._bad_command(Reply.LINE_TOO_LONG)
 
     def lineReceived(self, line: bytes) -> None:
         if self.state == TRANSACTION:
@@ -598,8 +619,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                 user=untrusted(self.user),
                 count=self._bad_commands,
             )
-            self.say(Reply.TOO_MANY_BAD_COMMANDS)
-            self.transport.loseConnection()
+            self.close(Reply.TOO_MANY_BAD_COMMANDS)
             self._connected = False
 
     def _begin_async(self) -> None:
@@ -608,11 +628,16 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def _end_async(self) -> None:
         self._busy = False
-        if self._reading_paused and self._connected:
+        self._output_drained()
+
+    def _output_drained(self) -> None:
+        """Nothing holds input back any more: read again and run what is waiting."""
+        if self._busy or self.flow.blocked or not self._connected:
+            return
+        if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
-        if self._connected:
-            self._process()
+        self._process()
 
     # -- output ------------------------------------------------------------
 
@@ -1030,8 +1055,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def do_QUIT(self, rest: bytes) -> None:
         if self.state == AUTHORIZATION:
             self.state = UPDATE
-            self.say(Reply.BYE)
-            self.transport.loseConnection()
+            self.close(Reply.BYE)
             return
         # TRANSACTION -> UPDATE: only here are deletions carried out (RFC 1939 section 6).
         self.state = UPDATE
@@ -1046,8 +1070,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def _committed(self, _) -> None:
         self._committing = False
         self._end_session("quit")
-        self.say(Reply.LOGGING_OUT, self.deleted)
-        self.transport.loseConnection()
+        self.close(self.text(Reply.LOGGING_OUT, self.deleted))
 
     def _commit_failed(self, failure: Failure) -> None:
         self._committing = False
@@ -1066,8 +1089,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                 user=untrusted(self.user),
             )
         self._end_session("commit-failed")
-        self.say(Reply.COMMIT_FAILED)
-        self.transport.loseConnection()
+        self.close(Reply.COMMIT_FAILED)
 
     def _end_session(self, how: str) -> None:
         logout, self._logout = self._logout, None

@@ -34,6 +34,7 @@ from twisted.mail import smtp
 from zope.interface import implementer
 
 from popserv.config import Config
+from popserv.flow import ConnectionFlow
 from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IUserDB, UserDBUnavailable
 from popserv.logsafe import untrusted
 
@@ -310,10 +311,11 @@ class ESMTPReceiver(smtp.ESMTP):
         self._connected = True
         peer = self.transport.getPeer()
         self.session = Session(peer=str(getattr(peer, "host", peer)))
+        self.flow = ConnectionFlow(self.transport, self.clock, self._output_drained)
         if not self.factory.connection_opened(self.session.peer):
             self._reject("connect", TOO_MANY_CONNECTIONS, host=True)
             self._send(TOO_MANY_CONNECTIONS[0], TOO_MANY_CONNECTIONS[1] % self.host)
-            self.transport.loseConnection()
+            self.flow.close()
             return
         self._counted = True
         self.delivery = LocalDelivery(
@@ -331,11 +333,14 @@ class ESMTPReceiver(smtp.ESMTP):
         return self.host + b" ESMTP popserv"
 
     def timeoutConnection(self) -> None:
+        # Aborted instead when the client is not reading or never finished TLS.
         self._send(TIMEOUT[0], TIMEOUT[1] % self.host)
-        self.transport.loseConnection()
+        self.flow.close()
 
     def connectionLost(self, reason) -> None:
         self._connected = False
+        if hasattr(self, "flow"):
+            self.flow.lost()
         self._abort_messages()
         if self._counted:
             self._counted = False
@@ -350,7 +355,12 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def _process(self) -> None:
         buf, pos = self._buffer, 0
-        while self._connected and not self._awaiting_reply and not self.transport.disconnecting:
+        while (
+            self._connected
+            and not self._awaiting_reply
+            and not self.flow.blocked
+            and not self.transport.disconnecting
+        ):
             if self.mode == DATA and not self._discarding:
                 pos = self._take_data(buf, pos)
             end = buf.find(b"\r\n", pos)
@@ -366,13 +376,16 @@ class ESMTPReceiver(smtp.ESMTP):
                 self._drop_buffered = False
                 pos = len(buf)
         rest = buf[pos:]
-        if not self._awaiting_reply and len(rest) > self._line_limit + 1:
+        if not self._awaiting_reply and not self.flow.blocked and len(rest) > self._line_limit + 1:
             # Forget the rest of this line, but keep a CR that may start its CRLF.
             self._discarding = True
             rest = rest[-1:] if rest.endswith(b"\r") else b""
         self._buffer = rest
         if rest and self._awaiting_reply:
             # Input waits behind a pending reply: read no more until the reply is sent.
+            self._pause()
+        elif self.flow.blocked and len(rest) > self._line_limit:
+            # Replies wait unread by the client: stop reading until it reads them.
             self._pause()
 
     def _take_data(self, buf: bytes, pos: int) -> int:
@@ -491,6 +504,16 @@ class ESMTPReceiver(smtp.ESMTP):
                     self.transport.resumeProducing()
                 if self._buffer:
                     self.clock.callLater(0, self._process)
+
+    def _output_drained(self) -> None:
+        """The client read its replies: read and process again, unless a reply is pending."""
+        if self._awaiting_reply or not self._connected or self.transport.disconnecting:
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._buffer:
+            self._process()
 
     def _pause(self) -> None:
         if not self._paused and self._connected and not self.transport.disconnecting:
@@ -739,7 +762,7 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.sendCode(*BYE)
-        self.transport.loseConnection()
+        self.flow.close()
 
     def do_UNKNOWN(self, rest: bytes) -> None:
         self.sendCode(*UNKNOWN_COMMAND)

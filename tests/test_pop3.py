@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import os
 import re
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -562,6 +563,18 @@ class APOPTests(POP3TestCase):
         proto.dataReceived(b"APOP alice " + digest + b"\r\n")
         self.assertTrue(self.lines(transport)[0].startswith(b"+OK Logged in"))
 
+    def test_apop_timestamp_is_random(self):
+        """The APOP timestamp shows neither the process id nor a clock: a random token."""
+        self.factory.config = self.config.replace(auth_apop=True)
+        stamps = set()
+        for _ in range(2):
+            proto, transport = self.connect()
+            stamp = re.search(rb"<([^>@]+)@", self.received(transport)).group(1)
+            self.assertNotIn(str(os.getpid()).encode(), stamp)
+            self.assertRegex(stamp, rb"^[0-9a-f]{32}$")
+            stamps.add(stamp)
+        self.assertEqual(len(stamps), 2)
+
     def test_apop_wrong_digest(self):
         """A wrong APOP digest fails like a wrong password."""
         self.factory.config = self.config.replace(auth_apop=True)
@@ -627,6 +640,49 @@ class LimitTests(POP3TestCase):
         pop3_max_failures=3,
         pop3_login_timeout=1000,
     )
+
+    def test_over_long_lines_count_as_bad_commands(self):
+        """Over-long lines in a row close the session like other bad commands."""
+        self.received()
+        self.send((b"X" * 300 + b"\r\n") * 10)
+        self.assertEqual(self.lines(), [Reply.LINE_TOO_LONG] * 3 + [Reply.TOO_MANY_BAD_COMMANDS])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_unread_replies_stop_the_reading(self):
+        """A client that sends commands but reads no replies is no longer read from.
+
+        The transport's buffer filling up (it pauses the producer) holds the
+        commands; they run again once the client reads.
+        """
+        proto, transport = self.connect(PausingTransport)
+        transport.clear()
+        proto.dataReceived(b"CAPA\r\n" * 20000)
+        self.assertEqual(transport.value().count(b"\r\n.\r\n"), 1)
+        self.assertEqual(transport.producerState, "paused")
+        transport.clear()
+        transport.producer.resumeProducing()
+        self.assertEqual(transport.value().count(b"\r\n.\r\n"), 1)
+
+    def test_timeout_aborts_a_client_that_does_not_read(self):
+        """At the timeout, a session whose replies back up is aborted, not closed politely."""
+        proto, transport = self.connect(PausingTransport)
+        proto.dataReceived(b"CAPA\r\n" * 20000)
+        before = transport.value()
+        self.clock.advance(self.config.pop3_login_timeout)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), before)
+
+    def test_refused_connection_is_closed_without_waiting(self):
+        """Over the limit, a connection whose first write cannot leave (TLS not yet
+        negotiated) is aborted at once instead of waiting for the handshake."""
+        self.connect()
+
+        class Unwritable(PausingTransport):
+            limit = 0
+
+        self.connect(Unwritable)
+        proto, transport = self.connect(Unwritable)
+        self.assertTrue(transport.disconnected)
 
     def test_connections_per_peer(self):
         """A peer over its connection limit gets -ERR [SYS/TEMP] and is closed."""
@@ -1079,10 +1135,14 @@ class PipeliningTests(POP3TestCase):
         proto.dataReceived(b"RETR 1\r\nNOOP\r\nSTAT\r\n")
         out = transport.value()
         self.assertNotIn(b"\r\n.\r\n", out)
-        while transport.producer is not None:
+        while proto.flow.stream is not None:
             transport.clear()
             transport.producer.resumeProducing()
             out += transport.value()
+        # The client reads the end of the message; only then do the next replies go out.
+        transport.clear()
+        transport.producer.resumeProducing()
+        out += transport.value()
         transport.clear()
         body, _, rest = out.partition(b"\r\n.\r\n")
         self.assertEqual(rest, b"+OK\r\n+OK 1 %d\r\n" % len(wire(big)))
@@ -1142,11 +1202,11 @@ class StreamingTests(POP3TestCase):
         proto.maildrop.open = spy_open
         self.patch(pop3, "CHUNK_SIZE", 4096)
         proto.dataReceived(b"RETR 1\r\n")
-        # One chunk, then one more once the producer is registered: the buffer is full.
-        self.assertEqual(reads, [4096, 4096])
-        self.assertIsNotNone(transport.producer)
+        # One chunk fills the buffer: the next waits until the client reads.
+        self.assertEqual(reads, [4096])
+        self.assertIsNotNone(proto.flow.stream)
         got = transport.value()
-        while transport.producer is not None:
+        while proto.flow.stream is not None:
             transport.clear()
             transport.producer.resumeProducing()
             got += transport.value()
@@ -1173,7 +1233,7 @@ class StreamingTests(POP3TestCase):
         proto, transport = self.connect(PausingTransport)
         self.login(b"bob", b"hunter2", proto=proto, transport=transport)
         proto.dataReceived(b"RETR 1\r\n")
-        streamer = transport.producer
+        streamer = proto.flow.stream
         proto.connectionLost(None)
         self.assertTrue(streamer._source.closed)
         self.assertFalse(self.store.is_locked("bob"))
