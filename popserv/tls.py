@@ -17,13 +17,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.config import Config, ConfigError
 
 log = Logger()
+
+#: TLS 1.2 suites offered: forward secrecy (ECDHE) and AEAD only, as in Mozilla's
+#: "intermediate" profile; no static-RSA key exchange, no CBC or SHA-1 MACs.  TLS 1.3
+#: suites are all of that kind and are left to OpenSSL.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 
 #: File names of the self-signed pair inside ``[tls] self_signed_dir``.
 SELF_SIGNED_CERT = "cert.pem"
@@ -81,6 +90,7 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
     )
     try:
         options.getContext()

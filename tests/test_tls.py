@@ -329,6 +329,33 @@ class LiveReloadTests(TestCase):
         self.assertEqual(session.greeting[:3], b"+OK")
 
     @defer.inlineCallbacks
+    def test_tls_1_2_only_forward_secret_aead_suites(self):
+        """TLS 1.2 offers ECDHE with AEAD only: static RSA and CBC suites are refused."""
+        live = yield start_tls_server(self)
+
+        def connect(ciphers):
+            context = client_context()
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(ciphers + ":@SECLEVEL=0")
+            session = Session(live.pop3s_port, context)
+            try:
+                return session.sock.cipher()[0]
+            finally:
+                session.close()
+
+        for refused in (
+            "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA:AES256-SHA",
+            "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES256-SHA384",
+            "DHE-RSA-AES128-GCM-SHA256",
+        ):
+            with self.assertRaises(ssl.SSLError, msg=refused):
+                yield threads.deferToThread(connect, refused)
+        accepted = yield threads.deferToThread(
+            connect, "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+        )
+        self.assertIn(accepted, ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256"))
+
+    @defer.inlineCallbacks
     def test_tls_1_2_minimum(self):
         """A TLS 1.2 client is served and a TLS 1.1 client is refused by the server."""
         live = yield start_tls_server(self)
