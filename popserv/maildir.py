@@ -42,6 +42,7 @@ from popserv.uidlist import (
     base_name,
     read_xuidl,
 )
+from popserv.usernames import user_parts
 
 log = Logger()
 
@@ -95,28 +96,6 @@ def crlf_size_of_file(f: BinaryIO) -> int:
 
 
 # Names
-
-
-def user_parts(user: str) -> tuple[str, ...]:
-    """The path components of a user's Maildir below the mail root.
-
-    ``alice`` -> ``("alice",)``, ``alice@Example.ORG`` -> ``("example.org", "alice")``.
-    Raises ValueError for a name that could escape the root or hide as a dotfile.
-    """
-    if not isinstance(user, str):
-        raise TypeError(f"user name must be str, not {type(user).__name__}")
-    parts = user.split("@")
-    if len(parts) > 2:
-        raise ValueError(f"user name {user!r} has more than one '@'")
-    for part in parts:
-        if not part or part.startswith(".") or "/" in part:
-            raise ValueError(f"bad user name {user!r}")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
-            raise ValueError(f"user name {user!r} contains control characters")
-    if len(parts) == 2:
-        local, domain = parts
-        return (domain.lower(), local)
-    return (user,)
 
 
 def unique_part(name: str) -> str:
@@ -654,7 +633,7 @@ class MaildirStore:
         self._listings_lock = threading.Lock()  # sessions of different users list in parallel
 
     def path_for(self, user: str) -> str:
-        """The Maildir of ``user``; ValueError for names that could escape the root."""
+        """The Maildir of ``user`` (``popserv.usernames``); ValueError for names without one."""
         return os.path.join(self.mailroot, *user_parts(user))
 
     def create(self, user: str) -> str:
