@@ -97,6 +97,18 @@ def crlf_size_of_file(f: BinaryIO) -> int:
 
 # Names
 
+#: How names in ``new/`` and ``cur/`` that are never messages begin: a dot (Maildir
+#: message names never do), and the files that popserv, Dovecot, Courier and Maildir++
+#: keep in a Maildir's root (``popserv.lock``, ``popserv-sizes``, ``dovecot-uidlist``,
+#: ``courierpop3dsizelist``, ``maildirsize``, ``maildirfolder``, ``subscriptions``...).
+#: Such a file below ``new/`` would be another Maildir's, which no user may reach.
+_NOT_MESSAGES = (".", "popserv", "dovecot", "courier", "maildir", "subscriptions")
+
+
+def is_message_name(name: str) -> bool:
+    """Whether a file in ``new/`` or ``cur/`` may be listed as a message, by its name."""
+    return not name.startswith(_NOT_MESSAGES)
+
 
 def unique_part(name: str) -> str:
     """The unique part of a Maildir file name: everything before the first ``,`` or ``:``."""
@@ -258,7 +270,7 @@ def _find_by_key(maildir: str, key: str) -> str | None:
         try:
             with os.scandir(os.path.join(maildir, sub)) as it:
                 for entry in it:
-                    if not entry.name.startswith(".") and uidl_for(entry.name) == key:
+                    if is_message_name(entry.name) and uidl_for(entry.name) == key:
                         return entry.path
         except FileNotFoundError:
             continue
@@ -338,7 +350,7 @@ def _scan(
             name = dirent.name
             try:
                 # d_type from the directory itself: no system call per name.
-                if name.startswith(".") or not dirent.is_file(follow_symlinks=False):
+                if not is_message_name(name) or not dirent.is_file(follow_symlinks=False):
                     continue
             except OSError:
                 continue
