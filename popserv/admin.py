@@ -59,12 +59,19 @@ def check_user_name(user: str, mailroot: str) -> None:
 def collision_of(user: str, others: Iterable[str]) -> tuple[str, str] | None:
     """The first of ``others`` whose Maildir would meet ``user``'s, and how; None if none."""
     for collision in usernames.find_collisions([*others, user]):
-        if user == collision.user:
-            if collision.nested:
-                return collision.other, "its Maildir would lie inside the other's"
-            return collision.other, "both would use one Maildir"
-        if user == collision.other:
-            return collision.user, "the other's Maildir would lie inside its own"
+        if user not in (collision.user, collision.other):
+            continue  # an older clash in the file, which the server refuses
+        other = collision.other if user == collision.user else collision.user
+        if not collision.nested:
+            how = "both would use one Maildir"
+        elif user == collision.user:
+            how = "its Maildir would lie inside the other's"
+        else:
+            how = "the other's Maildir would lie inside its own"
+        inner, outer = usernames.user_parts(collision.user), usernames.user_parts(collision.other)
+        if not collision.nested or inner[: len(outer)] != outer:
+            how += " (names are compared ignoring case)"
+        return other, how
     return None
 
 
@@ -123,10 +130,7 @@ def adduser(args: argparse.Namespace) -> None:
     clash = collision_of(args.user, users.users())
     if clash is not None:
         other, how = clash
-        raise AdminError(
-            f"user {args.user!r} collides with user {other!r}: {how}"
-            " (names are compared ignoring case)"
-        )
+        raise AdminError(f"user {args.user!r} collides with user {other!r}: {how}")
     check_lower_case_domain(args.user)
     field = _password_field(args)
     _store(mailroot).create(args.user)

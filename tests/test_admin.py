@@ -201,7 +201,7 @@ class AdminTests(unittest.TestCase):
         self.assert_error(
             self.add("new@example.org"),
             "user 'new@example.org' collides with user 'example.org':"
-            " its Maildir would lie inside the other's (names are compared ignoring case)",
+            " its Maildir would lie inside the other's",
         )
         self.assertEqual(auth.UsersFile.read(self.users).users(), ["example.org"])
         self.assertFalse(os.path.exists(os.path.join(self.mailroot, "example.org", "new", "new")))
