@@ -12,9 +12,9 @@ import shutil
 import socket
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from popserv import auth
+from popserv import auth, usernames
 from popserv.config import Config, ConfigError, read_config
 
 SCHEMES = auth.MAKEABLE
@@ -54,6 +54,35 @@ def check_user_name(user: str, mailroot: str) -> None:
         _store(mailroot).path_for(user)
     except ValueError as e:
         raise AdminError(str(e)) from None
+
+
+def collision_of(user: str, others: Iterable[str]) -> tuple[str, str] | None:
+    """The first of ``others`` whose Maildir would meet ``user``'s, and how; None if none."""
+    for collision in usernames.find_collisions([*others, user]):
+        if user not in (collision.user, collision.other):
+            continue  # an older clash in the file, which the server refuses
+        other = collision.other if user == collision.user else collision.user
+        if not collision.nested:
+            how = "both would use one Maildir"
+        elif user == collision.user:
+            how = "its Maildir would lie inside the other's"
+        else:
+            how = "the other's Maildir would lie inside its own"
+        inner, outer = usernames.user_parts(collision.user), usernames.user_parts(collision.other)
+        if not collision.nested or inner[: len(outer)] != outer:
+            how += " (names are compared ignoring case)"
+        return other, how
+    return None
+
+
+def check_lower_case_domain(user: str) -> None:
+    """Refuse ``alice@Example.ORG``: SMTP looks domains up in lower case, so mail would miss it."""
+    local, at, domain = user.rpartition("@")
+    if at and domain != domain.lower():
+        raise AdminError(
+            f"user {user!r}: write the domain in lower case, {local}@{domain.lower()}"
+            " (domains are case-insensitive)"
+        )
 
 
 def read_password(from_stdin: bool) -> bytes:
@@ -98,6 +127,11 @@ def adduser(args: argparse.Namespace) -> None:
     check_user_name(args.user, mailroot)
     if users.get(args.user) is not None:
         raise AdminError(f"user {args.user!r} already exists in {users_path}")
+    clash = collision_of(args.user, users.users())
+    if clash is not None:
+        other, how = clash
+        raise AdminError(f"user {args.user!r} collides with user {other!r}: {how}")
+    check_lower_case_domain(args.user)
     field = _password_field(args)
     _store(mailroot).create(args.user)
     users.add(args.user, field)
@@ -118,6 +152,13 @@ def deluser(args: argparse.Namespace) -> None:
     users_path, mailroot = _paths(args)
     users = auth.UsersFile.read(users_path)
     _require_user(users, args.user)
+    others = [user for user in users.users() if user != args.user]
+    clash = collision_of(args.user, others) if args.remove_mail else None
+    if clash is not None:
+        raise AdminError(
+            f"not removing the Maildir of {args.user!r}: user {clash[0]!r} reaches the same"
+            " files; remove the user without --remove-mail"
+        )
     users.remove(args.user)
     users.write()
     if args.remove_mail:

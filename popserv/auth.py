@@ -36,6 +36,8 @@ from twisted.mail.pop3 import APOPCredentials
 from zope.interface import implementer
 
 from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
+from popserv.logsafe import untrusted
+from popserv.usernames import find_collisions
 
 # New hashes and the unknown-user dummy use this hasher: argon2-cffi's defaults,
 # RFC 9106's low-memory profile.  Verification reads the parameters from each hash,
@@ -459,7 +461,13 @@ class UsersFile:
 
 @implementer(IUserDB)
 class PasswdFile:
-    """``IUserDB`` over a passwd-file, re-read whenever it changes on disk."""
+    """``IUserDB`` over a passwd-file, re-read whenever it changes on disk.
+
+    Names whose Maildirs collide (``popserv.usernames``) are refused, both of each pair:
+    every lookup of one fails with ``UserDBUnavailable`` (POP3 ``-ERR [SYS/TEMP]``, SMTP
+    ``451 4.3.0``), so no two of them ever reach the same files, and the mail waits at
+    the sender until the file is fixed.
+    """
 
     log = Logger()
 
@@ -468,6 +476,7 @@ class PasswdFile:
         self._reactor = reactor
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, Entry] = {}
+        self._refused: dict[str, str] = {}  # a colliding name -> a name it collides with
         self._dummy: tuple[argon2.PasswordHasher, str] | None = None
         self._warned_schemes: set[str] = set()
         self._unavailable_logged = False
@@ -480,7 +489,7 @@ class PasswdFile:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             if stamp != self._stamp:
-                self._users = self._parse(_read_lines(self.path))
+                self._users, self._refused = self._parse(_read_lines(self.path))
                 self._stamp = stamp
                 self._unavailable_logged = False
                 self.log.info(
@@ -489,6 +498,7 @@ class PasswdFile:
         except OSError as e:
             self._stamp = None
             self._users = {}
+            self._refused = {}
             if not self._unavailable_logged:
                 self._unavailable_logged = True
                 self.log.error(
@@ -497,8 +507,10 @@ class PasswdFile:
             raise UserDBUnavailable(f"{self.path}: {e.strerror}") from None
         return self._users
 
-    def _parse(self, lines: list[str]) -> dict[str, Entry]:
+    def _parse(self, lines: list[str]) -> tuple[dict[str, Entry], dict[str, str]]:
+        """The users to serve, and the refused names whose Maildirs collide (one warning a pair)."""
         users: dict[str, Entry] = {}
+        numbers: dict[str, int] = {}
         for number, line in enumerate(lines, 1):
             entry = Entry.parse(line)
             if entry is None:
@@ -517,16 +529,43 @@ class PasswdFile:
                 )
             else:
                 users[entry.user] = entry
-        return users
+                numbers[entry.user] = number
+        refused: dict[str, str] = {}
+        for user, other, nested in find_collisions(users):
+            self.log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "{path}:{line}: the Maildir of user {user} {relation} that of user {other}"
+                " (line {other_line}); refusing both",
+                path=self.path,
+                relation="lies inside" if nested else "is",
+                line=numbers[user],
+                user=untrusted(user),
+                other=untrusted(other),
+                other_line=numbers[other],
+            )
+            refused.setdefault(user, other)
+            refused.setdefault(other, user)
+        for user in refused:
+            del users[user]
+        return users, refused
+
+    def _entry(self, user: str) -> Entry | None:
+        """``user``'s entry, None if unknown; ``UserDBUnavailable`` for a refused name."""
+        entry = self._entries().get(user)
+        if entry is None and user in self._refused:
+            raise UserDBUnavailable(
+                f"{self.path}: the Maildir of {user!r} collides with that of "
+                f"{self._refused[user]!r}"
+            )
+        return entry
 
     def exists(self, user: str) -> bool:
         """Whether ``user`` has a line in the file; raises ``UserDBUnavailable``."""
-        return user in self._entries()
+        return self._entry(user) is not None
 
     def check(self, user: str, password: bytes) -> defer.Deferred[bool]:
         """Verify in the reactor's thread pool; an unknown user costs a dummy Argon2 verify."""
         try:
-            entry = self._entries().get(user)
+            entry = self._entry(user)
         except UserDBUnavailable:
             return defer.fail()
         verify = self._against_dummy
@@ -558,7 +597,7 @@ class PasswdFile:
 
     def _stored(self, user: str) -> tuple[str, str, _Scheme | None]:
         """``(scheme name, stored value, scheme)`` of ``user``; ``("", "", None)`` if unknown."""
-        entry = self._entries().get(user)
+        entry = self._entry(user)
         if entry is None:
             return "", "", None
         name, stored = split_scheme(entry.password)

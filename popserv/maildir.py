@@ -42,6 +42,7 @@ from popserv.uidlist import (
     base_name,
     read_xuidl,
 )
+from popserv.usernames import user_parts
 
 log = Logger()
 
@@ -96,27 +97,17 @@ def crlf_size_of_file(f: BinaryIO) -> int:
 
 # Names
 
+#: How names in ``new/`` and ``cur/`` that are never messages begin: a dot (Maildir
+#: message names never do), and the files that popserv, Dovecot, Courier and Maildir++
+#: keep in a Maildir's root (``popserv.lock``, ``popserv-sizes``, ``dovecot-uidlist``,
+#: ``courierpop3dsizelist``, ``maildirsize``, ``maildirfolder``, ``subscriptions``...).
+#: Such a file below ``new/`` would be another Maildir's, which no user may reach.
+_NOT_MESSAGES = (".", "popserv", "dovecot", "courier", "maildir", "subscriptions")
 
-def user_parts(user: str) -> tuple[str, ...]:
-    """The path components of a user's Maildir below the mail root.
 
-    ``alice`` -> ``("alice",)``, ``alice@Example.ORG`` -> ``("example.org", "alice")``.
-    Raises ValueError for a name that could escape the root or hide as a dotfile.
-    """
-    if not isinstance(user, str):
-        raise TypeError(f"user name must be str, not {type(user).__name__}")
-    parts = user.split("@")
-    if len(parts) > 2:
-        raise ValueError(f"user name {user!r} has more than one '@'")
-    for part in parts:
-        if not part or part.startswith(".") or "/" in part:
-            raise ValueError(f"bad user name {user!r}")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
-            raise ValueError(f"user name {user!r} contains control characters")
-    if len(parts) == 2:
-        local, domain = parts
-        return (domain.lower(), local)
-    return (user,)
+def is_message_name(name: str) -> bool:
+    """Whether a file in ``new/`` or ``cur/`` may be listed as a message, by its name."""
+    return not name.startswith(_NOT_MESSAGES)
 
 
 def unique_part(name: str) -> str:
@@ -279,7 +270,7 @@ def _find_by_key(maildir: str, key: str) -> str | None:
         try:
             with os.scandir(os.path.join(maildir, sub)) as it:
                 for entry in it:
-                    if not entry.name.startswith(".") and uidl_for(entry.name) == key:
+                    if is_message_name(entry.name) and uidl_for(entry.name) == key:
                         return entry.path
         except FileNotFoundError:
             continue
@@ -359,7 +350,7 @@ def _scan(
             name = dirent.name
             try:
                 # d_type from the directory itself: no system call per name.
-                if name.startswith(".") or not dirent.is_file(follow_symlinks=False):
+                if not is_message_name(name) or not dirent.is_file(follow_symlinks=False):
                     continue
             except OSError:
                 continue
@@ -654,7 +645,7 @@ class MaildirStore:
         self._listings_lock = threading.Lock()  # sessions of different users list in parallel
 
     def path_for(self, user: str) -> str:
-        """The Maildir of ``user``; ValueError for names that could escape the root."""
+        """The Maildir of ``user`` (``popserv.usernames``); ValueError for names without one."""
         return os.path.join(self.mailroot, *user_parts(user))
 
     def create(self, user: str) -> str:

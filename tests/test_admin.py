@@ -160,6 +160,91 @@ class AdminTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.users))
         self.assertFalse(os.path.exists(self.mailroot))
 
+    def write_users(self, *names: str) -> None:
+        """A users file as an admin might edit it by hand, every password ``secret``."""
+        os.makedirs(os.path.dirname(self.users), exist_ok=True)
+        with open(self.users, "w", encoding="utf-8") as f:
+            f.writelines(f"{name}:{{PLAIN}}secret\n" for name in names)
+
+    def test_adduser_refuses_case_variant_of_a_domain(self):
+        """adduser refuses alice@EXAMPLE.ORG beside alice@example.org, naming the other user."""
+        self.assertEqual(self.add("alice@example.org"), 0)
+        before = self.users_text()
+        self.assert_error(
+            self.add("alice@EXAMPLE.ORG"),
+            "user 'alice@EXAMPLE.ORG' collides with user 'alice@example.org':"
+            " both would use one Maildir (names are compared ignoring case)",
+        )
+        self.assertEqual(self.users_text(), before)
+
+    def test_adduser_refuses_lower_case_twin_of_an_edited_name(self):
+        """adduser refuses alice@example.org when the file already holds alice@EXAMPLE.ORG."""
+        self.write_users("alice@EXAMPLE.ORG")
+        status = self.add("alice@example.org")
+        self.assertEqual(status, 1)
+        self.assertIn("collides with user 'alice@EXAMPLE.ORG'", self.stderr.getvalue())
+        self.assertEqual(auth.UsersFile.read(self.users).users(), ["alice@EXAMPLE.ORG"])
+
+    def test_adduser_refuses_case_variant_of_a_local_part(self):
+        """adduser refuses Alice beside alice: local parts are compared without case too."""
+        self.add("alice")
+        self.add("bob@example.org")
+        self.assertEqual(self.add("Alice"), 1)
+        self.assertIn("collides with user 'alice'", self.stderr.getvalue())
+        self.assertEqual(self.add("BOB@example.org"), 1)
+        self.assertIn("collides with user 'bob@example.org'", self.stderr.getvalue())
+        self.assertEqual(auth.UsersFile.read(self.users).users(), ["alice", "bob@example.org"])
+
+    def test_adduser_refuses_user_inside_another_maildir(self):
+        """adduser refuses new@example.org beside the user example.org, whose new/ it would be."""
+        self.add("example.org")
+        self.assert_error(
+            self.add("new@example.org"),
+            "user 'new@example.org' collides with user 'example.org':"
+            " its Maildir would lie inside the other's",
+        )
+        self.assertEqual(auth.UsersFile.read(self.users).users(), ["example.org"])
+        self.assertFalse(os.path.exists(os.path.join(self.mailroot, "example.org", "new", "new")))
+
+    def test_adduser_refuses_user_around_another_maildir(self):
+        """adduser refuses the user example.org beside carol@example.org, in either case."""
+        self.add("carol@example.org")
+        self.assert_error(
+            self.add("Example.Org"),
+            "user 'Example.Org' collides with user 'carol@example.org':"
+            " the other's Maildir would lie inside its own (names are compared ignoring case)",
+        )
+        self.assertEqual(auth.UsersFile.read(self.users).users(), ["carol@example.org"])
+
+    def test_adduser_refuses_upper_case_domain(self):
+        """adduser asks for a lower-case domain: SMTP would never find alice@Example.ORG."""
+        self.assert_error(
+            self.add("alice@Example.ORG"),
+            "user 'alice@Example.ORG': write the domain in lower case, alice@example.org"
+            " (domains are case-insensitive)",
+        )
+        self.assertFalse(os.path.exists(self.users))
+
+    def test_adduser_accepts_names_that_do_not_collide(self):
+        """alice, alice@example.org, new@example.org and a user named new live side by side."""
+        for user in ["alice", "alice@example.org", "new@example.org", "new", "example.com"]:
+            self.assertEqual(self.add(user), 0, user)
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_deluser_keeps_a_shared_maildir(self):
+        """deluser --remove-mail refuses when a user of a hand-edited file shares the Maildir."""
+        self.write_users("alice@EXAMPLE.ORG", "alice@example.org")
+        maildir = os.path.join(self.mailroot, "example.org", "alice")
+        os.makedirs(os.path.join(maildir, "new"))
+        status = self.run_admin("deluser", "alice@EXAMPLE.ORG", "--remove-mail", *self.paths())
+        self.assert_error(
+            status,
+            "not removing the Maildir of 'alice@EXAMPLE.ORG': user 'alice@example.org'"
+            " reaches the same files; remove the user without --remove-mail",
+        )
+        self.assertTrue(os.path.isdir(os.path.join(maildir, "new")))
+        self.assertEqual(len(auth.UsersFile.read(self.users).users()), 2)
+
     def test_passwd(self):
         """passwd replaces the hash: the old password fails, the new one works."""
         self.add("alice", "old")

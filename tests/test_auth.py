@@ -17,7 +17,7 @@ from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.mail.pop3 import APOPCredentials
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -416,6 +416,87 @@ class PasswdFileTests(unittest.TestCase):
         os.unlink(self.path)
         for lookup in [self.db.secret, self.db.cram_md5, self.db.scram, self.db.mechanisms]:
             self.assertRaises(UserDBUnavailable, lookup, "bob")
+
+
+class CollidingUsersTests(unittest.TestCase):
+    """A hand-edited users file whose names map to the same or nested Maildirs."""
+
+    def setUp(self):
+        self.patch(auth, "HASHER", CHEAP)
+        self.path = self.mktemp()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.db = auth.PasswdFile(self.path, reactor=FakeReactor())
+
+    def write(self, *names: str) -> None:
+        write_file(self.path, "".join(f"{name}:{{PLAIN}}pw-{name}\n" for name in names))
+
+    def assert_refused(self, user: str) -> None:
+        """Every lookup of ``user`` fails with UserDBUnavailable, the right password too."""
+        self.assertRaises(UserDBUnavailable, self.db.exists, user)
+        self.failureResultOf(self.db.check(user, f"pw-{user}".encode()), UserDBUnavailable)
+        for lookup in [self.db.secret, self.db.cram_md5, self.db.scram]:
+            self.assertRaises(UserDBUnavailable, lookup, user)
+        self.assertEqual(self.db.mechanisms(user), set())
+
+    def assert_served(self, user: str) -> None:
+        self.assertTrue(self.db.exists(user))
+        self.assertTrue(self.successResultOf(self.db.check(user, f"pw-{user}".encode())))
+        self.assertEqual(self.db.secret(user), f"pw-{user}".encode())
+
+    def warnings(self) -> list[dict]:
+        return [event for event in self.events if "other_line" in event]
+
+    def test_case_variants_of_a_domain_are_refused(self):
+        """alice@EXAMPLE.ORG and alice@example.org are both refused; bob is served."""
+        self.write("alice@EXAMPLE.ORG", "alice@example.org", "bob")
+        self.assert_refused("alice@EXAMPLE.ORG")
+        self.assert_refused("alice@example.org")
+        self.assert_served("bob")
+
+    def test_nested_maildirs_are_refused(self):
+        """example.org and new@example.org are both refused; carol@example.com is served."""
+        self.write("example.org", "new@example.org", "carol@example.com")
+        self.assert_refused("example.org")
+        self.assert_refused("new@example.org")
+        self.assert_served("carol@example.com")
+
+    def test_case_variants_of_a_local_part_are_refused(self):
+        """Alice and alice are both refused, as SMTP and case-insensitive disks join them."""
+        self.write("Alice", "alice", "alice@example.org")
+        self.assert_refused("Alice")
+        self.assert_refused("alice")
+        self.assert_served("alice@example.org")
+
+    def test_one_warning_names_both(self):
+        """Each colliding pair is logged once, with both names and lines, however many lookups."""
+        self.write("bob", "example.org", "new@example.org")
+        for _ in range(3):
+            self.assertRaises(UserDBUnavailable, self.db.exists, "new@example.org")
+            self.assertTrue(self.db.exists("bob"))
+        [warning] = self.warnings()
+        self.assertEqual(warning["log_level"].name, "warn")
+        self.assertEqual((warning["user"], warning["line"]), ("new@example.org", 3))
+        self.assertEqual((warning["other"], warning["other_line"]), ("example.org", 2))
+        text = formatEvent(warning)
+        self.assertIn("new@example.org", text)
+        self.assertIn("example.org (line 2)", text)
+        self.assertIn("lies inside", text)
+
+    def test_fixed_file_serves_again(self):
+        """Once the file no longer holds both names, the one left is served."""
+        self.write("alice@EXAMPLE.ORG", "alice@example.org")
+        self.assertRaises(UserDBUnavailable, self.db.exists, "alice@example.org")
+        self.write("alice@example.org")
+        self.assert_served("alice@example.org")
+        self.assertFalse(self.db.exists("alice@EXAMPLE.ORG"))
+
+    def test_checkers_fail_closed(self):
+        """USER/PASS and APOP logins of a refused name fail with UserDBUnavailable."""
+        self.write("alice@EXAMPLE.ORG", "alice@example.org")
+        right = UsernamePassword(b"alice@example.org", b"pw-alice@example.org")
+        self.failureResultOf(auth.UserDBChecker(self.db).requestAvatarId(right), UserDBUnavailable)
+        apop = APOPCredentials(b"<1.2@host>", b"alice@example.org", b"0" * 32)
+        self.failureResultOf(auth.SecretChecker(self.db).requestAvatarId(apop), UserDBUnavailable)
 
 
 class ThreadTests(unittest.TestCase):

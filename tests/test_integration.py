@@ -663,6 +663,78 @@ class DomainUserTests(unittest.TestCase):
         self.assertEqual(lines, [b"1 " + uidl.encode()])
 
 
+class CollidingUsersTests(unittest.TestCase):
+    """A hand-edited users file whose names share or nest Maildirs, served by the real store."""
+
+    timeout = 60
+
+    USERS = {
+        "example.org": "pw outer",
+        "new@example.org": "pw inner",
+        "alice@EXAMPLE.NET": "pw upper",
+        "alice@example.net": "pw lower",
+        "bob": "hunter2",
+    }
+
+    def login(self, port: int, user: str) -> bytes:
+        """The reply to PASS with the user's right password, then QUIT (blocking)."""
+        client = poplib.POP3("127.0.0.1", port, timeout=20)
+        try:
+            client.user(user)
+            try:
+                reply = client.pass_(self.USERS[user])
+            except poplib.error_proto as e:
+                return e.args[0]
+            client.stat()
+            return reply
+        finally:
+            client.quit()
+
+    @defer.inlineCallbacks
+    def test_colliding_names_are_not_served(self):
+        """Each name of a colliding pair gets -ERR [SYS/TEMP] with its right password; bob
+        logs in."""
+        server = yield live.start_server(self, self.USERS)
+        replies = {}
+        for user in self.USERS:
+            replies[user] = yield threads.deferToThread(self.login, server.port, user)
+        for user in ["example.org", "new@example.org", "alice@EXAMPLE.NET", "alice@example.net"]:
+            self.assertTrue(replies[user].startswith(b"-ERR [SYS/TEMP]"), (user, replies[user]))
+        self.assertTrue(replies["bob"].startswith(b"+OK"), replies["bob"])
+
+    @defer.inlineCallbacks
+    def test_nested_user_cannot_steal_the_lock(self):
+        """Holding new@example.org, then logging in as example.org and deleting every listed
+        message, never lets a second session of new@example.org in."""
+        server = yield live.start_server(self, self.USERS)
+
+        def attack():
+            holder = poplib.POP3("127.0.0.1", server.port, timeout=20)
+            try:
+                holder.user("new@example.org")
+                holder.pass_(self.USERS["new@example.org"])
+            except poplib.error_proto:
+                holder.quit()
+                holder = None
+            outer = poplib.POP3("127.0.0.1", server.port, timeout=20)
+            try:
+                outer.user("example.org")
+                outer.pass_(self.USERS["example.org"])
+                for number in range(1, outer.stat()[0] + 1):
+                    outer.dele(number)
+            except poplib.error_proto:
+                pass
+            outer.quit()
+            try:
+                return self.login(server.port, "new@example.org")
+            finally:
+                if holder is not None:
+                    holder.quit()
+
+        second = yield threads.deferToThread(attack)
+        self.assertTrue(second.startswith(b"-ERR"), second)
+
+
 class EmptyMessageTests(LiveTestCase):
     """Degenerate files in a Maildir."""
 

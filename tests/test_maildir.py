@@ -529,6 +529,47 @@ class MaildirStoreTests(unittest.TestCase):
         self.assertEqual((yield self.snapshot()), [("1700000000.M4P1Q1.h", 6)])
 
     @defer.inlineCallbacks
+    def test_control_files_are_not_messages(self):
+        """Lock, size cache, UIDL lists, quota and folder files in new/ or cur/ are never listed."""
+        control = [
+            "popserv.lock",
+            "popserv-sizes",
+            "popserv-sizes.tmp",
+            "dovecot-uidlist",
+            "dovecot-uidlist.lock",
+            "dovecot-uidvalidity",
+            "dovecot-keywords",
+            "dovecot.index.log",
+            "courierpop3dsizelist",
+            "courierimapuiddb",
+            "maildirsize",
+            "maildirfolder",
+            "subscriptions",
+            ".1700000000.M9P1Q1.h",
+        ]
+        for sub in ("new", "cur"):
+            for name in control:
+                self.write(sub, name, b"not a message\n")
+        self.write("new", "1700000000.M4P1Q1.h", b"real\n")
+        self.assertEqual((yield self.snapshot()), [("1700000000.M4P1Q1.h", 6)])
+
+    @defer.inlineCallbacks
+    def test_nested_maildir_keeps_its_lock(self):
+        """Opened as a Maildir, another's parent lists nothing of it: its lock stays held."""
+        inner = yield self.store.open_maildrop("new@example.org")
+        self.addCleanup(inner.close)
+        outer = yield self.store.open_maildrop("example.org")
+        self.addCleanup(outer.close)
+        listed = outer.messages()
+        for index in range(len(listed)):
+            outer.delete(index)
+        yield outer.commit()
+        lock = os.path.join(self.store.path_for("new@example.org"), "popserv.lock")
+        self.assertTrue(os.path.exists(lock))
+        yield self.assertFailure(self.store.open_maildrop("new@example.org"), MaildropLocked)
+        self.assertEqual(listed, ())
+
+    @defer.inlineCallbacks
     def test_order(self):
         """Messages sort by seconds, then M<usecs>, across new/ and cur/; no-time names by mtime."""
         self.write("cur", "1000000000.M10P1Q2.h:2,S", b"")

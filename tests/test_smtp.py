@@ -232,6 +232,17 @@ class RecipientRuleTests(SMTPTestCase):
         """Local parts match users as given or in lower case; domains ignore case."""
         self.assertEqual(self.rcpt(b"Alice@MX.Example.ORG"), b"250 2.1.5 Recipient OK")
 
+    def test_colliding_users_get_no_mail(self):
+        """Names of a hand-edited file whose Maildirs meet get 451 4.3.0 (the mail waits at
+        the sender); the other users get theirs."""
+        with open(self.config.users, "w") as f:
+            f.write("alice:{PLAIN}x\nbob:{PLAIN}x\ndan@example.org:{PLAIN}x\n")
+            f.write("dan@EXAMPLE.ORG:{PLAIN}x\nexample.org:{PLAIN}x\n")
+        down = b"451 4.3.0 User database unavailable, try again later"
+        for address in [b"dan@example.org", b"Dan@Example.org", b"example.org@localhost"]:
+            self.assertEqual(self.rcpt(address), down, address)
+        self.assertEqual(self.rcpt(b"bob@localhost"), b"250 2.1.5 Recipient OK")
+
     def test_postmaster_without_domain_is_local(self):
         """An address without a domain is taken to be at this host."""
         self.assertEqual(self.rcpt(b"alice"), b"250 2.1.5 Recipient OK")
