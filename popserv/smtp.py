@@ -16,7 +16,8 @@ Built on ``twisted.mail.smtp.ESMTP``; the subclass fixes what popserv cannot shi
 popserv never relays: RCPT to a domain that is not local is refused, and nothing here
 sends mail anywhere.  Recipients map to users of the ``IUserDB``: ``alice@<local domain>``
 is the user ``alice@<domain>`` when the users file has that entry, else the user ``alice``
-(each tried as given, then in lower case).
+(each tried as given, then in lower case).  A quoted local part that needs no quotes
+is the same address (``"bob"`` is ``bob``), and a domain with an empty label is refused.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ _ENHANCED_RE = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |$)")
 # A first DATA line that starts a header field (RFC 5322 section 2.2: name ":").
 _HEADER_RE = re.compile(rb"[!-9;-~]+:")
 _UNSAFE_IN_HEADER = re.compile(rb"[^!-'*-[\]-~]")  # printable, minus "(", ")", "\"
+# RFC 5321 section 4.1.2: a Dot-string local part, and a quoted-pair inside a Quoted-string.
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_QUOTED_PAIR = re.compile(r"\\([ -~])")
 
 
 def local_domains(config: Config) -> tuple[str, ...]:
@@ -104,6 +108,29 @@ def local_domains(config: Config) -> tuple[str, ...]:
     if config.smtp_domains:
         return config.smtp_domains
     return tuple(dict.fromkeys((config.hostname.lower().rstrip("."), "localhost")))
+
+
+def _unquoted(local: str) -> str:
+    """A quoted local part that needs no quotes, without them: ``"bob"`` is ``bob``.
+
+    RFC 5321 section 4.1.2 makes the two the same address.  A part that needs its quotes
+    (a space, an ``@``, a leading dot) stays as it is, and so matches no user.
+    """
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_STRING.fullmatch(inner):
+            return inner
+    return local
+
+
+def _domain_name(domain: str) -> str | None:
+    """The domain in lower case without one final dot; None when a label is empty."""
+    domain = domain.lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    if "" in domain.split("."):
+        return None
+    return domain
 
 
 def _header_safe(text: bytes, limit: int = 255) -> bytes:
@@ -221,10 +248,12 @@ class LocalDelivery:
     def resolve(self, address: smtp.Address) -> str:
         """The user an address delivers to; raises ``SMTPServerError`` with the reply."""
         try:
-            domain = address.domain.decode("ascii").lower().rstrip(".")
-            local = address.local.decode("ascii")
+            domain = _domain_name(address.domain.decode("ascii"))
+            local = _unquoted(address.local.decode("ascii"))
         except UnicodeDecodeError:
-            raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT)) from None
+            domain = None
+        if domain is None:
+            raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT))
         if local.lower() == "postmaster" and (domain in self.domains or domain == "localhost"):
             # RFC 5321 section 4.5.1: postmaster is always accepted (a bare <postmaster>
             # arrives with Twisted's default domain, localhost).

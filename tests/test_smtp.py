@@ -223,6 +223,29 @@ class RecipientRuleTests(SMTPTestCase):
         self.send(b"DATA\r\n")
         self.assertEqual(self.replies(), [b"503 5.5.1 Need RCPT before DATA"])
 
+    def test_needless_quotes_are_the_same_address(self):
+        """A quoted local part that needs no quoting is the same mailbox (RFC 5321 4.1.2)."""
+        for address in (b'"bob"@localhost', b'"b\\ob"@mx.example.org', b'"Alice"@example.org'):
+            self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
+        self.assertEqual(self.rcpt(b'"postmaster"@localhost'), b"250 2.1.5 Recipient OK")
+        resolve = self.proto.delivery.resolve
+        self.assertEqual(resolve(twisted_smtp.Address(b'"bob"@localhost')), "bob")
+        # Quotes that are needed keep the local part as it is: no such user.
+        for address in (b'"bob smith"@localhost', b'"bob@x"@localhost', b'"bob."@localhost'):
+            self.assertEqual(self.rcpt(address), b"550 5.1.1 No such user here", address)
+
+    def test_empty_domain_labels_refused(self):
+        """A domain with an empty label gets 553 5.1.3; one final dot (the DNS root) is fine."""
+        for address in (
+            b"bob@localhost..",
+            b"bob@local..host",
+            b"bob@.localhost",
+            b"postmaster@localhost..",
+            b"bob@mx.example.org...",
+        ):
+            self.assertEqual(self.rcpt(address), b"553 5.1.3 Bad recipient address syntax", address)
+        self.assertEqual(self.rcpt(b"bob@localhost."), b"250 2.1.5 Recipient OK")
+
     def test_full_address_user(self):
         """carol@example.org is the user of that name when example.org is a local domain."""
         self.assertEqual(self.rcpt(b"carol@example.org"), b"250 2.1.5 Recipient OK")

@@ -228,6 +228,26 @@ class SenderTests(TestCase):
         [stored] = self.stored("alice")
         self.assertEqual(split_trace(stored)[1], MESSAGE + b"\n")
 
+    async def test_smtplib_quoted_local_part_and_empty_label(self):
+        """smtplib to <"bob"@host> reaches bob; <bob@host..> is refused with 553 5.1.3."""
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test") as client:
+                return client.sendmail(
+                    "sender@remote.example",
+                    [f'"bob"@{HOST}', f"carol@{HOST}..", "carol@localhost.."],
+                    crlf(MESSAGE),
+                )
+
+        refused = await threads.deferToThread(send)
+        self.assertEqual(
+            {address: reply[0] for address, reply in refused.items()},
+            {f"carol@{HOST}..": 553, "carol@localhost..": 553},
+        )
+        self.assertTrue(refused["carol@localhost.."][1].startswith(b"5.1.3 "))
+        self.assertEqual(len(self.stored("bob")), 1)
+        self.assertEqual(self.stored("carol"), [])
+
     async def test_swaks_then_curl(self):
         """A message sent with swaks comes back over POP3 (curl) byte for byte, after the trace."""
         curl = require_client("curl")
