@@ -10,6 +10,9 @@ Built on ``twisted.mail.smtp.ESMTP``; the subclass fixes what popserv cannot shi
 * Lines end only at CRLF.  A bare CR or LF, or a NUL, in DATA fails the whole message, so
   ``\\n.\\n`` cannot end a message and smuggle another (CVE-2023-51765); over-long lines fail
   the message instead of dropping back to command mode in the middle of DATA.
+* A session that keeps erring (``[smtp] max_bad_commands`` unknown, malformed or
+  out-of-order commands, or ``max_rejected_recipients`` refused recipients) is told 421
+  and closed, with one event, so one connection cannot flood the log.
 * Messages are written in binary, one temporary file per message however many recipients,
   and only a delivery that is on disk in every ``new/`` gets 250.
 
@@ -75,6 +78,8 @@ NEED_MAIL = (503, b"5.5.1 Need MAIL before RCPT")
 NEED_RCPT = (503, b"5.5.1 Need RCPT before DATA")
 TIMEOUT = (421, b"4.4.2 %s Idle for too long, closing connection")
 TOO_MANY_CONNECTIONS = (421, b"4.7.0 %s Too many connections from your address")
+TOO_MANY_BAD_COMMANDS = (421, b"4.7.0 %s Too many bad commands, closing connection")
+TOO_MANY_REJECTED = (421, b"4.7.0 %s Too many rejected recipients, closing connection")
 
 # The RFC 3463 code put on a reply that Twisted's own code sends without one.
 _DEFAULT_ENHANCED = {
@@ -178,6 +183,7 @@ class Transaction:
     failure: tuple[int, bytes] | None = None
     first_line: bool = True
     messages: list = field(default_factory=list)
+    over_recipient_limit: bool = False
 
 
 def new_transaction_id() -> str:
@@ -332,6 +338,8 @@ class ESMTPReceiver(smtp.ESMTP):
         self._replies = 0
         self._connected = False
         self._counted = False
+        self._bad_commands = 0
+        self._rejected_recipients = 0
 
     # Connection
 
@@ -481,12 +489,12 @@ class ESMTPReceiver(smtp.ESMTP):
             self._fail_data(LINE_TOO_LONG)
         else:
             self._reject("command", LINE_TOO_LONG)
-            self._send(*LINE_TOO_LONG)
+            self._bad_command(LINE_TOO_LONG)
 
     def state_COMMAND(self, line: bytes) -> None:
         if b"\r" in line or b"\n" in line or b"\0" in line:
             self._reject("command", BAD_COMMAND_CHARS)
-            self._send(*BAD_COMMAND_CHARS)
+            self._bad_command(BAD_COMMAND_CHARS)
             return
         super().state_COMMAND(line)
 
@@ -527,7 +535,7 @@ class ESMTPReceiver(smtp.ESMTP):
             self.transport.pauseProducing()
 
     def sendSyntaxError(self) -> None:
-        self.sendCode(*EMPTY_COMMAND)
+        self._bad_command(EMPTY_COMMAND)
 
     # Commands
 
@@ -548,7 +556,7 @@ class ESMTPReceiver(smtp.ESMTP):
     def _greet(self, rest: bytes, esmtp: bool) -> None:
         rest = rest.strip()
         if not rest:
-            self.sendCode(*HELO_NEEDS_DOMAIN)
+            self._bad_command(HELO_NEEDS_DOMAIN)
             return
         peer = self.session.peer.encode("ascii", "replace")
         self._helo = (rest, peer)
@@ -562,25 +570,28 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def do_MAIL(self, rest: bytes) -> None:
         if self.session.helo is None:
-            self.sendCode(*NEED_HELO)
+            self._bad_command(NEED_HELO)
             return
         if self._from is not None or self.transaction is not None:
-            self.sendCode(*NESTED_MAIL)
+            self._bad_command(NESTED_MAIL)
             return
         m = self.mail_re.match(rest)
         if not m:
-            self.sendCode(*SYNTAX_ERROR)
+            self._bad_command(SYNTAX_ERROR)
             return
         error = self._mail_parameters(m.group("opts"))
         if error is not None:
             self._reject("MAIL", error, sender=m.group("path"))
-            self.sendCode(*error)
+            if error == TOO_BIG:
+                self.sendCode(*error)
+            else:
+                self._bad_command(error)
             return
         try:
             sender = smtp.Address(m.group("path"), self.host)
         except smtp.AddressError:
             self._reject("MAIL", BAD_SENDER, sender=m.group("path"))
-            self.sendCode(*BAD_SENDER)
+            self._bad_command(BAD_SENDER)
             return
         self.transaction = Transaction(id=new_transaction_id(), sender=sender)
         self.delivery.transaction = self.transaction
@@ -616,25 +627,28 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._from is None:
-            self.sendCode(*NEED_MAIL)
+            self._bad_command(NEED_MAIL)
             return
         m = self.rcpt_re.match(rest)
         if not m:
-            self.sendCode(*SYNTAX_ERROR)
+            self._bad_command(SYNTAX_ERROR)
             return
         if m.group("opts"):
             self._reject("RCPT", BAD_PARAMETER, recipient=m.group("path"))
-            self.sendCode(*BAD_PARAMETER)
+            self._recipient_rejected(BAD_PARAMETER)
             return
         if len(self._to) >= self.config.smtp_max_recipients:
-            self._reject("RCPT", TOO_MANY_RECIPIENTS, recipient=m.group("path"))
+            # No error of the client's (it sends the rest later): not counted, logged once.
+            if not self.transaction.over_recipient_limit:
+                self.transaction.over_recipient_limit = True
+                self._reject("RCPT", TOO_MANY_RECIPIENTS, recipient=m.group("path"))
             self.sendCode(*TOO_MANY_RECIPIENTS)
             return
         try:
             user = smtp.User(m.group("path"), self._helo, self, self._from)
         except smtp.AddressError:
             self._reject("RCPT", BAD_RECIPIENT, recipient=m.group("path"))
-            self.sendCode(*BAD_RECIPIENT)
+            self._recipient_rejected(BAD_RECIPIENT)
             return
         d = defer.maybeDeferred(self.validateTo, user)
         d.addCallbacks(
@@ -649,11 +663,11 @@ class ESMTPReceiver(smtp.ESMTP):
     def _recipient_refused(self, failure, user: smtp.User) -> None:
         reply = self._reply_for(failure, "recipient validation failed")
         self._reject("RCPT", reply, recipient=bytes(user.dest))
-        self.sendCode(*reply)
+        self._recipient_rejected(reply)
 
     def do_DATA(self, rest: bytes) -> None:
         if self._from is None or not self._to:
-            self.sendCode(*NEED_RCPT)
+            self._bad_command(NEED_RCPT)
             return
         helo, origin, recipients = self._helo, self._from, self._to
         self._from, self._to = None, []
@@ -771,7 +785,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self.transport.loseConnection()
 
     def do_UNKNOWN(self, rest: bytes) -> None:
-        self.sendCode(*UNKNOWN_COMMAND)
+        self._bad_command(UNKNOWN_COMMAND)
 
     def ext_AUTH(self, rest: bytes) -> None:
         """popserv receives mail for its users; it takes no submissions, so no AUTH."""
@@ -787,6 +801,31 @@ class ESMTPReceiver(smtp.ESMTP):
             self.session.helo = None
             self.session.esmtp = False
             self.session.tls = True
+
+    # Error limits: a client that keeps erring is told 421 and the session ends
+
+    def _bad_command(self, reply: tuple[int, bytes]) -> None:
+        """Answer a command that is unknown, malformed or out of order, and count it."""
+        self.sendCode(*reply)
+        self._bad_commands += 1
+        if self._bad_commands >= self.config.smtp_max_bad_commands:
+            self._hang_up(TOO_MANY_BAD_COMMANDS, self._bad_commands)
+
+    def _recipient_rejected(self, reply: tuple[int, bytes]) -> None:
+        """Answer a refused RCPT; permanent refusals count (a 4xx is no fault of the client's)."""
+        self.sendCode(*reply)
+        if reply[0] >= 500:
+            self._rejected_recipients += 1
+            if self._rejected_recipients >= self.config.smtp_max_rejected_recipients:
+                self._hang_up(TOO_MANY_REJECTED, self._rejected_recipients)
+
+    def _hang_up(self, reply: tuple[int, bytes], count: int) -> None:
+        """End the session with one event and a 421; input after the last command is dropped."""
+        if not self._connected or self.transport.disconnecting:
+            return
+        self._reject("session", reply, host=True, count=str(count))
+        self._send(reply[0], reply[1] % self.host)
+        self.transport.loseConnection()
 
     # Helpers
 

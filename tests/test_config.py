@@ -57,6 +57,8 @@ max_recipients = 10
 max_line_length = 2000
 timeout = 600
 max_connections_per_peer = 5
+max_bad_commands = 7
+max_rejected_recipients = 8
 postmaster = admin@example.org
 """
 
@@ -102,6 +104,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 smtp_max_line_length=2000,
                 smtp_timeout=600.0,
                 smtp_max_connections_per_peer=5,
+                smtp_max_bad_commands=7,
+                smtp_max_rejected_recipients=8,
                 smtp_postmaster="admin@example.org",
             ),
         )
