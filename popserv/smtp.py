@@ -28,7 +28,9 @@ from __future__ import annotations
 import collections
 import functools
 import re
+import resource
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -78,6 +80,7 @@ NEED_MAIL = (503, b"5.5.1 Need MAIL before RCPT")
 NEED_RCPT = (503, b"5.5.1 Need RCPT before DATA")
 TIMEOUT = (421, b"4.4.2 %s Idle for too long, closing connection")
 TOO_MANY_CONNECTIONS = (421, b"4.7.0 %s Too many connections from your address")
+SERVER_BUSY = (421, b"4.7.0 %s Too many connections, try again later")
 TOO_MANY_BAD_COMMANDS = (421, b"4.7.0 %s Too many bad commands, closing connection")
 TOO_MANY_REJECTED = (421, b"4.7.0 %s Too many rejected recipients, closing connection")
 
@@ -106,6 +109,25 @@ _UNSAFE_IN_HEADER = re.compile(rb"[^!-'*-[\]-~]")  # printable, minus "(", ")", 
 # RFC 5321 section 4.1.2: a Dot-string local part, and a quoted-pair inside a Quoted-string.
 _DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _QUOTED_PAIR = re.compile(r"\\([ -~])")
+
+
+#: SMTP refuses connections while fewer than this share of the process's file descriptors
+#: would stay free, so that POP3 (and SMTP's own deliveries) always have some left.
+DESCRIPTOR_RESERVE = 0.25
+
+
+def soft_file_limit() -> int:
+    """The process's limit on open file descriptors (RLIMIT_NOFILE, soft)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 2**31 if soft == resource.RLIM_INFINITY else soft
+
+
+def _descriptor(transport) -> int:
+    """The transport's socket descriptor, or -1 when it has none of its own."""
+    try:
+        return transport.fileno()
+    except Exception:
+        return -1
 
 
 def local_domains(config: Config) -> tuple[str, ...]:
@@ -347,10 +369,9 @@ class ESMTPReceiver(smtp.ESMTP):
         self._connected = True
         peer = self.transport.getPeer()
         self.session = Session(peer=str(getattr(peer, "host", peer)))
-        if not self.factory.connection_opened(self.session.peer):
-            self._reject("connect", TOO_MANY_CONNECTIONS, host=True)
-            self._send(TOO_MANY_CONNECTIONS[0], TOO_MANY_CONNECTIONS[1] % self.host)
-            self.transport.loseConnection()
+        limit = self.factory.connection_opened(self.session.peer, _descriptor(self.transport))
+        if limit is not None:
+            self._refuse_connection(limit)
             return
         self._counted = True
         self.delivery = LocalDelivery(
@@ -363,6 +384,16 @@ class ESMTPReceiver(smtp.ESMTP):
             self.factory.config.smtp_postmaster,
         )
         super().connectionMade()
+
+    def _refuse_connection(self, limit: str) -> None:
+        """421 and close, before anything is built: over a limit, a connection costs little."""
+        if limit == "per-peer":
+            reply, fields = TOO_MANY_CONNECTIONS, {}
+        else:
+            reply, fields = SERVER_BUSY, {"limit": limit}
+        self._reject("connect", reply, host=True, **fields)
+        self._send(reply[0], reply[1] % self.host)
+        self.transport.loseConnection()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP popserv"
@@ -879,7 +910,11 @@ class ESMTPReceiver(smtp.ESMTP):
 
 
 class SMTPFactory(smtp.SMTPFactory):
-    """Builds ``ESMTPReceiver`` connections and counts them per peer address."""
+    """Builds ``ESMTPReceiver`` connections and counts them, in all and per peer address.
+
+    ``file_limit`` returns the process's descriptor limit (read at each connection, as
+    ``popserv.process`` raises it only when the service starts).
+    """
 
     protocol = ESMTPReceiver
     noisy = False
@@ -891,6 +926,7 @@ class SMTPFactory(smtp.SMTPFactory):
         config: Config,
         clock=None,
         context_factory=None,
+        file_limit: Callable[[], int] = soft_file_limit,
     ):
         super().__init__(portal=None)
         if clock is None:
@@ -901,19 +937,42 @@ class SMTPFactory(smtp.SMTPFactory):
         self.clock = clock
         self.context_factory = context_factory
         self.domains = local_domains(config)
+        self.file_limit = file_limit
         self.connections: collections.Counter[str] = collections.Counter()
+        self.open_connections = 0
 
     def buildProtocol(self, addr) -> ESMTPReceiver:
         return self.protocol(self)
 
-    def connection_opened(self, peer: str) -> bool:
-        """Count a new connection from ``peer``; False when it is one too many."""
+    def connection_opened(self, peer: str, descriptor: int = -1) -> str | None:
+        """Count a new connection from ``peer``, whose socket is ``descriptor`` (-1: unknown).
+
+        Returns None, or (not counting it) the limit it is over: ``per-peer``,
+        ``max_connections`` or ``descriptors``.
+        """
         if self.connections[peer] >= self.config.smtp_max_connections_per_peer:
-            return False
+            return "per-peer"
+        if self.open_connections >= self.config.smtp_max_connections:
+            return "max_connections"
+        if self.descriptors_short(descriptor):
+            return "descriptors"
         self.connections[peer] += 1
-        return True
+        self.open_connections += 1
+        return None
+
+    def descriptors_short(self, newest: int) -> bool:
+        """Whether one more connection would leave less than the reserve of descriptors free.
+
+        Counted without a system call, as this runs for every connection: the kernel gives
+        a new socket the lowest free number, so all those below ``newest`` are in use, and
+        each SMTP connection may still open one more (the temporary file of its message).
+        """
+        limit = self.file_limit()
+        in_use = newest + 1 + self.open_connections + 1
+        return limit - in_use < limit * DESCRIPTOR_RESERVE
 
     def connection_closed(self, peer: str) -> None:
+        self.open_connections -= 1
         self.connections[peer] -= 1
         if self.connections[peer] <= 0:
             del self.connections[peer]

@@ -151,8 +151,35 @@ class SMTPAggressiveTests(SynchronousTestCase):
 
     def setUp(self):
         require_client("fail2ban-regex")
-        self.server = TwistdServer(self, {"alice": "secret"}, smtp=True)
+        self.server = TwistdServer(
+            self,
+            {"alice": "secret"},
+            smtp=True,
+            settings={"smtp": {"max_connections": "3", "max_connections_per_peer": "2"}},
+        )
         self.server.start()
+
+    def greeting(self, source: str) -> bytes:
+        """The first reply to a new SMTP connection from ``source``, which is kept open."""
+        sock = socket.create_connection(
+            ("127.0.0.1", self.server.smtp_port), timeout=10, source_address=(source, 0)
+        )
+        self.addCleanup(sock.close)
+        return sock.recv(200)
+
+    def test_refused_connections(self):
+        """A peer over its own limit is an aggressive match; one refused as the server is full
+        is not."""
+        for _ in range(2):
+            self.assertTrue(self.greeting("127.0.0.1").startswith(b"220 "))
+        self.assertIn(b"from your address", self.greeting("127.0.0.1"))
+        self.assertTrue(self.greeting("127.0.80.1").startswith(b"220 "))
+        self.assertIn(b"try again later", self.greeting("127.0.80.3"))
+        self.server.stop()
+        self.assertEqual(self.server.log().count(" stage=connect code=421 "), 2)
+        self.assertEqual(fail2ban_regex(self.server.log_path)[2], [])
+        _, _, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
+        self.assertEqual(ips, ["127.0.0.1"])
 
     def test_sessions_closed_for_errors(self):
         """Each session closed for bad commands or refused recipients is one aggressive match."""

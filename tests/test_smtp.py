@@ -748,6 +748,68 @@ class PerPeerLimitTests(SMTPTestCase):
         self.assertTrue(self.replies(fourth_transport)[0].startswith(b"220 "))
 
 
+class TotalLimitTests(SMTPTestCase):
+    config_changes = {"smtp_max_connections": 3}
+
+    def test_limit_in_all(self):
+        """Over [smtp] max_connections, from any address, 421 4.7.0; a closed one frees a place."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        others = [self.connect(peer=IPv4Address("TCP", f"192.0.2.{n}", 1)) for n in (8, 9)]
+        refused, refused_transport = self.connect(peer=IPv4Address("TCP", "192.0.2.10", 1))
+        self.assertEqual(
+            self.replies(refused_transport),
+            [b"421 4.7.0 mx.example.org Too many connections, try again later"],
+        )
+        self.assertTrue(refused_transport.disconnecting)
+        refused.connectionLost(defer.Failure(ConnectionError()))
+        [event] = [e for e in events if e.get("log_namespace") == "popserv.smtp"]
+        self.assertEqual(
+            (event["peer"], event["stage"], event["limit"]),
+            ("192.0.2.10", "connect", "max_connections"),
+        )
+        others[0][0].connectionLost(defer.Failure(ConnectionError()))
+        later, later_transport = self.connect(peer=IPv4Address("TCP", "192.0.2.10", 1))
+        self.assertTrue(self.replies(later_transport)[0].startswith(b"220 "))
+        self.assertEqual(self.factory.open_connections, 3)
+
+
+class SocketTransport(StringTransport):
+    """A transport whose socket has a given descriptor number."""
+
+    descriptor = -1
+
+    def fileno(self):
+        return self.descriptor
+
+
+class DescriptorReserveTests(SMTPTestCase):
+    def connect_at(self, descriptor: int):
+        SocketTransport.descriptor = descriptor
+        self.addCleanup(setattr, SocketTransport, "descriptor", -1)
+        return self.connect(transport_class=SocketTransport)
+
+    def test_refused_when_descriptors_run_short(self):
+        """A connection that would leave less than a quarter of the descriptors free gets 421."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.factory.file_limit = lambda: 100
+        # Descriptors 0-70 in use, and one temporary file each for two SMTP connections.
+        proto, transport = self.connect_at(70)
+        self.assertTrue(self.replies(transport)[0].startswith(b"220 "))
+        proto, transport = self.connect_at(72)
+        self.assertEqual(
+            self.replies(transport),
+            [b"421 4.7.0 mx.example.org Too many connections, try again later"],
+        )
+        self.assertEqual(events[-1]["limit"], "descriptors")
+        self.assertEqual(self.factory.open_connections, 2)
+
+    def test_soft_file_limit(self):
+        """The limit read is the process's soft RLIMIT_NOFILE."""
+        import resource
+
+        self.assertEqual(smtp.soft_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 class ErrorLimitTests(SMTPTestCase):
     """One connection that keeps erring is closed, with one event, before it floods the log."""
 

@@ -1,15 +1,21 @@
 """Attacks on the SMTP listener of a real ``twistd popserv``: floods of bad commands and
-refused recipients on one connection.
+refused recipients on one connection, and of connections that would take every file
+descriptor from POP3.
 
 Everything runs on 127.0.0.1, bounded in count and time.
 """
 
+import poplib
 import socket
 import threading
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.live_twistd import HOST, TwistdServer
+from tests.live_twistd import HOST, TWISTD, TwistdServer
+
+#: The descriptor limit of the server child in the connection flood.
+FILE_LIMIT = 256
 
 
 def flood(port: int, data: bytes, timeout: float = 5.0) -> list[bytes]:
@@ -85,3 +91,60 @@ class ErrorFloodTests(SynchronousTestCase):
         )
         [event] = self.rejected_events()
         self.assertIn("smtp.rejected: peer=127.0.0.1 stage=session code=421 ", event)
+
+
+class DescriptorFloodTests(SynchronousTestCase):
+    """SMTP connections held open against a server whose descriptor limit is low (the test
+    found 1,085 of them, under a limit of 1,100, made POP3 logins fail)."""
+
+    def setUp(self):
+        self.server = TwistdServer(
+            self,
+            {"alice": "pw"},
+            smtp=True,
+            settings={"smtp": {"max_connections_per_peer": "1000"}},
+        )
+        self.server.program = (
+            "import resource; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({FILE_LIMIT}, {FILE_LIMIT})); " + TWISTD
+        )
+        self.server.start()
+
+    def test_pop3_login_while_smtp_connections_pile_up(self):
+        """300 SMTP connections: those past the reserve get 421 4.7.0, and POP3 still logs in."""
+        held, refused = [], 0
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", self.server.smtp_port), timeout=2)
+            self.addCleanup(sock.close)
+            try:
+                greeting = sock.recv(200)
+            except TimeoutError:
+                greeting = b""
+            if greeting.startswith(b"220 "):
+                held.append(sock)
+            elif greeting.startswith(b"421 "):
+                self.assertEqual(
+                    greeting, b"421 4.7.0 twistd.test Too many connections, try again later\r\n"
+                )
+                refused += 1
+            else:
+                break  # no greeting: the server is out of descriptors
+        started = time.monotonic()
+        client = poplib.POP3("127.0.0.1", self.server.pop3_port, timeout=5)
+        self.addCleanup(client.close)
+        client.user("alice")
+        client.pass_("pw")
+        self.assertEqual(client.stat(), (0, 0))
+        client.quit()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertGreater(refused, 0, f"{len(held)} SMTP connections held, none refused")
+        self.assertGreater(len(held), 50)
+        # The connections held are still served.
+        held[0].sendall(b"NOOP\r\n")
+        self.assertEqual(held[0].recv(200), b"250 2.0.0 Ok\r\n")
+        self.server.stop()
+        self.assertIn(
+            'smtp.rejected: peer=127.0.0.1 stage=connect code=421 reason="4.7.0 twistd.test '
+            'Too many connections, try again later" limit=descriptors',
+            self.server.log(),
+        )
