@@ -56,7 +56,10 @@ class Config:
     smtp_max_recipients: int = 100
     smtp_max_line_length: int = 1000
     smtp_timeout: float = 300.0
+    smtp_max_connections: int = 1000
     smtp_max_connections_per_peer: int = 20
+    smtp_max_bad_commands: int = 20
+    smtp_max_rejected_recipients: int = 20
     smtp_postmaster: str = "postmaster"
 
     def replace(self, **changes) -> Config:
@@ -180,7 +183,10 @@ _KEYS = {
     ("smtp", "max_recipients"): ("smtp_max_recipients", _positive_int),
     ("smtp", "max_line_length"): ("smtp_max_line_length", _positive_int),
     ("smtp", "timeout"): ("smtp_timeout", _positive_float),
+    ("smtp", "max_connections"): ("smtp_max_connections", _positive_int),
     ("smtp", "max_connections_per_peer"): ("smtp_max_connections_per_peer", _positive_int),
+    ("smtp", "max_bad_commands"): ("smtp_max_bad_commands", _positive_int),
+    ("smtp", "max_rejected_recipients"): ("smtp_max_rejected_recipients", _positive_int),
     ("smtp", "postmaster"): ("smtp_postmaster", _text),
 }
 

@@ -5,16 +5,25 @@ end it is fsynced, then renamed into ``new/`` when it has one recipient, or hard
 (copied, when a Maildir is on another file system) into every recipient's ``new/``, and
 each ``new/`` is fsynced.  Its name there is
 ``<secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<crlf-size>``, which ``popserv.maildir``
-reads sizes from.  Until then nothing is visible in any ``new/``; a failure removes what
-was linked, and a crash leaves only a ``tmp/`` file, which ``remove_stale_temp_files``
-deletes at the next start (after 36 hours, as Dovecot does).  Knows nothing of SMTP.
+reads sizes from.  A failure removes what was linked.
+
+Links into several ``new/`` cannot appear at once, so before the first one a journal in
+``<mailroot>/.popserv-deliveries/`` lists them (fsynced), and once all are made and
+fsynced it is marked committed (fsynced); only then does the delivery succeed (and SMTP
+answer 250).  At the next start ``roll_back_unfinished`` removes the links of every
+journal not committed: after a crash, a message whose sender got no 250 (and so sends it
+again) is in no ``new/``.  A rename is atomic by itself, so one recipient needs no
+journal.  A crash leaves a ``tmp/`` file, which ``remove_stale_temp_files`` deletes at a
+start 36 hours later (as Dovecot does).  Knows nothing of SMTP.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
+import json
 import os
 import queue
 import shutil
@@ -36,6 +45,11 @@ log = Logger()
 
 #: Age after which a ``tmp/`` file is a dead delivery (Maildir convention, as in Dovecot).
 STALE_AGE = 36 * 3600
+
+#: Directory below the mail root holding one journal per multi-recipient delivery.
+JOURNAL_DIR = ".popserv-deliveries"
+#: A journal's first byte: the delivery is under way, or done (never to be undone).
+_PENDING, _COMMITTED = b"P", b"C"
 
 #: Threads that fsync and rename; more than the disk can overlap only add switching.
 WORKER_THREADS = 8
@@ -128,6 +142,7 @@ class MaildirDelivery:
         name = f"{self.id},S={self.size},W={self.crlf_size}"
         placed: list[str] = []
         temp_left = True
+        journal: Journal | None = None
         try:
             try:
                 f.flush()
@@ -139,20 +154,29 @@ class MaildirDelivery:
                 temp_left = not self._remaking(self.users[0], self._move, self._maildirs[0], target)
                 placed.append(target)
             else:
-                for user, maildir in zip(self.users, self._maildirs, strict=True):
-                    target = os.path.join(maildir, "new", name)
+                targets = [os.path.join(maildir, "new", name) for maildir in self._maildirs]
+                journal = self._deliverer.open_journal(self.id, self._temp, targets)
+                for user, maildir, target in zip(self.users, self._maildirs, targets, strict=True):
                     self._remaking(user, self._place, maildir, target)
                     placed.append(target)
             # The new names must survive a crash; the temporary name leaving tmp/ need not.
             for directory in sorted({os.path.dirname(path) for path in placed}):
                 fsync_dir(directory)
+            if journal is not None:
+                journal.commit()
         except OSError as e:
             for path in placed:
                 _unlink_quietly(path)
             _unlink_quietly(self._temp)
+            if journal is not None:
+                # The links must be gone for good before their journal is.
+                _fsync_dirs_quietly(placed)
+                journal.close()
             raise DeliveryFailed(f"cannot deliver {self.id}: {e.strerror}", e) from None
         if temp_left:
             _unlink_quietly(self._temp)
+        if journal is not None:
+            journal.close()
         self._done = True
         return name
 
@@ -203,16 +227,89 @@ class MaildirDelivery:
             _unlink_quietly(self._temp)
 
 
+def _fsync_dirs_quietly(paths: Iterable[str]) -> None:
+    for directory in sorted({os.path.dirname(path) for path in paths}):
+        with contextlib.suppress(OSError):
+            fsync_dir(directory)
+
+
+class Journal:
+    """The record of one delivery into several Maildirs, open (and locked) while it lasts.
+
+    Its file is named after the delivery's id and holds ``P`` or ``C`` (pending or
+    committed) and then, as JSON, the temporary file and the paths it is linked to.  The
+    lock tells ``roll_back_unfinished`` in another process that the delivery is alive.
+    """
+
+    def __init__(self, path: str, fd: int):
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def create(cls, directory: str, id: str, temp: str, targets: Sequence[str]) -> Journal:
+        """Write a pending journal and make it durable, entry in its directory included."""
+        path = os.path.join(directory, id)
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            record = memoryview(_PENDING + json.dumps({"temp": temp, "targets": targets}).encode())
+            while record:
+                record = record[os.write(fd, record) :]
+            os.fsync(fd)
+            fsync_dir(directory)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return cls(path, fd)
+
+    def commit(self) -> None:
+        """Mark the delivery done, durably: from here on no start undoes it."""
+        os.pwrite(self._fd, _COMMITTED, 0)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        """Remove the journal, whose delivery is committed or undone; safe to call twice."""
+        if self._fd >= 0:
+            _unlink_quietly(self.path)
+            os.close(self._fd)
+            self._fd = -1
+
+
 @implementer(IDeliverer)
 class MaildirDeliverer:
     """Starts deliveries into the Maildirs of an ``IMaildropStore``."""
 
-    def __init__(self, store: IMaildropStore, hostname: str, reactor=None):
+    def __init__(
+        self, store: IMaildropStore, hostname: str, reactor=None, journal_dir: str | None = None
+    ):
+        """``journal_dir``: where multi-recipient deliveries keep their journals
+        (``<mailroot>/.popserv-deliveries`` by default; ``DeliveryRecovery`` reads it)."""
         self.store = store
         self.hostname = hostname
         self._reactor = reactor
         self._known: dict[str, str] = {}
         self._workers: Workers | None = None
+        self._journal_dir = journal_dir
+
+    @property
+    def journal_dir(self) -> str:
+        if self._journal_dir is None:
+            self._journal_dir = os.path.join(self.store.mailroot, JOURNAL_DIR)
+        return self._journal_dir
+
+    def open_journal(self, id: str, temp: str, targets: Sequence[str]) -> Journal:
+        """A durable journal of a delivery's links, written before the first of them."""
+        directory = self.journal_dir
+        try:
+            return Journal.create(directory, id, temp, targets)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o700)
+            fsync_dir(os.path.dirname(directory))
+            return Journal.create(directory, id, temp, targets)
 
     def maildir(self, user: str, known: bool = True) -> str:
         """The user's Maildir, made (if missing) on the first delivery, or when not ``known``."""
@@ -346,6 +443,124 @@ def remove_stale_temp_files(mailroot: str, now: float | None = None, age: float 
                     reason=e.strerror,
                 )
     return removed
+
+
+def _named_for(id: str, path: object, sub: str, exact: bool = False) -> bool:
+    """Whether ``path`` is a file of delivery ``id`` in a Maildir's ``sub`` directory.
+
+    A damaged journal could name any file; only the delivery's own are removed.
+    """
+    if not isinstance(path, str):
+        return False
+    name = os.path.basename(path)
+    if os.path.basename(os.path.dirname(path)) != sub:
+        return False
+    return name == id or (not exact and name.startswith(id + ","))
+
+
+def _undo(id: str, record: dict, pending: bool) -> bool:
+    """Remove what a delivery left: its temporary files, and its links when ``pending``.
+
+    True when nothing is left of it (its journal can go); the removed links are made
+    durable first, so a crash cannot bring them back once the journal is gone.
+    """
+    targets = record.get("targets")
+    targets = targets if isinstance(targets, list) else []
+    removed, touched, ok = 0, set(), True
+    for target in targets:
+        if not _named_for(id, target, "new"):
+            continue
+        maildir = os.path.dirname(os.path.dirname(target))
+        # A copy on its way to a Maildir on another file system.
+        _unlink_quietly(os.path.join(maildir, "tmp", os.path.basename(target)))
+        if not pending:
+            continue
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            ok = False
+            log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "delivery.rollback_failed: cannot remove {path}: {reason}",
+                path=target,
+                reason=e.strerror,
+            )
+            continue
+        removed += 1
+        touched.add(os.path.dirname(target))
+    temp = record.get("temp")
+    if _named_for(id, temp, "tmp", exact=True):
+        _unlink_quietly(temp)
+    for directory in sorted(touched):
+        try:
+            fsync_dir(directory)
+        except OSError:
+            ok = False
+    if pending:
+        log.info(
+            "delivery.rolled_back: id={id} removed={removed} of {targets} links",
+            id=id,
+            removed=removed,
+            targets=len(targets),
+        )
+    return ok
+
+
+def roll_back_unfinished(journal_dir: str) -> int:
+    """Undo the deliveries a crash cut off before they were committed; returns how many.
+
+    Run at start, before any listener accepts: a pending journal's links come out of
+    every ``new/`` (its sender got no 250, and sends it again), and its temporary file
+    goes.  A committed delivery stays as it is; only its journal (and temporary file) go.
+    A journal still locked belongs to a delivery under way in another process: it stays.
+    """
+    try:
+        names = sorted(os.listdir(journal_dir))
+    except FileNotFoundError:
+        return 0
+    undone = 0
+    for id in names:
+        path = os.path.join(journal_dir, id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+            state = data[:1]
+            try:
+                record = json.loads(data[1:])
+            except ValueError:
+                # Cut off while being written, so before any link was made.
+                record = {}
+            if not isinstance(record, dict):
+                record = {}
+            if state == _PENDING:
+                undone += 1
+            if _undo(id, record, pending=state == _PENDING):
+                _unlink_quietly(path)
+        finally:
+            os.close(fd)
+    return undone
+
+
+class DeliveryRecovery(Service):
+    """At start, before any listener accepts, undoes the deliveries a crash cut off."""
+
+    def __init__(self, journal_dir: str):
+        self.journal_dir = journal_dir
+
+    def startService(self) -> None:
+        super().startService()
+        undone = roll_back_unfinished(self.journal_dir)
+        if undone:
+            log.info("rolled back {count} unfinished deliveries", count=undone)
 
 
 class StaleTempCleaner(Service):

@@ -25,6 +25,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     so a first ``twistd -n popserv`` runs without any setup.
     """
     from popserv.auth import PasswdFile, checkers
+    from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
     from popserv.maildir import MaildirStore
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
@@ -58,6 +59,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     # First child: it checks and raises limits before the listeners bind, and drops
     # root only once they all have (see popserv.process).
     ProcessSetup(config, created).setServiceParent(top)
+    # Before any listener accepts: what a crash left half-delivered comes out of new/.
+    DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"pop3-{index}")

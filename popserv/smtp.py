@@ -10,13 +10,17 @@ Built on ``twisted.mail.smtp.ESMTP``; the subclass fixes what popserv cannot shi
 * Lines end only at CRLF.  A bare CR or LF, or a NUL, in DATA fails the whole message, so
   ``\\n.\\n`` cannot end a message and smuggle another (CVE-2023-51765); over-long lines fail
   the message instead of dropping back to command mode in the middle of DATA.
+* A session that keeps erring (``[smtp] max_bad_commands`` unknown, malformed or
+  out-of-order commands, or ``max_rejected_recipients`` refused recipients) is told 421
+  and closed, with one event, so one connection cannot flood the log.
 * Messages are written in binary, one temporary file per message however many recipients,
   and only a delivery that is on disk in every ``new/`` gets 250.
 
 popserv never relays: RCPT to a domain that is not local is refused, and nothing here
 sends mail anywhere.  Recipients map to users of the ``IUserDB``: ``alice@<local domain>``
 is the user ``alice@<domain>`` when the users file has that entry, else the user ``alice``
-(each tried as given, then in lower case).
+(each tried as given, then in lower case).  A quoted local part that needs no quotes
+is the same address (``"bob"`` is ``bob``), and a domain with an empty label is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import collections
 import functools
 import re
+import resource
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -75,6 +81,9 @@ NEED_MAIL = (503, b"5.5.1 Need MAIL before RCPT")
 NEED_RCPT = (503, b"5.5.1 Need RCPT before DATA")
 TIMEOUT = (421, b"4.4.2 %s Idle for too long, closing connection")
 TOO_MANY_CONNECTIONS = (421, b"4.7.0 %s Too many connections from your address")
+SERVER_BUSY = (421, b"4.7.0 %s Too many connections, try again later")
+TOO_MANY_BAD_COMMANDS = (421, b"4.7.0 %s Too many bad commands, closing connection")
+TOO_MANY_REJECTED = (421, b"4.7.0 %s Too many rejected recipients, closing connection")
 
 # The RFC 3463 code put on a reply that Twisted's own code sends without one.
 _DEFAULT_ENHANCED = {
@@ -98,6 +107,28 @@ _ENHANCED_RE = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |$)")
 # A first DATA line that starts a header field (RFC 5322 section 2.2: name ":").
 _HEADER_RE = re.compile(rb"[!-9;-~]+:")
 _UNSAFE_IN_HEADER = re.compile(rb"[^!-'*-[\]-~]")  # printable, minus "(", ")", "\"
+# RFC 5321 section 4.1.2: a Dot-string local part, and a quoted-pair inside a Quoted-string.
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_QUOTED_PAIR = re.compile(r"\\([ -~])")
+
+
+#: SMTP refuses connections while fewer than this share of the process's file descriptors
+#: would stay free, so that POP3 (and SMTP's own deliveries) always have some left.
+DESCRIPTOR_RESERVE = 0.25
+
+
+def soft_file_limit() -> int:
+    """The process's limit on open file descriptors (RLIMIT_NOFILE, soft)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 2**31 if soft == resource.RLIM_INFINITY else soft
+
+
+def _descriptor(transport) -> int:
+    """The transport's socket descriptor, or -1 when it has none of its own."""
+    try:
+        return transport.fileno()
+    except Exception:
+        return -1
 
 
 def local_domains(config: Config) -> tuple[str, ...]:
@@ -105,6 +136,29 @@ def local_domains(config: Config) -> tuple[str, ...]:
     if config.smtp_domains:
         return config.smtp_domains
     return tuple(dict.fromkeys((config.hostname.lower().rstrip("."), "localhost")))
+
+
+def _unquoted(local: str) -> str:
+    """A quoted local part that needs no quotes, without them: ``"bob"`` is ``bob``.
+
+    RFC 5321 section 4.1.2 makes the two the same address.  A part that needs its quotes
+    (a space, an ``@``, a leading dot) stays as it is, and so matches no user.
+    """
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_STRING.fullmatch(inner):
+            return inner
+    return local
+
+
+def _domain_name(domain: str) -> str | None:
+    """The domain in lower case without one final dot; None when a label is empty."""
+    domain = domain.lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    if "" in domain.split("."):
+        return None
+    return domain
 
 
 def _header_safe(text: bytes, limit: int = 255) -> bytes:
@@ -152,6 +206,7 @@ class Transaction:
     failure: tuple[int, bytes] | None = None
     first_line: bool = True
     messages: list = field(default_factory=list)
+    over_recipient_limit: bool = False
 
 
 def new_transaction_id() -> str:
@@ -222,10 +277,12 @@ class LocalDelivery:
     def resolve(self, address: smtp.Address) -> str:
         """The user an address delivers to; raises ``SMTPServerError`` with the reply."""
         try:
-            domain = address.domain.decode("ascii").lower().rstrip(".")
-            local = address.local.decode("ascii")
+            domain = _domain_name(address.domain.decode("ascii"))
+            local = _unquoted(address.local.decode("ascii"))
         except UnicodeDecodeError:
-            raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT)) from None
+            domain = None
+        if domain is None:
+            raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT))
         if local.lower() == "postmaster" and (domain in self.domains or domain == "localhost"):
             # RFC 5321 section 4.5.1: postmaster is always accepted (a bare <postmaster>
             # arrives with Twisted's default domain, localhost).
@@ -304,6 +361,8 @@ class ESMTPReceiver(smtp.ESMTP):
         self._replies = 0
         self._connected = False
         self._counted = False
+        self._bad_commands = 0
+        self._rejected_recipients = 0
 
     # Connection
 
@@ -312,10 +371,9 @@ class ESMTPReceiver(smtp.ESMTP):
         peer = self.transport.getPeer()
         self.session = Session(peer=str(getattr(peer, "host", peer)))
         self.flow = ConnectionFlow(self.transport, self.clock, self._output_drained)
-        if not self.factory.connection_opened(self.session.peer):
-            self._reject("connect", TOO_MANY_CONNECTIONS, host=True)
-            self._send(TOO_MANY_CONNECTIONS[0], TOO_MANY_CONNECTIONS[1] % self.host)
-            self.flow.close()
+        limit = self.factory.connection_opened(self.session.peer, _descriptor(self.transport))
+        if limit is not None:
+            self._refuse_connection(limit)
             return
         self._counted = True
         self.delivery = LocalDelivery(
@@ -328,6 +386,16 @@ class ESMTPReceiver(smtp.ESMTP):
             self.factory.config.smtp_postmaster,
         )
         super().connectionMade()
+
+    def _refuse_connection(self, limit: str) -> None:
+        """421 and close, before anything is built: over a limit, a connection costs little."""
+        if limit == "per-peer":
+            reply, fields = TOO_MANY_CONNECTIONS, {}
+        else:
+            reply, fields = SERVER_BUSY, {"limit": limit}
+        self._reject("connect", reply, host=True, **fields)
+        self._send(reply[0], reply[1] % self.host)
+        self.flow.close()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP popserv"
@@ -465,12 +533,12 @@ class ESMTPReceiver(smtp.ESMTP):
             self._fail_data(LINE_TOO_LONG)
         else:
             self._reject("command", LINE_TOO_LONG)
-            self._send(*LINE_TOO_LONG)
+            self._bad_command(LINE_TOO_LONG)
 
     def state_COMMAND(self, line: bytes) -> None:
         if b"\r" in line or b"\n" in line or b"\0" in line:
             self._reject("command", BAD_COMMAND_CHARS)
-            self._send(*BAD_COMMAND_CHARS)
+            self._bad_command(BAD_COMMAND_CHARS)
             return
         super().state_COMMAND(line)
 
@@ -521,7 +589,7 @@ class ESMTPReceiver(smtp.ESMTP):
             self.transport.pauseProducing()
 
     def sendSyntaxError(self) -> None:
-        self.sendCode(*EMPTY_COMMAND)
+        self._bad_command(EMPTY_COMMAND)
 
     # Commands
 
@@ -542,7 +610,7 @@ class ESMTPReceiver(smtp.ESMTP):
     def _greet(self, rest: bytes, esmtp: bool) -> None:
         rest = rest.strip()
         if not rest:
-            self.sendCode(*HELO_NEEDS_DOMAIN)
+            self._bad_command(HELO_NEEDS_DOMAIN)
             return
         peer = self.session.peer.encode("ascii", "replace")
         self._helo = (rest, peer)
@@ -556,25 +624,28 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def do_MAIL(self, rest: bytes) -> None:
         if self.session.helo is None:
-            self.sendCode(*NEED_HELO)
+            self._bad_command(NEED_HELO)
             return
         if self._from is not None or self.transaction is not None:
-            self.sendCode(*NESTED_MAIL)
+            self._bad_command(NESTED_MAIL)
             return
         m = self.mail_re.match(rest)
         if not m:
-            self.sendCode(*SYNTAX_ERROR)
+            self._bad_command(SYNTAX_ERROR)
             return
         error = self._mail_parameters(m.group("opts"))
         if error is not None:
             self._reject("MAIL", error, sender=m.group("path"))
-            self.sendCode(*error)
+            if error == TOO_BIG:
+                self.sendCode(*error)
+            else:
+                self._bad_command(error)
             return
         try:
             sender = smtp.Address(m.group("path"), self.host)
         except smtp.AddressError:
             self._reject("MAIL", BAD_SENDER, sender=m.group("path"))
-            self.sendCode(*BAD_SENDER)
+            self._bad_command(BAD_SENDER)
             return
         self.transaction = Transaction(id=new_transaction_id(), sender=sender)
         self.delivery.transaction = self.transaction
@@ -610,25 +681,28 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._from is None:
-            self.sendCode(*NEED_MAIL)
+            self._bad_command(NEED_MAIL)
             return
         m = self.rcpt_re.match(rest)
         if not m:
-            self.sendCode(*SYNTAX_ERROR)
+            self._bad_command(SYNTAX_ERROR)
             return
         if m.group("opts"):
             self._reject("RCPT", BAD_PARAMETER, recipient=m.group("path"))
-            self.sendCode(*BAD_PARAMETER)
+            self._recipient_rejected(BAD_PARAMETER)
             return
         if len(self._to) >= self.config.smtp_max_recipients:
-            self._reject("RCPT", TOO_MANY_RECIPIENTS, recipient=m.group("path"))
+            # No error of the client's (it sends the rest later): not counted, logged once.
+            if not self.transaction.over_recipient_limit:
+                self.transaction.over_recipient_limit = True
+                self._reject("RCPT", TOO_MANY_RECIPIENTS, recipient=m.group("path"))
             self.sendCode(*TOO_MANY_RECIPIENTS)
             return
         try:
             user = smtp.User(m.group("path"), self._helo, self, self._from)
         except smtp.AddressError:
             self._reject("RCPT", BAD_RECIPIENT, recipient=m.group("path"))
-            self.sendCode(*BAD_RECIPIENT)
+            self._recipient_rejected(BAD_RECIPIENT)
             return
         d = defer.maybeDeferred(self.validateTo, user)
         d.addCallbacks(
@@ -643,11 +717,11 @@ class ESMTPReceiver(smtp.ESMTP):
     def _recipient_refused(self, failure, user: smtp.User) -> None:
         reply = self._reply_for(failure, "recipient validation failed")
         self._reject("RCPT", reply, recipient=bytes(user.dest))
-        self.sendCode(*reply)
+        self._recipient_rejected(reply)
 
     def do_DATA(self, rest: bytes) -> None:
         if self._from is None or not self._to:
-            self.sendCode(*NEED_RCPT)
+            self._bad_command(NEED_RCPT)
             return
         helo, origin, recipients = self._helo, self._from, self._to
         self._from, self._to = None, []
@@ -765,7 +839,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self.flow.close()
 
     def do_UNKNOWN(self, rest: bytes) -> None:
-        self.sendCode(*UNKNOWN_COMMAND)
+        self._bad_command(UNKNOWN_COMMAND)
 
     def ext_AUTH(self, rest: bytes) -> None:
         """popserv receives mail for its users; it takes no submissions, so no AUTH."""
@@ -781,6 +855,31 @@ class ESMTPReceiver(smtp.ESMTP):
             self.session.helo = None
             self.session.esmtp = False
             self.session.tls = True
+
+    # Error limits: a client that keeps erring is told 421 and the session ends
+
+    def _bad_command(self, reply: tuple[int, bytes]) -> None:
+        """Answer a command that is unknown, malformed or out of order, and count it."""
+        self.sendCode(*reply)
+        self._bad_commands += 1
+        if self._bad_commands >= self.config.smtp_max_bad_commands:
+            self._hang_up(TOO_MANY_BAD_COMMANDS, self._bad_commands)
+
+    def _recipient_rejected(self, reply: tuple[int, bytes]) -> None:
+        """Answer a refused RCPT; permanent refusals count (a 4xx is no fault of the client's)."""
+        self.sendCode(*reply)
+        if reply[0] >= 500:
+            self._rejected_recipients += 1
+            if self._rejected_recipients >= self.config.smtp_max_rejected_recipients:
+                self._hang_up(TOO_MANY_REJECTED, self._rejected_recipients)
+
+    def _hang_up(self, reply: tuple[int, bytes], count: int) -> None:
+        """End the session with one event and a 421; input after the last command is dropped."""
+        if not self._connected or self.transport.disconnecting:
+            return
+        self._reject("session", reply, host=True, count=str(count))
+        self._send(reply[0], reply[1] % self.host)
+        self.flow.close()
 
     # Helpers
 
@@ -834,7 +933,11 @@ class ESMTPReceiver(smtp.ESMTP):
 
 
 class SMTPFactory(smtp.SMTPFactory):
-    """Builds ``ESMTPReceiver`` connections and counts them per peer address."""
+    """Builds ``ESMTPReceiver`` connections and counts them, in all and per peer address.
+
+    ``file_limit`` returns the process's descriptor limit (read at each connection, as
+    ``popserv.process`` raises it only when the service starts).
+    """
 
     protocol = ESMTPReceiver
     noisy = False
@@ -846,6 +949,7 @@ class SMTPFactory(smtp.SMTPFactory):
         config: Config,
         clock=None,
         context_factory=None,
+        file_limit: Callable[[], int] = soft_file_limit,
     ):
         super().__init__(portal=None)
         if clock is None:
@@ -856,19 +960,42 @@ class SMTPFactory(smtp.SMTPFactory):
         self.clock = clock
         self.context_factory = context_factory
         self.domains = local_domains(config)
+        self.file_limit = file_limit
         self.connections: collections.Counter[str] = collections.Counter()
+        self.open_connections = 0
 
     def buildProtocol(self, addr) -> ESMTPReceiver:
         return self.protocol(self)
 
-    def connection_opened(self, peer: str) -> bool:
-        """Count a new connection from ``peer``; False when it is one too many."""
+    def connection_opened(self, peer: str, descriptor: int = -1) -> str | None:
+        """Count a new connection from ``peer``, whose socket is ``descriptor`` (-1: unknown).
+
+        Returns None, or (not counting it) the limit it is over: ``per-peer``,
+        ``max_connections`` or ``descriptors``.
+        """
         if self.connections[peer] >= self.config.smtp_max_connections_per_peer:
-            return False
+            return "per-peer"
+        if self.open_connections >= self.config.smtp_max_connections:
+            return "max_connections"
+        if self.descriptors_short(descriptor):
+            return "descriptors"
         self.connections[peer] += 1
-        return True
+        self.open_connections += 1
+        return None
+
+    def descriptors_short(self, newest: int) -> bool:
+        """Whether one more connection would leave less than the reserve of descriptors free.
+
+        Counted without a system call, as this runs for every connection: the kernel gives
+        a new socket the lowest free number, so all those below ``newest`` are in use, and
+        each SMTP connection may still open one more (the temporary file of its message).
+        """
+        limit = self.file_limit()
+        in_use = newest + 1 + self.open_connections + 1
+        return limit - in_use < limit * DESCRIPTOR_RESERVE
 
     def connection_closed(self, peer: str) -> None:
+        self.open_connections -= 1
         self.connections[peer] -= 1
         if self.connections[peer] <= 0:
             del self.connections[peer]

@@ -35,7 +35,11 @@ class TwistdServer:
     ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``;
     ``backlog`` is the POP3 listener's queue of connections not yet accepted.
     ``start`` may be called again after ``kill`` or ``stop``: same files, same ports.
+    ``program`` is the Python code the child runs: twistd, after any setup a test puts
+    before it (a lower descriptor limit, say).
     """
+
+    program = TWISTD
 
     def __init__(
         self, testcase, users: dict[str, str], *, smtp: bool = False, settings=None, backlog=50
@@ -74,7 +78,14 @@ class TwistdServer:
 
     def start(self, timeout: float = 20.0) -> None:
         """Start twistd and wait until POP3 answers with a greeting."""
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}"]
+        argv = [
+            sys.executable,
+            "-c",
+            self.program,
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log_path}",
+        ]
         self.process = subprocess.Popen(
             [*argv, "popserv", "--config", self.config_path],
             cwd=REPO,

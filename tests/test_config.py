@@ -56,7 +56,10 @@ max_message_size = 1048576
 max_recipients = 10
 max_line_length = 2000
 timeout = 600
+max_connections = 200
 max_connections_per_peer = 5
+max_bad_commands = 7
+max_rejected_recipients = 8
 postmaster = admin@example.org
 """
 
@@ -101,7 +104,10 @@ class ConfigFromStringTests(SynchronousTestCase):
                 smtp_max_recipients=10,
                 smtp_max_line_length=2000,
                 smtp_timeout=600.0,
+                smtp_max_connections=200,
                 smtp_max_connections_per_peer=5,
+                smtp_max_bad_commands=7,
+                smtp_max_rejected_recipients=8,
                 smtp_postmaster="admin@example.org",
             ),
         )

@@ -1,6 +1,8 @@
 """Tests for popserv.delivery: atomic delivery into Maildirs, names, and stale tmp/ cleanup."""
 
+import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -122,9 +124,9 @@ class DeliverTests(DeliveryTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
 
     def record_calls(self):
-        """Record fsync, rename and link calls (in order) while letting them happen."""
+        """Record fsync, fdatasync, rename and link calls (in order) while letting them happen."""
         calls = []
-        for name in ("fsync", "rename", "link"):
+        for name in ("fsync", "fdatasync", "rename", "link"):
             real = getattr(os, name)
 
             def spy(*args, name=name, real=real):
@@ -144,10 +146,14 @@ class DeliverTests(DeliveryTestCase):
         self.assertEqual(self.listing("alice", "tmp"), [])
 
     async def test_fsync_before_link(self):
-        """Several recipients: fsync, a link into each new/, then each new/ is fsynced."""
+        """Several recipients: fsync, the journal and its directory fsynced, a link into each
+        new/, each new/ fsynced, then the journal's commit fsynced."""
+        await self.deliver(["alice", "bob"])
         calls = self.record_calls()
         await self.deliver(["alice", "bob"])
-        self.assertEqual(calls, ["fsync", "link", "link", "fsync", "fsync"])
+        self.assertEqual(
+            calls, ["fsync", "fsync", "fsync", "link", "link", "fsync", "fsync", "fdatasync"]
+        )
 
     async def test_rename_keeps_inode(self):
         """The one recipient's file in new/ is the temporary file itself, not a copy."""
@@ -252,6 +258,220 @@ class AtomicityTests(DeliveryTestCase):
         self.addCleanup(maildrop.close)
         self.assertEqual(len(maildrop.messages()), 2)
         self.assertEqual(maildrop.messages()[1][1], crlf_size(MESSAGE))
+
+
+class Crash(BaseException):
+    """The process dies here: no cleanup code runs (only its locks are released)."""
+
+
+class CrashTests(DeliveryTestCase):
+    """A delivery to several users cut off at each point, then the start-up rollback."""
+
+    USERS = ("alice", "bob", "carol@example.org")
+
+    def setUp(self):
+        super().setUp()
+        self.journal_dir = os.path.join(self.mailroot, delivery.JOURNAL_DIR)
+        self.journals = []
+        real_create = delivery.Journal.create
+
+        def create(*args):
+            journal = real_create(*args)
+            self.journals.append(journal)
+            return journal
+
+        patcher = mock.patch.object(delivery.Journal, "create", create)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def copies(self) -> list[int]:
+        return [len(self.listing(user, "new")) for user in self.USERS]
+
+    def crash_delivery(self, **crashing) -> None:
+        """Deliver to USERS with the os functions in ``crashing`` dying, ending the process."""
+        started = self.deliverer.begin(self.USERS)
+        started.write(MESSAGE)
+        f, started._file = started._file, None
+        with contextlib.ExitStack() as stack:
+            for name, crash in crashing.items():
+                stack.enter_context(mock.patch.object(delivery.os, name, crash))
+            with self.assertRaises(Crash):
+                started._finish_blocking(f)
+        for journal in self.journals:
+            if journal._fd < 0:
+                continue
+            os.close(journal._fd)  # the dead process's descriptors, and so its locks, go
+            journal._fd = -1
+
+    def after_links(self, count: int):
+        """An os.link that dies after ``count`` links were made."""
+        real_link, made = os.link, []
+
+        def link(src, dst):
+            if len(made) == count:
+                raise Crash()
+            made.append(dst)
+            return real_link(src, dst)
+
+        return link
+
+    async def assert_rolled_back_then_retried(self):
+        self.assertEqual(delivery.roll_back_unfinished(self.journal_dir), 1)
+        self.assertEqual(self.copies(), [0, 0, 0])
+        for user in self.USERS:
+            self.assertEqual(self.listing(user, "tmp"), [])
+        self.assertEqual(os.listdir(self.journal_dir), [])
+        # The sender, which got no 250, sends the message again: one copy each.
+        await self.deliver(list(self.USERS))
+        self.assertEqual(self.copies(), [1, 1, 1])
+
+    async def test_crash_between_links(self):
+        """Cut off after 0, 1 or 2 of 3 links: the start removes them; a retry gives one each."""
+        for count in (0, 1, 2):
+            self.crash_delivery(link=self.after_links(count))
+            self.assertEqual(sum(self.copies()), count)
+            await self.assert_rolled_back_then_retried()
+            for user in self.USERS:
+                for name in self.listing(user, "new"):
+                    os.unlink(os.path.join(self.store.path_for(user), "new", name))
+
+    async def test_crash_after_last_link_before_commit(self):
+        """Cut off with every link made but before the commit: the start removes them all."""
+
+        def pwrite(fd, data, offset):
+            raise Crash()
+
+        self.crash_delivery(pwrite=pwrite)
+        self.assertEqual(self.copies(), [1, 1, 1])
+        await self.assert_rolled_back_then_retried()
+
+    async def test_crash_before_journal_is_written(self):
+        """Cut off while the journal is being written: no link was made, none is made."""
+
+        def write(fd, data):
+            raise Crash()
+
+        self.crash_delivery(write=write)
+        self.assertEqual(self.copies(), [0, 0, 0])
+        self.assertEqual(delivery.roll_back_unfinished(self.journal_dir), 0)
+        self.assertEqual(os.listdir(self.journal_dir), [])
+
+    def test_committed_delivery_is_kept(self):
+        """Cut off after the commit (its 250 may be on the way): the start keeps every copy."""
+        real_unlink = os.unlink
+
+        def unlink(path):
+            if path.startswith(self.journal_dir):
+                raise Crash()
+            return real_unlink(path)
+
+        self.crash_delivery(unlink=unlink)
+        self.assertEqual(delivery.roll_back_unfinished(self.journal_dir), 0)
+        self.assertEqual(self.copies(), [1, 1, 1])
+        self.assertEqual(self.listing("alice", "tmp"), [])
+        self.assertEqual(os.listdir(self.journal_dir), [])
+
+    def test_journal_durable_before_first_link(self):
+        """At the first link, the pending journal naming every target is already fsynced."""
+        real_link, real_fsync, fsynced, seen = os.link, os.fsync, [], []
+
+        def fsync(fd):
+            fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return real_fsync(fd)
+
+        def link(src, dst):
+            if not seen:
+                [name] = os.listdir(self.journal_dir)
+                path = os.path.join(self.journal_dir, name)
+                seen.append(path in fsynced and self.journal_dir in fsynced)
+                with open(path, "rb") as f:
+                    data = f.read()
+                self.assertEqual(data[:1], b"P")
+                targets = json.loads(data[1:])["targets"]
+                self.assertEqual(
+                    [t.split("/new/")[0] for t in targets],
+                    [self.store.path_for(user) for user in self.USERS],
+                )
+            return real_link(src, dst)
+
+        started = self.deliverer.begin(self.USERS)
+        started.write(MESSAGE)
+        f, started._file = started._file, None
+        with (
+            mock.patch.object(delivery.os, "link", link),
+            mock.patch.object(delivery.os, "fsync", fsync),
+        ):
+            started._finish_blocking(f)
+        self.assertEqual(seen, [True])
+        self.assertEqual(os.listdir(self.journal_dir), [])
+
+    async def test_failed_delivery_leaves_no_journal(self):
+        """A link that fails (disk full) is undone at once, journal included."""
+        real_link = os.link
+
+        def link(src, dst):
+            if "/bob/" in dst:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_link(src, dst)
+
+        with mock.patch.object(delivery.os, "link", link):
+            with self.assertRaises(DeliveryFailed):
+                await self.deliver(list(self.USERS))
+        self.assertEqual(self.copies(), [0, 0, 0])
+        self.assertEqual(os.listdir(self.journal_dir), [])
+
+    async def test_one_recipient_needs_no_journal(self):
+        """One recipient's rename is atomic by itself: no journal is written."""
+        await self.deliver(["alice"])
+        self.assertEqual(self.journals, [])
+        self.assertFalse(os.path.exists(self.journal_dir))
+
+    def test_live_delivery_is_left_alone(self):
+        """A journal still locked (a delivery under way in another process) is not touched."""
+        os.makedirs(self.journal_dir)
+        target = os.path.join(self.store.create("alice"), "new", "1.M2P3Q4.x,S=1,W=1")
+        with open(target, "wb"):
+            pass
+        journal = delivery.Journal.create(
+            self.journal_dir, "1.M2P3Q4.x", "/nowhere/tmp/x", [target]
+        )
+        self.assertEqual(delivery.roll_back_unfinished(self.journal_dir), 0)
+        self.assertTrue(os.path.exists(target))
+        journal.close()
+        self.assertEqual(os.listdir(self.journal_dir), [])
+
+    def test_damaged_journal_removes_only_its_own_files(self):
+        """A journal naming other files, or cut off mid-write, removes nothing but itself."""
+        os.makedirs(self.journal_dir)
+        other = os.path.join(self.store.create("alice"), "new", "9.M9P9Q9.x,S=1,W=1")
+        with open(other, "wb"):
+            pass
+        record = {"temp": other, "targets": [other, self.users_file()]}
+        for name, data in [
+            ("1.M1P1Q1.x", b"P" + json.dumps(record).encode()),
+            ("2.M2P2Q2.x", b'P{"te'),
+        ]:
+            with open(os.path.join(self.journal_dir, name), "wb") as f:
+                f.write(data)
+        self.assertEqual(delivery.roll_back_unfinished(self.journal_dir), 2)
+        self.assertTrue(os.path.exists(other))
+        self.assertTrue(os.path.exists(self.users_file()))
+        self.assertEqual(os.listdir(self.journal_dir), [])
+
+    def users_file(self) -> str:
+        path = os.path.join(self.mailroot, "..", "users")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("alice:x\n")
+        return os.path.abspath(path)
+
+    def test_service_rolls_back_at_start(self):
+        """DeliveryRecovery rolls back when the service starts; a missing directory is fine."""
+        self.crash_delivery(link=self.after_links(2))
+        delivery.DeliveryRecovery(self.journal_dir + "-missing").startService()
+        self.assertEqual(sum(self.copies()), 2)
+        delivery.DeliveryRecovery(self.journal_dir).startService()
+        self.assertEqual(self.copies(), [0, 0, 0])
 
 
 class RenameTests(DeliveryTestCase):

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.live import require_client
 from tests.live_twistd import HOST, REPO, TwistdServer
+from tests.test_smtp_attacks import flood
 
 FILTER = os.path.join(REPO, "etc", "fail2ban", "filter.d", "popserv.conf")
 JAIL = os.path.join(REPO, "etc", "fail2ban", "jail.d", "popserv.conf")
@@ -143,6 +144,54 @@ class FilterTests(SynchronousTestCase):
         self.assertEqual(fail2ban_regex(self.server.log_path)[1], 0)
         _, matched, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
         self.assertEqual(ips, ["127.0.0.1"])
+
+
+class SMTPAggressiveTests(SynchronousTestCase):
+    """SMTP sessions closed for their errors, as mode=aggressive counts them."""
+
+    def setUp(self):
+        require_client("fail2ban-regex")
+        self.server = TwistdServer(
+            self,
+            {"alice": "secret"},
+            smtp=True,
+            settings={"smtp": {"max_connections": "3", "max_connections_per_peer": "2"}},
+        )
+        self.server.start()
+
+    def greeting(self, source: str) -> bytes:
+        """The first reply to a new SMTP connection from ``source``, which is kept open."""
+        sock = socket.create_connection(
+            ("127.0.0.1", self.server.smtp_port), timeout=10, source_address=(source, 0)
+        )
+        self.addCleanup(sock.close)
+        return sock.recv(200)
+
+    def test_refused_connections(self):
+        """A peer over its own limit is an aggressive match; one refused as the server is full
+        is not."""
+        for _ in range(2):
+            self.assertTrue(self.greeting("127.0.0.1").startswith(b"220 "))
+        self.assertIn(b"from your address", self.greeting("127.0.0.1"))
+        self.assertTrue(self.greeting("127.0.80.1").startswith(b"220 "))
+        self.assertIn(b"try again later", self.greeting("127.0.80.3"))
+        self.server.stop()
+        self.assertEqual(self.server.log().count(" stage=connect code=421 "), 2)
+        self.assertEqual(fail2ban_regex(self.server.log_path)[2], [])
+        _, _, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
+        self.assertEqual(ips, ["127.0.0.1"])
+
+    def test_sessions_closed_for_errors(self):
+        """Each session closed for bad commands or refused recipients is one aggressive match."""
+        port = self.server.smtp_port
+        flood(port, b"XYZZY\r\n" * 30)
+        rcpts = b"".join(b"RCPT TO:<nobody%d@%s>\r\n" % (n, HOST.encode()) for n in range(30))
+        flood(port, b"EHLO x.test\r\nMAIL FROM:<x@x.test>\r\n" + rcpts)
+        self.server.stop()
+        self.assertEqual(self.server.log().count(" stage=session code=421 "), 2)
+        self.assertEqual(fail2ban_regex(self.server.log_path)[2], ["127.0.0.1"] * 20)
+        _, _, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
+        self.assertEqual(ips, ["127.0.0.1"] * 22)
 
 
 class InjectionTests(SynchronousTestCase):

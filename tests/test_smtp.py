@@ -11,7 +11,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.mail import smtp as twisted_smtp
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -222,6 +222,29 @@ class RecipientRuleTests(SMTPTestCase):
             self.assertTrue(self.rcpt(address).startswith(code), address)
         self.send(b"DATA\r\n")
         self.assertEqual(self.replies(), [b"503 5.5.1 Need RCPT before DATA"])
+
+    def test_needless_quotes_are_the_same_address(self):
+        """A quoted local part that needs no quoting is the same mailbox (RFC 5321 4.1.2)."""
+        for address in (b'"bob"@localhost', b'"b\\ob"@mx.example.org', b'"Alice"@example.org'):
+            self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
+        self.assertEqual(self.rcpt(b'"postmaster"@localhost'), b"250 2.1.5 Recipient OK")
+        resolve = self.proto.delivery.resolve
+        self.assertEqual(resolve(twisted_smtp.Address(b'"bob"@localhost')), "bob")
+        # Quotes that are needed keep the local part as it is: no such user.
+        for address in (b'"bob smith"@localhost', b'"bob@x"@localhost', b'"bob."@localhost'):
+            self.assertEqual(self.rcpt(address), b"550 5.1.1 No such user here", address)
+
+    def test_empty_domain_labels_refused(self):
+        """A domain with an empty label gets 553 5.1.3; one final dot (the DNS root) is fine."""
+        for address in (
+            b"bob@localhost..",
+            b"bob@local..host",
+            b"bob@.localhost",
+            b"postmaster@localhost..",
+            b"bob@mx.example.org...",
+        ):
+            self.assertEqual(self.rcpt(address), b"553 5.1.3 Bad recipient address syntax", address)
+        self.assertEqual(self.rcpt(b"bob@localhost."), b"250 2.1.5 Recipient OK")
 
     def test_full_address_user(self):
         """carol@example.org is the user of that name when example.org is a local domain."""
@@ -734,6 +757,184 @@ class PerPeerLimitTests(SMTPTestCase):
         second.connectionLost(defer.Failure(ConnectionError()))
         fourth, fourth_transport = self.connect()
         self.assertTrue(self.replies(fourth_transport)[0].startswith(b"220 "))
+
+
+class TotalLimitTests(SMTPTestCase):
+    config_changes = {"smtp_max_connections": 3}
+
+    def test_limit_in_all(self):
+        """Over [smtp] max_connections, from any address, 421 4.7.0; a closed one frees a place."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        others = [self.connect(peer=IPv4Address("TCP", f"192.0.2.{n}", 1)) for n in (8, 9)]
+        refused, refused_transport = self.connect(peer=IPv4Address("TCP", "192.0.2.10", 1))
+        self.assertEqual(
+            self.replies(refused_transport),
+            [b"421 4.7.0 mx.example.org Too many connections, try again later"],
+        )
+        self.assertTrue(refused_transport.disconnecting)
+        refused.connectionLost(defer.Failure(ConnectionError()))
+        [event] = [e for e in events if e.get("log_namespace") == "popserv.smtp"]
+        self.assertEqual(
+            (event["peer"], event["stage"], event["limit"]),
+            ("192.0.2.10", "connect", "max_connections"),
+        )
+        others[0][0].connectionLost(defer.Failure(ConnectionError()))
+        later, later_transport = self.connect(peer=IPv4Address("TCP", "192.0.2.10", 1))
+        self.assertTrue(self.replies(later_transport)[0].startswith(b"220 "))
+        self.assertEqual(self.factory.open_connections, 3)
+
+
+class SocketTransport(StringTransport):
+    """A transport whose socket has a given descriptor number."""
+
+    descriptor = -1
+
+    def fileno(self):
+        return self.descriptor
+
+
+class DescriptorReserveTests(SMTPTestCase):
+    def connect_at(self, descriptor: int):
+        SocketTransport.descriptor = descriptor
+        self.addCleanup(setattr, SocketTransport, "descriptor", -1)
+        return self.connect(transport_class=SocketTransport)
+
+    def test_refused_when_descriptors_run_short(self):
+        """A connection that would leave less than a quarter of the descriptors free gets 421."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.factory.file_limit = lambda: 100
+        # Descriptors 0-70 in use, and one temporary file each for two SMTP connections.
+        proto, transport = self.connect_at(70)
+        self.assertTrue(self.replies(transport)[0].startswith(b"220 "))
+        proto, transport = self.connect_at(72)
+        self.assertEqual(
+            self.replies(transport),
+            [b"421 4.7.0 mx.example.org Too many connections, try again later"],
+        )
+        self.assertEqual(events[-1]["limit"], "descriptors")
+        self.assertEqual(self.factory.open_connections, 2)
+
+    def test_soft_file_limit(self):
+        """The limit read is the process's soft RLIMIT_NOFILE."""
+        import resource
+
+        self.assertEqual(smtp.soft_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+class ErrorLimitTests(SMTPTestCase):
+    """One connection that keeps erring is closed, with one event, before it floods the log."""
+
+    def smtp_events(self, events):
+        return [e for e in events if e.get("log_namespace") == "popserv.smtp"]
+
+    def test_rejected_recipient_flood_ends_session(self):
+        """1,000 pipelined RCPT to unknown users: 20 get 550, then 421 4.7.0 and the close."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.ehlo()
+        self.send(
+            b"MAIL FROM:<s@remote.example>\r\n"
+            + b"".join(b"RCPT TO:<u%d@mx.example.org>\r\n" % n for n in range(1000))
+        )
+        replies = self.replies()
+        self.assertEqual(replies[0], b"250 2.1.0 Sender OK")
+        self.assertEqual(replies[1:-1], [b"550 5.1.1 No such user here"] * 20)
+        self.assertEqual(
+            replies[-1],
+            b"421 4.7.0 mx.example.org Too many rejected recipients, closing connection",
+        )
+        self.assertTrue(self.transport.disconnecting)
+        mine = self.smtp_events(events)
+        self.assertEqual([e["stage"] for e in mine], ["RCPT"] * 20 + ["session"])
+        self.assertEqual(
+            (mine[-1]["peer"], mine[-1]["code"], mine[-1]["count"]), (PEER.host, 421, "20")
+        )
+
+    def test_bad_command_flood_ends_session(self):
+        """1,000 unknown commands: 20 get 500 5.5.1, then 421 4.7.0 and the close."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.replies()
+        self.send(b"XYZZY\r\n" * 1000)
+        replies = self.replies()
+        self.assertEqual(replies[:-1], [b"500 5.5.1 Command unrecognized"] * 20)
+        self.assertEqual(
+            replies[-1], b"421 4.7.0 mx.example.org Too many bad commands, closing connection"
+        )
+        self.assertTrue(self.transport.disconnecting)
+        [event] = self.smtp_events(events)
+        self.assertEqual((event["stage"], event["code"], event["count"]), ("session", 421, "20"))
+        self.assertIn(
+            'smtp.rejected: peer=192.0.2.7 stage=session code=421 reason="4.7.0 '
+            'mx.example.org Too many bad commands, closing connection" count=20',
+            formatEvent(event),
+        )
+
+    def test_temporary_refusals_are_not_counted(self):
+        """452 for recipients over max_recipients counts as no error, and is logged once."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.ehlo()
+        self.send(b"MAIL FROM:<s@remote.example>\r\n" + b"RCPT TO:<alice@localhost>\r\n" * 130)
+        replies = self.replies()
+        self.assertEqual(replies.count(b"452 4.5.3 Too many recipients"), 30)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(len(self.smtp_events(events)), 1)
+        self.send(b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+        self.assertTrue(self.replies()[-1].startswith(b"250 2.0.0 Ok"))
+        self.assertEqual(len(self.new("alice")), 1)
+
+    def test_errors_below_the_limits_keep_the_session(self):
+        """19 bad commands and 19 refused recipients still leave a working session."""
+        self.replies()
+        self.send(b"XYZZY\r\n" * 19 + b"EHLO client.example\r\nMAIL FROM:<s@remote.example>\r\n")
+        self.send(b"".join(b"RCPT TO:<u%d@localhost>\r\n" % n for n in range(19)))
+        self.send(b"RCPT TO:<bob@localhost>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+        self.assertTrue(self.replies()[-1].startswith(b"250 2.0.0 Ok"))
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(len(self.new("bob")), 1)
+
+
+class ErrorLimitSettingTests(SMTPTestCase):
+    config_changes = {"smtp_max_bad_commands": 2, "smtp_max_rejected_recipients": 3}
+
+    def test_every_kind_of_error_counts(self):
+        """Unknown, empty, malformed, out-of-order, over-long and bare-LF commands all count."""
+        self.config = self.factory.config = self.config.replace(smtp_max_bad_commands=12)
+        proto, transport = self.connect()
+        bad = [
+            b"XYZZY",
+            b"",
+            b"EHLO",
+            b"MAIL FROM:<a@b.example>",
+            b"RCPT TO:<alice@localhost>",
+            b"DATA",
+            b"NOOP " + b"x" * 1000,
+            b"NOOP\nNOOP",
+            b"EHLO client.example",
+            b"MAIL FROM:<a@b.example> RET=HDRS",
+            b"MAIL TO:<a@b.example>",
+            b"MAIL FROM:<a@b.example>",
+            b"MAIL FROM:<c@d.example>",
+            b"NOOP",
+            b"VRFY alice",
+        ]
+        self.send(b"".join(line + b"\r\n" for line in bad), proto)
+        self.assertFalse(transport.disconnecting)
+        self.send(b"RCPT FROM:<alice@localhost>\r\nNOOP\r\n", proto)
+        self.assertEqual(
+            [reply[:3] for reply in self.replies(transport) if reply[3:4] == b" "],
+            [b"220", b"500", b"500", b"501", b"503", b"503", b"503", b"500", b"500", b"250"]
+            + [b"555", b"501", b"250", b"503", b"250", b"502", b"501", b"421"],
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_limits_from_config(self):
+        """[smtp] max_rejected_recipients (and max_bad_commands) set where the session ends."""
+        self.ehlo()
+        self.send(b"MAIL FROM:<s@remote.example>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        self.send(b"RCPT TO:<nobody@localhost>\r\nRCPT TO:<bob@localhost..>\r\n")
+        self.assertEqual([r[:3] for r in self.replies()], [b"250", b"550", b"550", b"553", b"421"])
+        proto, transport = self.connect()
+        self.send(b"XYZZY\r\nXYZZY\r\nNOOP\r\n", proto)
+        self.assertEqual([r[:3] for r in self.replies(transport)], [b"220", b"500", b"500", b"421"])
 
 
 class LogTests(SMTPTestCase):

@@ -1,5 +1,6 @@
 """Interop of the SMTP receiver with real senders (swaks, msmtp, smtplib), a swaks -> curl
-round trip through POP3, and a SIGKILL of a real ``twistd popserv`` in the middle of DATA.
+round trip through POP3, and SIGKILLs of a real ``twistd popserv`` in the middle of DATA
+and at many points of a delivery to 100 users.
 
 Everything runs on 127.0.0.1.  A missing client skips its test, except in CI (CI=true).
 """
@@ -18,6 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from popserv.auth import hash_password
 from tests.live import HOST, require_client, run_program, start_server
 from tests.live_smtp import free_port, maildir_files, start_smtp
+from tests.live_twistd import HOST as TWISTD_HOST
+from tests.live_twistd import TWISTD, TwistdServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -228,6 +231,26 @@ class SenderTests(TestCase):
         [stored] = self.stored("alice")
         self.assertEqual(split_trace(stored)[1], MESSAGE + b"\n")
 
+    async def test_smtplib_quoted_local_part_and_empty_label(self):
+        """smtplib to <"bob"@host> reaches bob; <bob@host..> is refused with 553 5.1.3."""
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test") as client:
+                return client.sendmail(
+                    "sender@remote.example",
+                    [f'"bob"@{HOST}', f"carol@{HOST}..", "carol@localhost.."],
+                    crlf(MESSAGE),
+                )
+
+        refused = await threads.deferToThread(send)
+        self.assertEqual(
+            {address: reply[0] for address, reply in refused.items()},
+            {f"carol@{HOST}..": 553, "carol@localhost..": 553},
+        )
+        self.assertTrue(refused["carol@localhost.."][1].startswith(b"5.1.3 "))
+        self.assertEqual(len(self.stored("bob")), 1)
+        self.assertEqual(self.stored("carol"), [])
+
     async def test_swaks_then_curl(self):
         """A message sent with swaks comes back over POP3 (curl) byte for byte, after the trace."""
         curl = require_client("curl")
@@ -319,3 +342,88 @@ class KillTests(SynchronousTestCase):
             self.assertTrue(conn.recv(100).startswith(b"220 "))
         self.assertEqual(os.listdir(tmp), [])
         self.assertEqual(os.listdir(new), [])
+
+
+#: twistd with each link(2) and the journal's commit slowed down, so that a SIGKILL can
+#: land between any two links of a delivery, or after the last one and before the commit.
+SLOW_LINKS_TWISTD = (
+    "import os, time\n"
+    "real_link, real_pwrite = os.link, os.pwrite\n"
+    "def link(*args, **kwargs):\n"
+    "    time.sleep(0.002)\n"
+    "    return real_link(*args, **kwargs)\n"
+    "def pwrite(*args, **kwargs):\n"
+    "    time.sleep(0.3)\n"
+    "    return real_pwrite(*args, **kwargs)\n"
+    "os.link, os.pwrite = link, pwrite\n" + TWISTD
+)
+
+
+DOMAIN = TWISTD_HOST.encode("ascii")
+
+
+class MultiRecipientKillTests(SynchronousTestCase):
+    """A real ``twistd popserv`` killed with SIGKILL at many points of a delivery to 100
+    users (the test found the message in 32 to 100 of them after a kill 2.5-10 ms after
+    the final dot, with no 250 sent)."""
+
+    USERS = [f"u{n:02d}" for n in range(100)]
+
+    def setUp(self):
+        self.server = TwistdServer(self, {user: "pw" for user in self.USERS}, smtp=True)
+        self.server.program = SLOW_LINKS_TWISTD
+        self.server.start()
+
+    def copies(self) -> list[int]:
+        return [len(os.listdir(self.server.maildir(user, "new"))) for user in self.USERS]
+
+    def send(self, kill_after: int | None = None) -> bytes:
+        """Send one message to all USERS; the reply to its end (empty if there was none).
+
+        With ``kill_after``, SIGKILL the server as soon as that many users have it (at
+        once for 0); with -1, once the reply has come.
+        """
+        rcpts = b"".join(b"RCPT TO:<%s@%s>\r\n" % (user.encode(), DOMAIN) for user in self.USERS)
+        conn = socket.create_connection(("127.0.0.1", self.server.smtp_port), timeout=10)
+        with conn, conn.makefile("rb") as replies:
+            conn.sendall(b"EHLO client.test\r\nMAIL FROM:<s@remote.example>\r\n" + rcpts)
+            finals = []
+            while len(finals) < 103:
+                line = replies.readline()
+                if line[3:4] == b" ":
+                    finals.append(line[:3])
+            self.assertEqual(finals, [b"220", b"250", b"250"] + [b"250"] * 100)
+            conn.sendall(b"DATA\r\n")
+            self.assertEqual(replies.readline()[:3], b"354")
+            conn.sendall(b"Subject: to a hundred\r\n\r\n" + b"line\r\n" * 1000 + b".\r\n")
+            if kill_after is None or kill_after < 0:
+                reply = replies.readline()
+            else:
+                reply = b""
+                deadline = time.monotonic() + 10
+                while sum(map(bool, self.copies())) < kill_after:
+                    self.assertLess(time.monotonic(), deadline, "the delivery did not progress")
+            if kill_after is not None:
+                self.server.kill()
+                reply += replies.read()
+            return reply
+
+    def test_sigkill_at_each_point_of_a_delivery(self):
+        """Killed before its 250, every recipient has the message or none has, and a retry
+        leaves exactly one copy each; killed after the 250, every recipient keeps it."""
+        for kill_after in (0, 1, 50, 99, 100, -1):
+            reply = self.send(kill_after)
+            self.server.start()
+            if kill_after < 0:
+                self.assertTrue(reply.startswith(b"250 2.0.0 Ok: queued as "), reply)
+                self.assertEqual(self.copies(), [1] * 100)
+                continue
+            self.assertEqual(reply, b"", kill_after)
+            self.assertEqual(self.copies(), [0] * 100, kill_after)
+            # The sender got no 250, so it sends the message again.
+            self.assertTrue(self.send().startswith(b"250 "))
+            self.assertEqual(self.copies(), [1] * 100, kill_after)
+            for user in self.USERS:
+                for name in os.listdir(self.server.maildir(user, "new")):
+                    os.unlink(os.path.join(self.server.maildir(user, "new"), name))
+        self.assertEqual(os.listdir(os.path.join(self.server.mailroot, ".popserv-deliveries")), [])

@@ -250,6 +250,21 @@ class ServiceTests(SynchronousTestCase):
         bound = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
         self.assertEqual(bound, [(0, "127.0.0.1"), (1110, ""), (0, "127.0.0.1"), (2525, "")])
 
+    def test_recovery_before_listeners(self):
+        """Unfinished deliveries are rolled back by a service that starts before any listener."""
+        from popserv.delivery import DeliveryRecovery
+
+        for config in (self.config, self.config.replace(smtp_listen=("tcp:2525",))):
+            children = list(self.make(config))
+            [recovery] = [c for c in children if isinstance(c, DeliveryRecovery)]
+            self.assertEqual(
+                recovery.journal_dir,
+                os.path.join(os.path.abspath(config.mailroot), ".popserv-deliveries"),
+            )
+            listeners = [c for c in children if (c.name or "").startswith(("pop3", "smtp-"))]
+            self.assertTrue(listeners)
+            self.assertLess(children.index(recovery), min(map(children.index, listeners)))
+
     def test_no_smtp(self):
         """An empty [smtp] listen starts no SMTP service."""
         from popserv.delivery import StaleTempCleaner
