@@ -30,7 +30,6 @@ class MailboxMaildrop:
                 uidl = uidl.decode("ascii")
             snapshot.append((uidl, size))
         self._snapshot = tuple(snapshot)
-        self._deleted: set[int] = set()
 
     def messages(self):
         return self._snapshot
@@ -44,18 +43,9 @@ class MailboxMaildrop:
             source = open(name, "rb")
         return source
 
-    def delete(self, index: int) -> None:
-        self._deleted.add(index)
-
-    def is_deleted(self, index: int) -> bool:
-        return index in self._deleted
-
-    def undelete_all(self) -> None:
-        self._deleted.clear()
-
-    def commit(self):
+    def commit(self, deleted):
         failed = 0
-        for index in sorted(self._deleted):
+        for index in sorted(set(deleted)):
             try:
                 self.mailbox.deleteMessage(index)
             except Exception:

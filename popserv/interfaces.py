@@ -37,7 +37,7 @@ class IMaildrop(Interface):
 
         ``uidl`` is a printable ASCII ``str`` (RFC 1939: 0x21-0x7E, at most 70
         characters); ``size`` counts the octets with CRLF line ends, as sent on the
-        wire before dot-stuffing.  Deleted messages stay in the sequence.
+        wire before dot-stuffing.  The sequence never changes during the session.
         """
 
     def open(index):
@@ -46,20 +46,13 @@ class IMaildrop(Interface):
         Raises ``OSError`` when the message cannot be read.
         """
 
-    def delete(index):
-        """Mark a message deleted; nothing is removed before ``commit``."""
+    def commit(deleted):
+        """Remove the messages at the ``deleted`` indexes (the UPDATE state, at QUIT).
 
-    def is_deleted(index):
-        """Whether ``delete`` marked this message in this session."""
-
-    def undelete_all():
-        """Unmark every message (RSET)."""
-
-    def commit():
-        """Remove the marked messages (the UPDATE state).
-
+        The session keeps the DELE marks itself; storage sees them only here, once.
         Returns a Deferred that fires with ``None``, or fails with ``CommitFailed``
-        when some marked messages could not be removed.
+        when some of them could not be removed.  Raises ``IndexError`` for an index
+        outside the snapshot.
         """
 
     def close():

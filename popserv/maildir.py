@@ -537,7 +537,6 @@ class MaildirMaildrop:
         if snapshot is None:
             snapshot = tuple((e.uidl, e.size) for e in entries)
         self._snapshot = snapshot
-        self._deleted: set[int] = set()
         self._reactor = reactor
 
     def _entry(self, index: int) -> _Entry:
@@ -561,23 +560,9 @@ class MaildirMaildrop:
             entry.path = moved
             return _open_nofollow(moved)
 
-    def delete(self, index: int) -> None:
-        """Mark a message; it is removed only by ``commit``."""
-        self._entry(index)
-        self._deleted.add(index)
-
-    def is_deleted(self, index: int) -> bool:
-        """Whether this session marked the message."""
-        self._entry(index)
-        return index in self._deleted
-
-    def undelete_all(self) -> None:
-        """Forget every mark (RSET)."""
-        self._deleted.clear()
-
-    def commit(self) -> Deferred:
-        """Unlink the marked messages in a thread; fails with CommitFailed(n) if n remain."""
-        entries = [self._entries[i] for i in sorted(self._deleted)]
+    def commit(self, deleted: Iterable[int]) -> Deferred:
+        """Unlink those messages in a thread; fails with CommitFailed(n) if n remain."""
+        entries = [self._entry(i) for i in sorted(set(deleted))]
         return _in_thread(self._reactor, self._remove, entries)
 
     def _remove(self, entries: list[_Entry]) -> None:

@@ -415,7 +415,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._streamer: MessageStreamer | None = None
         self._messages: Sequence[tuple[str, int]] = ()
         self._octets = 0
-        #: Indexes marked by DELE, mirrored from the maildrop for fast listings.
+        #: Indexes marked by DELE: the session's own, handed to storage only at QUIT.
         self._deleted: set[int] = set()
         self._committing = False
         self._delayed = None
@@ -1061,7 +1061,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.state = UPDATE
         self._begin_async()
         self._committing = True
-        d = defer.maybeDeferred(self.maildrop.commit)
+        d = defer.maybeDeferred(self.maildrop.commit, frozenset(self._deleted))
         d.addCallbacks(self._committed, self._commit_failed)
         d.addErrback(
             lambda f: self.log.failure("pop3.commit_error: peer={peer}", f, peer=self.peer)
@@ -1189,7 +1189,6 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def do_DELE(self, rest: bytes) -> None:
         (arg,) = self._arguments(rest, 1, 1)
         index = self._message_index(arg)
-        self.maildrop.delete(index)
         self._deleted.add(index)
         self.deleted += 1
         self.say(Reply.MESSAGE_DELETED, index + 1)
@@ -1200,7 +1199,6 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
     def do_RSET(self, rest: bytes) -> None:
         self._no_arguments(rest)
-        self.maildrop.undelete_all()
         self._deleted.clear()
         self.deleted = 0
         self.say(Reply.RESET, *self._totals())

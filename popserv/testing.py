@@ -43,7 +43,6 @@ class FakeMaildrop:
         self._snapshot = tuple(zip(uidls, map(crlf_size, self._data), strict=True))
         self._unreadable = frozenset(unreadable)
         self._undeletable = frozenset(undeletable)
-        self._deleted: set[int] = set()
         self._store = store
         self.closed = False
         self.committed = False
@@ -64,25 +63,14 @@ class FakeMaildrop:
             raise PermissionError(f"fake message {index} is unreadable")
         return io.BytesIO(self._data[index])
 
-    def delete(self, index: int) -> None:
-        """Mark a message for ``commit``."""
-        self._check(index)
-        self._deleted.add(index)
-
-    def is_deleted(self, index: int) -> bool:
-        """Whether this session marked the message."""
-        self._check(index)
-        return index in self._deleted
-
-    def undelete_all(self) -> None:
-        """Forget every mark (RSET)."""
-        self._deleted.clear()
-
-    def commit(self) -> defer.Deferred:
-        """Remove the marked messages (from the store too), except undeletable ones."""
+    def commit(self, deleted: Iterable[int]) -> defer.Deferred:
+        """Remove those messages (from the store too), except undeletable ones."""
+        deleted = set(deleted)
+        for index in deleted:
+            self._check(index)
         self.committed = True
-        failed = self._deleted & self._undeletable
-        gone = [self._snapshot[i][0] for i in sorted(self._deleted - failed)]
+        failed = deleted & self._undeletable
+        gone = [self._snapshot[i][0] for i in sorted(deleted - failed)]
         self.removed.extend(uidl for uidl in gone if uidl not in self.removed)
         if self._store is not None:
             self._store._remove(self.user, gone)

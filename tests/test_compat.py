@@ -109,5 +109,4 @@ class MailboxMaildropTests(unittest.TestCase):
         mailbox = ListMailbox([b"a"])
         mailbox.deleteMessage = lambda index: 1 / 0
         drop = MailboxMaildrop(mailbox)
-        drop.delete(0)
-        self.failureResultOf(drop.commit(), CommitFailed)
+        self.failureResultOf(drop.commit([0]), CommitFailed)

@@ -97,8 +97,7 @@ class MaildropContractMixin:
         maildrop = yield self.open_maildrop(store)
         for index in (-1, len(MESSAGES)):
             self.assertRaises(IndexError, maildrop.open, index)
-            self.assertRaises(IndexError, maildrop.delete, index)
-            self.assertRaises(IndexError, maildrop.is_deleted, index)
+            self.assertRaises(IndexError, maildrop.commit, [index])
 
     @defer.inlineCallbacks
     def test_new_user_is_empty(self):
@@ -115,37 +114,31 @@ class MaildropContractMixin:
         yield self.assertFailure(store.open_maildrop("../etc"), ValueError)
 
     @defer.inlineCallbacks
-    def test_delete_marks(self):
-        """``delete`` marks, ``is_deleted`` reports, ``undelete_all`` unmarks everything."""
-        store = self.make_store({"alice": MESSAGES})
-        maildrop = yield self.open_maildrop(store)
-        maildrop.delete(0)
-        maildrop.delete(2)
-        self.assertEqual([maildrop.is_deleted(i) for i in range(3)], [True, False, True])
-        self.assertEqual(len(maildrop.messages()), 3)
-        maildrop.undelete_all()
-        self.assertEqual([maildrop.is_deleted(i) for i in range(3)], [False, False, False])
-
-    @defer.inlineCallbacks
-    def test_no_commit_deletes_nothing(self):
-        """Marked messages survive a session that closes without ``commit``."""
+    def test_commit_of_nothing_deletes_nothing(self):
+        """A commit of no indexes removes nothing."""
         store = self.make_store({"alice": MESSAGES})
         maildrop = yield self.open_maildrop(store)
         before = list(maildrop.messages())
-        maildrop.delete(0)
-        maildrop.delete(1)
+        yield maildrop.commit(())
+        again = yield self.reopened(store, maildrop)
+        self.assertEqual(list(again.messages()), before)
+
+    @defer.inlineCallbacks
+    def test_no_commit_deletes_nothing(self):
+        """A session that closes without ``commit`` removes nothing."""
+        store = self.make_store({"alice": MESSAGES})
+        maildrop = yield self.open_maildrop(store)
+        before = list(maildrop.messages())
         again = yield self.reopened(store, maildrop)
         self.assertEqual(list(again.messages()), before)
 
     @defer.inlineCallbacks
     def test_commit_deletes_only_marked(self):
-        """``commit`` removes the marked messages and keeps the others, UIDLs unchanged."""
+        """``commit`` removes the given messages and keeps the others, UIDLs unchanged."""
         store = self.make_store({"alice": MESSAGES})
         maildrop = yield self.open_maildrop(store)
         before = list(maildrop.messages())
-        maildrop.delete(0)
-        maildrop.delete(2)
-        result = yield maildrop.commit()
+        result = yield maildrop.commit([0, 2])
         self.assertIsNone(result)
         again = yield self.reopened(store, maildrop)
         self.assertEqual(list(again.messages()), [before[1]])
@@ -157,7 +150,7 @@ class MaildropContractMixin:
         """``commit`` does not release the lock; ``close`` does."""
         store = self.make_store({"alice": MESSAGES})
         maildrop = yield self.open_maildrop(store)
-        yield maildrop.commit()
+        yield maildrop.commit([0])
         yield self.assertFailure(store.open_maildrop("alice"), MaildropLocked)
 
     @defer.inlineCallbacks
@@ -202,8 +195,7 @@ class MaildropContractMixin:
         maildrop = yield self.open_maildrop(store)
         self.deliver(store, "alice", b"late\n")
         self.assertEqual(len(maildrop.messages()), 1)
-        maildrop.delete(0)
-        yield maildrop.commit()
+        yield maildrop.commit([0])
         again = yield self.reopened(store, maildrop)
         self.assertEqual([size for _, size in again.messages()], [6])
         with again.open(0) as f:
@@ -252,9 +244,7 @@ class FakeMaildropTests(unittest.TestCase):
     def test_undeletable(self):
         """An undeletable marked message makes ``commit`` fail with CommitFailed(1)."""
         maildrop = FakeMaildrop([b"a\n", b"b\n", b"c\n"], undeletable={1})
-        maildrop.delete(0)
-        maildrop.delete(1)
-        failure = self.failureResultOf(maildrop.commit(), CommitFailed)
+        failure = self.failureResultOf(maildrop.commit([0, 1]), CommitFailed)
         self.assertEqual(failure.value.failed, 1)
         self.assertEqual(maildrop.removed, ["fake-1"])
 
@@ -262,8 +252,7 @@ class FakeMaildropTests(unittest.TestCase):
         """``committed``, ``removed`` and ``closed`` record what the caller did."""
         maildrop = FakeMaildrop([b"a\n", b"b\n"])
         self.assertEqual(maildrop.messages(), (("fake-1", 3), ("fake-2", 3)))
-        maildrop.delete(1)
-        self.assertIsNone(self.successResultOf(maildrop.commit()))
+        self.assertIsNone(self.successResultOf(maildrop.commit([1])))
         maildrop.close()
         self.assertEqual(
             (maildrop.committed, maildrop.removed, maildrop.closed), (True, ["fake-2"], True)
@@ -274,8 +263,7 @@ class FakeMaildropTests(unittest.TestCase):
         mailboxes = {"alice": [b"a\n", b"b\n"]}
         store = FakeMaildropStore(mailboxes)
         maildrop = self.successResultOf(store.open_maildrop("alice"))
-        maildrop.delete(0)
-        self.successResultOf(maildrop.commit())
+        self.successResultOf(maildrop.commit([0]))
         self.assertEqual(mailboxes, {"alice": [b"b\n"]})
         self.assertTrue(store.is_locked("alice"))
         maildrop.close()
@@ -561,9 +549,7 @@ class MaildirStoreTests(unittest.TestCase):
         outer = yield self.store.open_maildrop("example.org")
         self.addCleanup(outer.close)
         listed = outer.messages()
-        for index in range(len(listed)):
-            outer.delete(index)
-        yield outer.commit()
+        yield outer.commit(range(len(listed)))
         lock = os.path.join(self.store.path_for("new@example.org"), "popserv.lock")
         self.assertTrue(os.path.exists(lock))
         yield self.assertFailure(self.store.open_maildrop("new@example.org"), MaildropLocked)
@@ -640,8 +626,7 @@ class MaildirStoreTests(unittest.TestCase):
         path = self.write("new", "1700000000.M1P1Q1.h", b"a\n")
         maildrop = yield self.open_maildrop()
         os.unlink(path)
-        maildrop.delete(0)
-        self.assertIsNone((yield maildrop.commit()))
+        self.assertIsNone((yield maildrop.commit([0])))
 
     @defer.inlineCallbacks
     def test_commit_follows_move(self):
@@ -649,8 +634,7 @@ class MaildirStoreTests(unittest.TestCase):
         path = self.write("new", "1700000000.M1P1Q1.h", b"a\n")
         maildrop = yield self.open_maildrop()
         os.rename(path, os.path.join(self.path, "cur", "1700000000.M1P1Q1.h:2,S"))
-        maildrop.delete(0)
-        yield maildrop.commit()
+        yield maildrop.commit([0])
         self.assertEqual(os.listdir(os.path.join(self.path, "cur")), [])
 
     @defer.inlineCallbacks
@@ -666,9 +650,7 @@ class MaildirStoreTests(unittest.TestCase):
 
         self.patch(os, "unlink", refusing_unlink)
         maildrop = yield self.open_maildrop()
-        for index in range(3):
-            maildrop.delete(index)
-        failure = yield self.assertFailure(maildrop.commit(), CommitFailed)
+        failure = yield self.assertFailure(maildrop.commit(range(3)), CommitFailed)
         self.assertEqual(failure.failed, 1)
         self.assertEqual([os.path.exists(p) for p in paths], [False, True, False])
 
@@ -795,8 +777,7 @@ class ListingCacheTests(unittest.TestCase):
     def test_commit_is_seen(self):
         """Messages deleted by a session's commit are gone at the next login."""
         maildrop = yield self.store.open_maildrop("alice")
-        maildrop.delete(0)
-        yield maildrop.commit()
+        yield maildrop.commit([0])
         maildrop.close()
         uidls = yield self.uidls()
         self.assertEqual(len(uidls), 2)
