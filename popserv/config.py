@@ -113,15 +113,14 @@ def _networks(text: str) -> tuple[str, ...]:
     return networks
 
 
-#: SASL mechanisms popserv implements (popserv.sasl).
-KNOWN_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")
-
-
 def _mechanisms(text: str) -> tuple[str, ...]:
+    from popserv.sasl import MECHANISMS
+
+    known = [name.decode("ascii") for name in MECHANISMS]
     names = tuple(text.replace(",", " ").upper().split())
     for name in names:
-        if name not in KNOWN_MECHANISMS:
-            raise ValueError(f"unknown mechanism {name}; known: {' '.join(KNOWN_MECHANISMS)}")
+        if name not in known:
+            raise ValueError(f"unknown mechanism {name}; known: {' '.join(known)}")
     return names
 
 
@@ -132,7 +131,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _domains(text: str) -> tuple[str, ...]:
+def parse_domains(text: str) -> tuple[str, ...]:
+    """Domain names, space or comma separated, lower case, without a final dot."""
     names = tuple(dict.fromkeys(n.lower().rstrip(".") for n in text.replace(",", " ").split()))
     for name in names:
         if not name or "@" in name or "/" in name:
@@ -178,7 +178,7 @@ _KEYS = {
     ("auth", "mechanisms"): ("auth_mechanisms", _mechanisms),
     ("auth", "apop"): ("auth_apop", _boolean),
     ("smtp", "listen"): ("smtp_listen", _listeners),
-    ("smtp", "domains"): ("smtp_domains", _domains),
+    ("smtp", "domains"): ("smtp_domains", parse_domains),
     ("smtp", "max_message_size"): ("smtp_max_message_size", _positive_int),
     ("smtp", "max_recipients"): ("smtp_max_recipients", _positive_int),
     ("smtp", "max_line_length"): ("smtp_max_line_length", _positive_int),
@@ -189,6 +189,26 @@ _KEYS = {
     ("smtp", "max_rejected_recipients"): ("smtp_max_rejected_recipients", _positive_int),
     ("smtp", "postmaster"): ("smtp_postmaster", _text),
 }
+
+
+def parse_value(section: str, key: str, text: str) -> tuple[str, object]:
+    """``(Config field, value)`` of one setting; a bad value is a ConfigError naming it."""
+    name, parse = _KEYS[(section, key)]
+    try:
+        return name, parse(text)
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {key} = {text!r}: {e}") from None
+
+
+def check_config(config: Config, source: str = "") -> Config:
+    """The checks that span several keys (each value is checked as it is parsed)."""
+    where = f"{source}: " if source else ""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError(
+            f"{where}[tls] cert and key (--tls-cert and --tls-key) must be given together, "
+            "or neither for a self-signed certificate"
+        )
+    return config
 
 
 def config_from_string(text: str, source: str = "<string>") -> Config:
@@ -206,14 +226,11 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
         for key, raw in parser.items(section):
             if (section, key) not in _KEYS:
                 raise ConfigError(f"{source}: unknown key {key!r} in section [{section}]")
-            name, parse = _KEYS[(section, key)]
             try:
-                values[name] = parse(raw)
-            except ValueError as e:
-                raise ConfigError(f"{source}: [{section}] {key} = {raw!r}: {e}") from None
-    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
-        raise ConfigError(f"{source}: [tls] cert and key must be set together, or neither")
-    return Config(**values)
+                name, values[name] = parse_value(section, key, raw)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return check_config(Config(**values), source)
 
 
 def read_config(path: str) -> Config:

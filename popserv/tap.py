@@ -6,9 +6,25 @@ from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from popserv.config import Config, ConfigError, read_config
+from popserv.config import (
+    Config,
+    ConfigError,
+    check_config,
+    parse_domains,
+    parse_value,
+    read_config,
+)
 
 _EXAMPLE_LISTENER = "tcp:1110:interface=127.0.0.1"
+
+#: Options that override one key of the file each: option -> (section, key).
+_OVERRIDES = {
+    "mailroot": ("server", "mailroot"),
+    "users": ("server", "users"),
+    "hostname": ("server", "hostname"),
+    "tls-cert": ("tls", "cert"),
+    "tls-key": ("tls", "key"),
+}
 
 
 class Options(usage.Options):
@@ -100,23 +116,25 @@ class Options(usage.Options):
 
     def opt_domain(self, name: str) -> None:
         """A local mail domain, repeatable; replaces [smtp] domains of the config file."""
-        name = name.strip().lower().rstrip(".")
-        if not name or "@" in name or "/" in name:
-            raise usage.UsageError(
-                f"--domain needs a domain name such as example.org, not {name!r}"
-            )
-        self["domain"].append(name)
+        try:
+            domains = parse_domains(name)
+        except ValueError as e:
+            raise usage.UsageError(f"--domain: {e}") from None
+        if len(domains) != 1:
+            raise usage.UsageError(f"--domain needs one domain name such as example.org: {name!r}")
+        (domain,) = domains
+        self["domain"].append(domain)
 
     def postOptions(self) -> None:
         """Read the config file, apply the overrides, and check the listeners."""
         config = self._read_config()
         overrides = {}
-        for option in ("mailroot", "users", "hostname"):
-            value = self[option]
-            if value is not None:
-                if not value.strip():
-                    raise usage.UsageError(f"--{option} must not be empty")
-                overrides[option] = value.strip()
+        for option, (section, key) in _OVERRIDES.items():
+            if self[option] is not None:
+                try:
+                    name, overrides[name] = parse_value(section, key, self[option])
+                except ConfigError as e:
+                    raise usage.UsageError(f"--{option}: {e}") from None
         if self["pop3"]:
             overrides["pop3_listen"] = tuple(self["pop3"])
         if self["pop3s"]:
@@ -125,10 +143,10 @@ class Options(usage.Options):
             overrides["smtp_listen"] = tuple(self["smtp"])
         if self["domain"]:
             overrides["smtp_domains"] = tuple(dict.fromkeys(self["domain"]))
-        for option, key in (("tls-cert", "tls_cert"), ("tls-key", "tls_key")):
-            if self[option] is not None:
-                overrides[key] = self[option].strip()
-        config = config.replace(**overrides)
+        try:
+            config = check_config(config.replace(**overrides))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         if not config.pop3_listen:
             raise usage.UsageError(
                 f"no POP3 listener: pass --pop3 (e.g. --pop3 {_EXAMPLE_LISTENER}) "
@@ -145,11 +163,6 @@ class Options(usage.Options):
             _check_endpoint(description, "POP3S")
         for description in config.smtp_listen:
             _check_endpoint(description, "SMTP")
-        if bool(config.tls_cert) != bool(config.tls_key):
-            raise usage.UsageError(
-                "give a TLS certificate and its key together (--tls-cert and --tls-key, "
-                "or [tls] cert and key), or neither for a self-signed certificate"
-            )
         _check_process(config)
         self["popserv_config"] = config
 

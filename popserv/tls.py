@@ -21,7 +21,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.config import Config, ConfigError
+from popserv.config import Config, ConfigError, check_config
 
 log = Logger()
 
@@ -228,8 +228,7 @@ def load_or_create(config: Config) -> ReloadableTLS:
     A self-signed certificate is announced with a warning giving its SHA-256
     fingerprint, which users can compare with what their mail client shows.
     """
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise ConfigError("[tls] cert and key must be given together (or neither)")
+    check_config(config)
     if config.tls_cert:
         return ReloadableTLS(os.path.abspath(config.tls_cert), os.path.abspath(config.tls_key))
     directory = os.path.abspath(config.tls_self_signed_dir)
