@@ -4,11 +4,12 @@ replies at a fixed time, SCRAM exchanges counted, addresses counted by their net
 
 from __future__ import annotations
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from popserv.interfaces import ILoginThrottle
+from popserv.scheduler import QueueFull, VerificationScheduler
 from popserv.throttle import MemoryLoginThrottle, ThrottleSettings, accounting_key
 
 
@@ -107,3 +108,74 @@ class MemoryThrottleTests(unittest.TestCase):
         self.clock.advance(60)
         self.throttle.login_allowed("carol")
         self.assertEqual(list(self.throttle._logins), ["carol"])
+
+
+class SchedulerTests(unittest.TestCase):
+    """VerificationScheduler on its own: jobs are Deferreds the test fires."""
+
+    def setUp(self):
+        self.scheduler = VerificationScheduler(limit=2, queued_per_peer=3)
+        self.started: list[tuple[str, int]] = []
+        self.jobs: list[defer.Deferred] = []
+
+    def submit(self, peer: str, n: int) -> defer.Deferred:
+        def run():
+            self.started.append((peer, n))
+            d = defer.Deferred()
+            self.jobs.append(d)
+            return d
+
+        return self.scheduler.submit(peer, run)
+
+    def test_bounded(self):
+        """No more than ``limit`` jobs run at once; a finished one lets the next start."""
+        results = [self.submit("a", n) for n in range(3)]
+        self.assertEqual((len(self.started), self.scheduler.running), (2, 2))
+        self.jobs[0].callback("done")
+        self.assertEqual(self.successResultOf(results[0]), "done")
+        self.assertEqual(self.started, [("a", 0), ("a", 1), ("a", 2)])
+
+    def test_round_robin(self):
+        """Waiting jobs start in turn from each address, not in order of arrival."""
+        for n in range(3):
+            self.submit("flood", n)
+        self.submit("flood2", 0)
+        self.submit("flood2", 1)
+        self.submit("quiet", 0)
+        while self.jobs:
+            self.jobs.pop(0).callback(None)
+        self.assertEqual(
+            self.started,
+            [("flood", 0), ("flood", 1), ("flood", 2), ("flood2", 0), ("quiet", 0), ("flood2", 1)],
+        )
+
+    def test_queue_per_peer_is_bounded(self):
+        """Past ``queued_per_peer`` waiting jobs, an address's next one fails with QueueFull."""
+        for n in range(5):
+            self.submit("a", n)
+        self.failureResultOf(self.submit("a", 5), QueueFull)
+        self.submit("b", 0)
+        self.assertEqual(self.scheduler.waiting, 4)
+
+    def test_cancelled_while_waiting_never_runs(self):
+        """A waiting job that is cancelled is dropped and never started."""
+        self.submit("a", 0)
+        self.submit("a", 1)
+        waiting = self.submit("b", 0)
+        waiting.cancel()
+        self.failureResultOf(waiting, defer.CancelledError)
+        self.jobs[0].callback(None)
+        self.jobs[1].callback(None)
+        self.assertNotIn(("b", 0), self.started)
+        self.assertEqual((self.scheduler.running, self.scheduler.waiting), (0, 0))
+
+    def test_cancelled_while_running_keeps_its_slot(self):
+        """A running job that is cancelled holds its slot until it really ends."""
+        first = self.submit("a", 0)
+        self.submit("a", 1)
+        self.submit("b", 0)
+        first.cancel()
+        self.assertEqual(len(self.started), 2)
+        self.jobs[0].callback("late")
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertEqual(self.started[-1], ("b", 0))
