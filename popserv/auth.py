@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
 from popserv.logsafe import untrusted
+from popserv.state import scram_salt
 from popserv.usernames import find_collisions
 
 # New hashes and the unknown-user dummy use this hasher: argon2-cffi's defaults,
@@ -471,17 +472,24 @@ class PasswdFile:
 
     log = Logger()
 
-    def __init__(self, path: str, reactor=None):
+    def __init__(self, path: str, reactor=None, threadpool=None, secret: bytes | None = None):
+        """``threadpool``: where hashes are verified (default: the reactor's thread pool).
+
+        ``secret``: the server secret (``popserv.state``) that keys the salts of SCRAM
+        keys derived from clear passwords, so they stay the same across restarts;
+        without it they are keyed by a random value of this object.
+        """
         self.path = path
         self._reactor = reactor
+        self._threadpool = threadpool
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, Entry] = {}
         self._refused: dict[str, str] = {}  # a colliding name -> a name it collides with
         self._dummy: tuple[argon2.PasswordHasher, str] | None = None
         self._warned_schemes: set[str] = set()
         self._unavailable_logged = False
-        # Keyed salts for SCRAM keys derived from clear passwords: stable per user.
-        self._salt_key = os.urandom(32)
+        # Keys the salts of SCRAM keys derived from clear passwords: stable per user.
+        self._secret = secret if secret is not None else os.urandom(32)
 
     def _entries(self) -> dict[str, Entry]:
         """The users, re-read if the file's mtime, size or inode changed since the last look."""
@@ -585,7 +593,8 @@ class PasswdFile:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), verify, stored, password)
+        pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
+        return threads.deferToThreadPool(reactor, pool, verify, stored, password)
 
     def _against_dummy(self, stored: str, password: bytes) -> bool:
         """Spend what a wrong password costs, then fail."""
@@ -624,10 +633,11 @@ class PasswdFile:
 
         Each call costs one key derivation, whatever the user: the time it takes tells
         nothing of whether the user exists or how the password is stored.  A derived
-        salt is keyed by the user, so a user's salt stays the same between attempts.
+        salt is keyed by the server secret and the user, so it stays the same between
+        attempts and across restarts, like a stored one.
         """
         name, stored, scheme = self._stored(user)
-        salt = hmac.digest(self._salt_key, f"{mechanism}:{user}".encode(), "sha256")[:16]
+        salt = scram_salt(self._secret, mechanism, user)
         if scheme is not None and scheme.plaintext:
             return scram_keys(
                 mechanism, stored.encode("utf-8", "surrogateescape"), salt, SCRAM_ITERATIONS

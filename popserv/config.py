@@ -25,6 +25,7 @@ class Config:
     mailroot: str = "popserv-data/mail"
     users: str = "popserv-data/users"
     user: str = ""  # empty: keep the user the server starts as
+    state_dir: str = "popserv-data/state"
 
     pop3_listen: tuple[str, ...] = ("tcp:110",)
     pop3_timeout: float = 600.0
@@ -49,6 +50,8 @@ class Config:
     auth_allow_plaintext: bool = False
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     auth_apop: bool = False
+    auth_max_verifications: int = 4
+    auth_max_waiting_per_peer: int = 8
 
     smtp_listen: tuple[str, ...] = ("tcp:25",)
     smtp_domains: tuple[str, ...] = ()  # empty: the hostname and localhost
@@ -157,6 +160,7 @@ _KEYS = {
     ("server", "mailroot"): ("mailroot", _text),
     ("server", "users"): ("users", _text),
     ("server", "user"): ("user", _optional_text),
+    ("server", "state_dir"): ("state_dir", _text),
     ("pop3", "listen"): ("pop3_listen", _listeners),
     ("pop3", "timeout"): ("pop3_timeout", _positive_float),
     ("pop3", "login_timeout"): ("pop3_login_timeout", _positive_float),
@@ -177,6 +181,8 @@ _KEYS = {
     ("auth", "allow_plaintext"): ("auth_allow_plaintext", _boolean),
     ("auth", "mechanisms"): ("auth_mechanisms", _mechanisms),
     ("auth", "apop"): ("auth_apop", _boolean),
+    ("auth", "max_verifications"): ("auth_max_verifications", _positive_int),
+    ("auth", "max_waiting_per_peer"): ("auth_max_waiting_per_peer", _non_negative_int),
     ("smtp", "listen"): ("smtp_listen", _listeners),
     ("smtp", "domains"): ("smtp_domains", parse_domains),
     ("smtp", "max_message_size"): ("smtp_max_message_size", _positive_int),

@@ -113,6 +113,37 @@ class IUserDB(Interface):
         """
 
 
+class ILoginThrottle(Interface):
+    """Failed-login accounting: the delay before a failure's reply, lockout and LOGIN-DELAY.
+
+    ``peer`` is the client's accounting key (``popserv.throttle.accounting_key``: an
+    IPv6 client counts by its /64), ``user`` the name the client gave (``str``), or None
+    when it is not known yet or not decodable.  Every ``begin`` is ended by exactly one
+    of ``succeeded``, ``failed`` or ``abandoned``.  Each method may return its result
+    or a Deferred firing with it, so a store shared by several processes can serve.
+    """
+
+    def begin(peer, user):
+        """A login attempt starts, before anything is verified: whether it may go on.
+
+        Until it ends, the attempt counts against the peer's limit as if it had failed,
+        so attempts made in parallel cannot pass the limit.  False: the peer failed
+        too often; refuse without verifying, and end the attempt with ``failed``.
+        """
+
+    def succeeded(peer, user):
+        """The attempt verified: forget ``user``'s own failures from ``peer``, no one else's."""
+
+    def failed(peer, user):
+        """The attempt failed or was refused: it counts.  Returns the seconds to wait to reply."""
+
+    def abandoned(peer, user):
+        """The attempt ended without a verdict (server trouble): neither counted nor forgiven."""
+
+    def login_allowed(user):
+        """LOGIN-DELAY: whether ``user`` may log in now; if so, this login is their latest."""
+
+
 class ScramKeys(NamedTuple):
     """What a server keeps to verify SCRAM (RFC 5802) without the password."""
 

@@ -12,7 +12,6 @@ import io
 import ipaddress
 import re
 import secrets
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -33,6 +32,8 @@ from popserv.config import Config
 from popserv.flow import ConnectionFlow
 from popserv.interfaces import CommitFailed, IMaildrop, MaildropLocked, UserDBUnavailable
 from popserv.logsafe import untrusted
+from popserv.scheduler import QueueFull, VerificationScheduler
+from popserv.throttle import MemoryLoginThrottle, ThrottleSettings, accounting_key
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -42,10 +43,6 @@ UPDATE = "UPDATE"
 MAX_COMMAND_LINE = 255
 #: RFC 5034: SASL client responses (and AUTH with an initial response) may be longer.
 MAX_SASL_LINE = 16 * 1024 + 2
-#: Peers whose failed logins are remembered, at most (oldest forgotten first).
-MAX_TRACKED_PEERS = 10000
-#: Seconds without a failed login after which an address starts afresh.
-FAILURE_MEMORY = 600
 #: How much pipelined input is buffered while a command is in progress before
 #: the server stops reading from the socket.
 PIPELINE_BUFFER = 64 * 1024
@@ -98,6 +95,7 @@ class Reply:
     RESET = b"+OK %d messages (%d octets)."
     TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections; try again later."
     TOO_MANY_FAILURES = b"-ERR [SYS/TEMP] Too many failed logins; try again later."
+    TOO_MANY_LOGINS = b"-ERR [SYS/TEMP] Too many logins at once; try again later."
     TOO_MANY_BAD_COMMANDS = b"-ERR Too many bad commands; closing the connection."
     UTF8 = b"+OK UTF-8 mode on."
     LANGUAGES = b"+OK Language listing follows."
@@ -152,6 +150,7 @@ SPANISH = {
         Reply.TOO_MANY_FAILURES: (
             "-ERR [SYS/TEMP] Demasiados accesos fallidos; inténtelo más tarde."
         ),
+        Reply.TOO_MANY_LOGINS: "-ERR [SYS/TEMP] Demasiados accesos a la vez; inténtelo más tarde.",
         Reply.TOO_MANY_BAD_COMMANDS: "-ERR Demasiadas órdenes erróneas; se cierra la conexión.",
         Reply.UTF8: "+OK Modo UTF-8 activado.",
         Reply.LANGUAGES: "+OK Lista de idiomas:",
@@ -419,13 +418,25 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self._deleted: set[int] = set()
         self._committing = False
         self._delayed = None
+        #: The login waiting for (or in) its turn to be verified: cancelled if the client leaves.
+        self._waiting: defer.Deferred | None = None
+        #: When the command being answered arrived: a failure is answered at a fixed
+        #: time after it.
+        self._arrived = 0.0
         self._sasl = None
+        #: Whether the SASL exchange has had client data yet, and whether it began a
+        #: login attempt (a costly mechanism's first message): it then ends as a failure
+        #: unless it ends in a login.
+        self._sasl_data_seen = False
+        self._sasl_attempt = False
         self._translations: dict[bytes, bytes] = {}
         self.language = b"en"
         self.utf8 = False
         self._bad_commands = 0
         self._counted = False
         self.peer = "?"
+        #: What the peer is counted by (its IPv4 address, or IPv6 /64); logs show ``peer``.
+        self.peer_key = "?"
         self.secure = False
         self._trusted = False
         self.retrieved = 0
@@ -439,6 +450,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.callLater = self.factory.clock.callLater
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
+        self.peer_key = accounting_key(self.peer)
         self._trusted = self.factory.is_trusted(peer)
         # Implicit TLS (POP3S, port 995): the transport is already encrypted.
         self.secure = ISSLTransport.providedBy(self.transport)
@@ -489,6 +501,14 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.setTimeout(None)
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
+        if self._waiting is not None:
+            # Still queued: dropped, never verified.  Already running: it ends as it may.
+            self._waiting.cancel()
+        if self._sasl_attempt:
+            # It cost a verification, like a cancelled exchange: counted the same way.
+            self._sasl_attempt = False
+            self.log_login_failed(None, "sasl-cancelled", detail="connection closed")
+            self._end_attempt(self.factory.throttle.failed, None)
         if self._streamer is not None:
             self._streamer.stopProducing()
             self._streamer = None
@@ -584,7 +604,10 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
     def _reply_too_long(self) -> None:
         """An over-long line is a bad command: it counts towards the limit in a row."""
         self.log.info("pop3.line_too_long: peer={peer}", peer=self.peer)
-        if self._sasl is not None:
+        if self._sasl_attempt:
+            self._arrived = self.factory.clock.seconds()
+            self._sasl_attempt_failed("bad-sasl", Reply.BAD_SASL, "response too long")
+        elif self._sasl is not None:
             self._sasl = None
             self._bad_command(Reply.BAD_SASL)
         else:
@@ -813,8 +836,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         initial = None
         if len(args) == 2:
             initial = b"" if args[1] == b"=" else self._decode_base64(args[1])
-        self._sasl = mechanism(self.factory.config.hostname, self.factory.userdb)
-        self._sasl_step(lambda: self._sasl.start(initial))
+        self._sasl = mechanism(
+            self.factory.config.hostname, self.factory.userdb, secret=self.factory.secret
+        )
+        self._arrived = self.factory.clock.seconds()
+        self._sasl_data_seen = initial is not None
+        self._sasl_step(lambda: self._sasl.start(initial), initial is not None)
 
     @staticmethod
     def _decode_base64(data: bytes) -> bytes:
@@ -828,33 +855,48 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
         Like commands before login, answers do not restart the (absolute) login timer.
         """
+        self._arrived = self.factory.clock.seconds()
         if line.strip() == b"*":
+            if self._sasl_attempt:
+                self._sasl_attempt_failed("sasl-cancelled", Reply.AUTH_CANCELLED)
+                return
             self._sasl = None
             self.say(Reply.AUTH_CANCELLED)
             return
         try:
             data = self._decode_base64(line.strip())
         except _CommandError as e:
+            if self._sasl_attempt:
+                self._sasl_attempt_failed("bad-sasl", e.reply, "response not base64")
+                return
             self._sasl = None
             self.say(e.reply)
             return
+        first_data = not self._sasl_data_seen
+        self._sasl_data_seen = True
         try:
-            self._sasl_step(lambda: self._sasl.respond(data))
+            self._sasl_step(lambda: self._sasl.respond(data), first_data)
         except _CommandError as e:
             self.say(e.reply)
 
-    def _sasl_step(self, step) -> None:
-        """Run one step of the exchange; a costly one (SCRAM's key derivation) in a thread."""
+    def _sasl_step(self, step, first_data: bool = False) -> None:
+        """Run one step of the exchange; a costly one (SCRAM's key derivation) in a thread.
+
+        A costly mechanism's first client message begins a login attempt: it waits its
+        turn among the verifications and counts against the address's failures.
+        """
         from popserv.sasl import SASLError
 
         if getattr(self._sasl, "costly", False):
             # Later commands wait, as for a login; the reactor serves everyone else.
             self._begin_async()
-            d = self.factory.run_in_thread(step)
-            d.addCallbacks(self._sasl_async_result, self._sasl_async_error)
-            d.addErrback(
-                lambda f: self.log.failure("pop3.sasl_error: peer={peer}", f, peer=self.peer)
-            )
+            if first_data:
+                d = self.factory.verifications.submit(
+                    self.peer_key, lambda: self._sasl_attempt_started(step)
+                )
+                self._wait_for(d, None)
+                return
+            self._sasl_in_thread(step)
             return
         try:
             result = step()
@@ -862,6 +904,30 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self._sasl_refused(e)
             raise _CommandError(Reply.BAD_SASL) from None
         self._sasl_result(result)
+
+    def _sasl_in_thread(self, step) -> defer.Deferred:
+        d = self.factory.run_in_thread(step)
+        d.addCallbacks(self._sasl_async_result, self._sasl_async_error)
+        d.addErrback(lambda f: self.log.failure("pop3.sasl_error: peer={peer}", f, peer=self.peer))
+        return d
+
+    def _sasl_attempt_started(self, step) -> defer.Deferred:
+        """The verification slot is ours: count the attempt, then derive the keys."""
+        d = defer.maybeDeferred(self.factory.throttle.begin, self.peer_key, None)
+
+        def started(allowed: bool):
+            if not self._connected:
+                self._end_attempt(self.factory.throttle.abandoned, None)
+                return None
+            if not allowed:
+                self._sasl = None
+                return self._refuse_attempt(None)
+            self._sasl_attempt = True
+            return self._sasl_in_thread(step)
+
+        d.addCallback(started)
+        d.addErrback(self._attempt_error, None)
+        return d
 
     def _sasl_result(self, result) -> None:
         from popserv.sasl import Challenge
@@ -871,11 +937,30 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             return
         self._sasl = None
         credentials = result.credentials
+        if self._sasl_attempt:
+            # The attempt began with the exchange; the portal now gives its verdict.
+            self._sasl_attempt = False
+            self._begin_async()
+            self._verify(credentials, _username_of(credentials)).addErrback(
+                self._attempt_error, None
+            )
+            return
         self.login(credentials, _username_of(credentials))
 
     def _sasl_refused(self, error: Exception) -> None:
         self._sasl = None
         self.log_login_failed(None, "bad-sasl", detail=str(error))
+
+    def _sasl_attempt_failed(self, reason: str, reply: bytes, detail: str | None = None) -> None:
+        """An exchange that began a login attempt ends without a login: a failed attempt.
+
+        Its reply waits for the failure delay, counted from the client's last message.
+        """
+        self._sasl = None
+        self._sasl_attempt = False
+        self._begin_async()
+        self.log_login_failed(None, reason, detail)
+        self._count_failure(None, reply).addErrback(self._attempt_error, None)
 
     def _sasl_async_result(self, result) -> None:
         if not self._connected:
@@ -890,12 +975,18 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
 
         if not self._connected:
             return
+        if failure.check(SASLError) and self._sasl_attempt:
+            self._sasl_attempt_failed("bad-sasl", Reply.BAD_SASL, str(failure.value))
+            return
         if failure.check(SASLError):
             self._sasl_refused(failure.value)
             self.say(Reply.BAD_SASL)
         else:
             self.log.failure("pop3.sasl_error: peer={peer}", failure, peer=self.peer)
             self._sasl = None
+            if self._sasl_attempt:
+                self._sasl_attempt = False
+                self._end_attempt(self.factory.throttle.abandoned, None)
             self.say(Reply.TEMP_FAILURE)
         self._end_async()
 
@@ -943,17 +1034,52 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.login(credentials, _username_of(credentials))
 
     def login(self, credentials, user: str | None) -> None:
-        """Log in through the portal; the reply waits, and so do pipelined commands."""
+        """Log in through the portal in this address's turn; replies and pipelined input wait."""
         self._begin_async()
-        if self.factory.too_many_failures(self.peer):
-            # This address failed too often: refuse without checking, after the delay.
-            self.log_login_failed(user, "too-many-failures")
-            self._delayed = self.callLater(
-                self.factory.failure_delay(self.peer),
-                self._reply_and_continue,
-                Reply.TOO_MANY_FAILURES,
-            )
+        self._arrived = self.factory.clock.seconds()
+        d = self.factory.verifications.submit(
+            self.peer_key, lambda: self._attempt(credentials, user)
+        )
+        self._wait_for(d, user)
+
+    def _wait_for(self, d: defer.Deferred, user: str | None) -> None:
+        d.addErrback(self._not_verified, user)
+        if not d.called:
+            # (One that ran at once may have led to the next command's login already.)
+            self._waiting = d
+
+    def _not_verified(self, failure: Failure, user: str | None) -> None:
+        """The attempt never ran: its client left, or its address had too many waiting."""
+        if failure.check(defer.CancelledError):
             return
+        self._sasl = None
+        if failure.check(QueueFull):
+            self.log_login_failed(user, "too-many-logins")
+        else:
+            self.log.failure("pop3.login_error: peer={peer}", failure, peer=self.peer)
+        if self._connected:
+            self._reply_and_continue(
+                Reply.TOO_MANY_LOGINS if failure.check(QueueFull) else Reply.TEMP_FAILURE
+            )
+
+    def _attempt(self, credentials, user: str | None) -> defer.Deferred:
+        """One login attempt, counted by the throttle whether or not the client stays."""
+        d = defer.maybeDeferred(self.factory.throttle.begin, self.peer_key, user)
+
+        def started(allowed: bool):
+            if not self._connected:
+                # Gone while the throttle answered: nothing to verify for.
+                self._end_attempt(self.factory.throttle.abandoned, user)
+                return None
+            if not allowed:
+                return self._refuse_attempt(user)
+            return self._verify(credentials, user)
+
+        d.addCallback(started)
+        d.addErrback(self._attempt_error, user)
+        return d
+
+    def _verify(self, credentials, user: str | None) -> defer.Deferred:
         if user is None or not user:
             d = defer.fail(UnauthorizedLogin("undecodable user name"))
         else:
@@ -961,25 +1087,77 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         d.addCallbacks(
             self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,)
         )
-        d.addErrback(lambda f: self.log.failure("pop3.login_error: peer={peer}", f, peer=self.peer))
+        return d
 
-    def _logged_in(self, result, user: str) -> None:
+    def _attempt_error(self, failure: Failure, user: str | None) -> None:
+        self.log.failure(
+            "pop3.login_error: peer={peer} user={user}",
+            failure,
+            peer=self.peer,
+            user=untrusted(user),
+        )
+        if self._connected:
+            self._reply_and_continue(Reply.TEMP_FAILURE)
+
+    def _end_attempt(self, outcome, user: str | None) -> None:
+        """Tell the throttle how an attempt ended; nothing waits for it."""
+        d = defer.maybeDeferred(outcome, self.peer_key, user)
+        d.addErrback(
+            lambda f: self.log.failure("pop3.throttle_error: peer={peer}", f, peer=self.peer)
+        )
+
+    def _refuse_attempt(self, user: str | None) -> defer.Deferred:
+        """This address failed too often: refused without verifying, and counted."""
+        self.log_login_failed(user, "too-many-failures")
+        return self._count_failure(user, Reply.TOO_MANY_FAILURES)
+
+    def _count_failure(self, user: str | None, reply: bytes) -> defer.Deferred:
+        """Count a failed attempt; its reply goes out once the address's delay has passed."""
+        d = defer.maybeDeferred(self.factory.throttle.failed, self.peer_key, user)
+        d.addCallback(self._reply_at, reply)
+        return d
+
+    def _reply_at(self, delay: float, reply: bytes) -> None:
+        """Reply ``delay`` seconds after the command arrived, however long the check took.
+
+        Then the time a failure's reply takes tells nothing of whether the user exists
+        or of how their password is stored: a dummy Argon2id, a bcrypt and a clear
+        password all take their time inside the same delay.
+        """
+        if not self._connected:
+            return
+        wait = self._arrived + delay - self.factory.clock.seconds()
+        if wait > 0:
+            # Other sessions go on meanwhile.
+            self._delayed = self.callLater(wait, self._reply_and_continue, reply)
+        else:
+            self._reply_and_continue(reply)
+
+    def _logged_in(self, result, user: str) -> defer.Deferred | None:
         _, maildrop, logout = result
+        self._end_attempt(self.factory.throttle.succeeded, user)
+        if not self._connected:
+            logout()
+            return None
+        d = defer.maybeDeferred(self.factory.throttle.login_allowed, user)
+        d.addCallback(self._enter_transaction, user, maildrop, logout)
+        d.addErrback(self._login_allowed_error, logout)
+        return d
+
+    def _login_allowed_error(self, failure: Failure, logout) -> Failure:
+        logout()
+        return failure
+
+    def _enter_transaction(self, allowed: bool, user: str, maildrop, logout) -> None:
         if not self._connected:
             logout()
             return
-        delay = self.factory.config.pop3_login_delay
-        if delay:
-            now = self.factory.clock.seconds()
-            last = self.factory.last_logins.get(user)
-            if last is not None and now - last < delay:
-                logout()
-                self.log_login_failed(user, "login-delay")
-                self.say(Reply.LOGIN_DELAY)
-                self._end_async()
-                return
-            self.factory.last_logins[user] = now
-        self.factory.forget_failures(self.peer)
+        if not allowed:
+            logout()
+            self.log_login_failed(user, "login-delay")
+            self.say(Reply.LOGIN_DELAY)
+            self._end_async()
+            return
         self.user = user
         self.maildrop = maildrop
         self._logout = logout
@@ -999,13 +1177,18 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         self.say(Reply.LOGGED_IN, count, octets)
         self._end_async()
 
-    def _login_failed(self, failure: Failure, user: str | None) -> None:
+    def _login_failed(self, failure: Failure, user: str | None) -> defer.Deferred | None:
+        throttle = self.factory.throttle
         if failure.check(UnauthorizedLogin, UnhandledCredentials):
-            reason, reply, delay = "bad-credentials", Reply.AUTH_FAILED, True
-        elif failure.check(MaildropLocked):
-            reason, reply, delay = "in-use", Reply.IN_USE, False
+            # The same reply, at the same time, for a bad user and a bad password; the
+            # delay grows with each failure from this address.
+            self.log_login_failed(user, "bad-credentials")
+            return self._count_failure(user, Reply.AUTH_FAILED)
+        if failure.check(MaildropLocked):
+            # The password was right: the user's failures are forgiven, as by a login.
+            reason, reply, outcome = "in-use", Reply.IN_USE, throttle.succeeded
         elif failure.check(UserDBUnavailable):
-            reason, reply, delay = "userdb-unavailable", Reply.TEMP_FAILURE, False
+            reason, reply, outcome = "userdb-unavailable", Reply.TEMP_FAILURE, throttle.abandoned
         else:
             self.log.failure(
                 "pop3.login_error: peer={peer} user={user}",
@@ -1013,17 +1196,12 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
                 peer=self.peer,
                 user=untrusted(user),
             )
-            reason, reply, delay = "server-error", Reply.TEMP_FAILURE, False
+            reason, reply, outcome = "server-error", Reply.TEMP_FAILURE, throttle.abandoned
+        self._end_attempt(outcome, user)
         self.log_login_failed(user, reason)
-        if not self._connected:
-            return
-        seconds = self.factory.failure_delay(self.peer) if delay else 0
-        if seconds:
-            # Same reply after the same delay for a bad user and a bad password; the
-            # delay grows with each failure from this address.  Other sessions go on.
-            self._delayed = self.callLater(seconds, self._reply_and_continue, reply)
-        else:
+        if self._connected:
             self._reply_and_continue(reply)
+        return None
 
     def log_login_failed(self, user: str | None, reason: str, detail: str | None = None) -> None:
         """One event per failed login, the address first: what fail2ban counts.
@@ -1218,6 +1396,9 @@ class POP3Factory(ServerFactory):
         userdb=None,
         mechanisms=None,
         run_in_thread=None,
+        throttle=None,
+        verifications: VerificationScheduler | None = None,
+        secret: bytes | None = None,
     ):
         """Wire a POP3 service.
 
@@ -1225,18 +1406,23 @@ class POP3Factory(ServerFactory):
         ``userdb``: the ``IUserDB`` that SASL mechanisms needing stored keys consult.
         ``mechanisms``: name -> mechanism class (default: ``popserv.sasl.MECHANISMS``).
         ``run_in_thread``: how costly SASL steps leave the reactor thread (``deferToThread``).
+        ``throttle``: the ``ILoginThrottle`` (default: one in memory, set from ``config``).
+        ``verifications``: the ``VerificationScheduler`` every login waits its turn in
+        (default: one of ``[auth] max_verifications`` and ``max_waiting_per_peer``).
+        ``secret``: the server secret (``popserv.state``) keying made-up SCRAM salts.
         """
         if clock is None:
             from twisted.internet import reactor as clock
         self.portal = portal
-        self.config = config if config is not None else Config()
         self.clock = clock
+        self._own_throttle = throttle is None
+        self.throttle = MemoryLoginThrottle(clock) if throttle is None else throttle
+        self._own_verifications = verifications is None
+        self.verifications = VerificationScheduler() if verifications is None else verifications
+        self.config = config if config is not None else Config()
         self.tls = tls
-        #: user -> time of their last login, for LOGIN-DELAY.
-        self.last_logins: dict[str, float] = {}
-        #: peer -> (failures in a row, time of the last one), oldest first.
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        #: Open connections, in all and per peer address (only peers with some).
+        self.secret = secret
+        #: Open connections, in all and per accounting key (only keys with some).
         self.connections = 0
         self._per_peer: dict[str, int] = {}
         self.userdb = userdb
@@ -1250,50 +1436,28 @@ class POP3Factory(ServerFactory):
         #: Mechanisms AUTH offers, in the order of the configuration.
         self.mechanisms = {name: mechanisms[name] for name in enabled if name in mechanisms}
 
-    def failure_delay(self, peer: str) -> float:
-        """Count a failed login from ``peer``; the delay doubles each time, up to the cap.
-
-        The count of an address is forgotten after FAILURE_MEMORY quiet seconds, or
-        when the table is full (oldest first), so memory stays bounded.
-        """
-        base = self.config.pop3_failure_delay
-        cap = max(self.config.pop3_failure_delay_max, base)
-        now = self.clock.seconds()
-        count, last = self._failures.pop(peer, (0, now))
-        if now - last > FAILURE_MEMORY:
-            count = 0
-        count += 1
-        self._failures[peer] = (count, now)
-        while len(self._failures) > MAX_TRACKED_PEERS:
-            self._failures.popitem(last=False)
-        return min(base * 2 ** min(count - 1, 32), cap)
-
-    def forget_failures(self, peer: str) -> None:
-        self._failures.pop(peer, None)
-
-    def too_many_failures(self, peer: str) -> bool:
-        """Whether ``peer`` failed ``pop3_max_failures`` times without a quiet spell."""
-        count, last = self._failures.get(peer, (0, 0.0))
-        if self.clock.seconds() - last > FAILURE_MEMORY:
-            return False
-        return count >= self.config.pop3_max_failures
-
     def connection_opened(self, peer: str) -> bool:
-        """Count a new connection; False (not counted) when over a limit."""
+        """Count a new connection; False (not counted) when over a limit.
+
+        Connections count per accounting key, as failed logins do: an IPv4-mapped
+        address as its IPv4 address, IPv6 addresses by /64.
+        """
+        key = accounting_key(peer)
         if (
             self.connections >= self.config.pop3_max_connections
-            or self._per_peer.get(peer, 0) >= self.config.pop3_max_connections_per_peer
+            or self._per_peer.get(key, 0) >= self.config.pop3_max_connections_per_peer
         ):
             return False
         self.connections += 1
-        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._per_peer[key] = self._per_peer.get(key, 0) + 1
         return True
 
     def connection_closed(self, peer: str) -> None:
+        key = accounting_key(peer)
         self.connections -= 1
-        left = self._per_peer.pop(peer) - 1
+        left = self._per_peer.pop(key) - 1
         if left:
-            self._per_peer[peer] = left
+            self._per_peer[key] = left
 
     @property
     def config(self) -> Config:
@@ -1305,6 +1469,12 @@ class POP3Factory(ServerFactory):
         self._trusted = [
             ipaddress.ip_network(n, strict=False) for n in config.auth_trusted_networks
         ]
+        # The parts made here follow the configuration; ones passed in keep their own.
+        if self._own_throttle:
+            self.throttle.settings = throttle_settings(config)
+        if self._own_verifications:
+            self.verifications.limit = config.auth_max_verifications
+            self.verifications.queued_per_peer = config.auth_max_waiting_per_peer
 
     def is_trusted(self, address) -> bool:
         """Whether a peer may log in with a plaintext password without TLS.
@@ -1320,6 +1490,16 @@ class POP3Factory(ServerFactory):
         if getattr(ip, "ipv4_mapped", None) is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self._trusted)
+
+
+def throttle_settings(config: Config) -> ThrottleSettings:
+    """The throttle's part of the configuration."""
+    return ThrottleSettings(
+        failure_delay=config.pop3_failure_delay,
+        failure_delay_max=config.pop3_failure_delay_max,
+        max_failures=config.pop3_max_failures,
+        login_delay=config.pop3_login_delay,
+    )
 
 
 def _saslprep(data: bytes) -> bytes | None:

@@ -26,15 +26,20 @@ FILE_LIMIT = 65536
 
 
 class InsecureFile(ConfigError):
-    """A secret file (users, TLS key) that other users of the machine may read or change."""
+    """A secret file (users, TLS key, server secret) that other users may read or change."""
 
 
 def secret_files(config: Config) -> list[tuple[str, str]]:
-    """(description, path) of the files only the server may read: users file, TLS key."""
+    """(description, path) of the files only the server may read: users, TLS key, secret."""
+    from popserv.state import SECRET_FILE
     from popserv.tls import self_signed_paths
 
     key = config.tls_key or self_signed_paths(config.tls_self_signed_dir)[1]
-    return [("users file", os.path.abspath(config.users)), ("TLS key", os.path.abspath(key))]
+    return [
+        ("users file", os.path.abspath(config.users)),
+        ("TLS key", os.path.abspath(key)),
+        ("server secret", os.path.abspath(os.path.join(config.state_dir, SECRET_FILE))),
+    ]
 
 
 def check_secret_files(config: Config) -> None:

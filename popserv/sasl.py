@@ -9,7 +9,6 @@ fails at the portal like any bad password when the proof was wrong.
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 import time
@@ -21,6 +20,7 @@ from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from zope.interface import implementer
 
 from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
+from popserv.state import scram_salt
 
 
 class Challenge(NamedTuple):
@@ -52,6 +52,11 @@ class SASLVerified:
         return f"SASLVerified({self.username!r}, verified={self.verified})"
 
 
+# Keys the salts made up for users without SCRAM keys when no server secret is given:
+# then they stay the same only while this process runs.
+_PROCESS_SECRET = os.urandom(32)
+
+
 class _Mechanism:
     """What every mechanism shares: its construction and the end of its exchange."""
 
@@ -60,10 +65,18 @@ class _Mechanism:
     #: Whether a step may take long (key derivation): the protocol runs it in a thread.
     costly: ClassVar[bool] = False
 
-    def __init__(self, hostname: str, userdb: IUserDB, nonce: Callable[[], bytes] | None = None):
+    def __init__(
+        self,
+        hostname: str,
+        userdb: IUserDB,
+        nonce: Callable[[], bytes] | None = None,
+        secret: bytes | None = None,
+    ):
+        """``secret``: the server secret (``popserv.state``) that keys made-up SCRAM salts."""
         self.hostname = hostname
         self.userdb = userdb
         self.nonce = nonce or self.make_nonce
+        self.secret = secret if secret is not None else _PROCESS_SECRET
         self._done = False
 
     @staticmethod
@@ -197,11 +210,6 @@ class CramMD5(_Mechanism):
         return self._success(credentials)
 
 
-# Salts shown for users without SCRAM keys are keyed with this, so each such user
-# gets the same plausible salt every time, as a real user would.
-_FAKE_SALT_KEY = os.urandom(32)
-
-
 class _Scram(_Mechanism):
     """SCRAM (RFC 5802) with scramp, against ``IUserDB.scram`` keys; no channel binding.
 
@@ -249,10 +257,11 @@ class _Scram(_Mechanism):
         except UserDBUnavailable as e:
             self._unavailable = e
         if keys is None or len(keys.salt) < 12 or not 4096 <= keys.iterations <= 10_000_000:
-            # Unknown, or nothing scramp accepts: the salt made-up but the same each time.
-            salt = hmac.digest(_FAKE_SALT_KEY, f"{self.scram_name}:{user}".encode(), "sha256")
+            # Unknown, or nothing scramp accepts: the salt made up, but the same each
+            # time and after restarts, as a stored salt is.
+            salt = scram_salt(self.secret, self.scram_name, user)
             size = scramp.ScramMechanism(self.scram_name).hf().digest_size
-            keys = ScramKeys(salt[:16], 4096, os.urandom(size), os.urandom(size))
+            keys = ScramKeys(salt, 4096, os.urandom(size), os.urandom(size))
         return keys.salt, keys.stored_key, keys.server_key, keys.iterations
 
     def _client_first(self, message: str) -> Challenge | Success:

@@ -9,8 +9,10 @@ import threading
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
 
 from popserv.config import Config
 
@@ -30,16 +32,24 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
+    from popserv.state import load_or_create_secret
     from popserv.tls import load_or_create
 
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
     # What this start creates goes to [server] user when root becomes that user.
     created = _make_private_dir(mailroot) + _make_private_file(users)
+    state_dir = os.path.abspath(config.state_dir)
+    created += _make_private_dir(state_dir)
+    secret, made = load_or_create_secret(state_dir)
+    created += made
     tls_dir = os.path.abspath(config.tls_self_signed_dir)
     tls_dir_existed = os.path.exists(tls_dir)
 
-    userdb = PasswdFile(users, reactor=reactor)
+    # Password hashes get threads of their own, no more than may verify at once: each
+    # Argon2id verification holds 64 MiB.
+    verify_pool = ThreadPool(0, config.auth_max_verifications, "popserv-verify")
+    userdb = PasswdFile(users, reactor=reactor, threadpool=verify_pool, secret=secret)
     store = MaildirStore(
         mailroot,
         reactor=reactor,
@@ -53,7 +63,15 @@ def make_service(config: Config, reactor=None) -> MultiService:
     tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
-    factory = POP3Factory(portal, config, clock=reactor, userdb=userdb, tls=tls)
+    factory = POP3Factory(
+        portal,
+        config,
+        clock=reactor,
+        userdb=userdb,
+        tls=tls,
+        run_in_thread=_runner(verify_pool, reactor),
+        secret=secret,
+    )
 
     top = MultiService()
     # First child: it checks and raises limits before the listeners bind, and drops
@@ -61,6 +79,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     ProcessSetup(config, created).setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
+    ThreadPoolService(verify_pool).setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"pop3-{index}")
@@ -100,6 +119,33 @@ def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) ->
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"smtp-{index}")
         listener.setServiceParent(top)
+
+
+def _runner(pool: ThreadPool, reactor=None):
+    """A ``run_in_thread`` for the factory: SCRAM's key derivation runs in ``pool`` too."""
+
+    def run_in_thread(f, *args, **kwargs):
+        nonlocal reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
+
+    return run_in_thread
+
+
+class ThreadPoolService(Service):
+    """Starts a thread pool with the service and stops it (joining its threads) at the end."""
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        self.pool.stop()
+        return super().stopService()
 
 
 class ReloadOnSIGHUP(Service):

@@ -55,7 +55,12 @@ class TwistdServer:
         self.pop3_port = free_port()
         self.smtp_port = free_port() if smtp else None
         sections = {
-            "server": {"hostname": HOST, "mailroot": self.mailroot, "users": self.users_path},
+            "server": {
+                "hostname": HOST,
+                "mailroot": self.mailroot,
+                "users": self.users_path,
+                "state_dir": os.path.join(self.root, "state"),
+            },
             "pop3": {
                 "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1:backlog={backlog}",
                 "failure_delay": "0",

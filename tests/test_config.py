@@ -16,6 +16,7 @@ hostname = mail.example.org
 mailroot = /var/mail/popserv
 users = /etc/popserv/users
 user = popserv
+state_dir = /var/lib/popserv/state
 
 [pop3]
 listen =
@@ -46,6 +47,8 @@ trusted_networks = 10.0.0.0/8, fd00::/8
 allow_plaintext = yes
 mechanisms = plain, SCRAM-SHA-256
 apop = yes
+max_verifications = 2
+max_waiting_per_peer = 30
 
 [smtp]
 listen =
@@ -78,6 +81,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 mailroot="/var/mail/popserv",
                 users="/etc/popserv/users",
                 user="popserv",
+                state_dir="/var/lib/popserv/state",
                 pop3_listen=("tcp:110", "tcp:1110:interface=127.0.0.1"),
                 pop3_timeout=900.0,
                 pop3_login_timeout=30.5,
@@ -98,6 +102,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 auth_allow_plaintext=True,
                 auth_mechanisms=("PLAIN", "SCRAM-SHA-256"),
                 auth_apop=True,
+                auth_max_verifications=2,
+                auth_max_waiting_per_peer=30,
                 smtp_listen=("tcp:25", "tcp:2525:interface=::1"),
                 smtp_domains=("example.org", "mail.example.org", "localhost"),
                 smtp_max_message_size=1048576,

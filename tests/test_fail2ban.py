@@ -12,6 +12,7 @@ import re
 import smtplib
 import socket
 import subprocess
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -192,6 +193,36 @@ class SMTPAggressiveTests(SynchronousTestCase):
         self.assertEqual(fail2ban_regex(self.server.log_path)[2], ["127.0.0.1"] * 20)
         _, _, ips = fail2ban_regex(self.server.log_path, FILTER + "[mode=aggressive]")
         self.assertEqual(ips, ["127.0.0.1"] * 22)
+
+
+class ScramCancelTests(SynchronousTestCase):
+    """SCRAM exchanges given up after their costly first message, in a real twistd's log."""
+
+    def test_abandoned_exchanges_are_counted(self):
+        """A SCRAM exchange cancelled or dropped after client-first is one match for the peer."""
+        require_client("fail2ban-regex")
+        server = TwistdServer(
+            self, {"alice": "secret"}, settings={"auth": {"mechanisms": "SCRAM-SHA-256"}}
+        )
+        server.start()
+        first = base64.b64encode(b"n,,n=alice,r=clientnonce0123")
+        for ending in (b"*\r\n", None):
+            with socket.create_connection(("127.0.0.1", server.pop3_port), 10) as sock:
+                replies = sock.makefile("rb")
+                replies.readline()
+                sock.sendall(b"AUTH SCRAM-SHA-256 " + first + b"\r\n")
+                self.assertTrue(replies.readline().startswith(b"+ "))
+                if ending is not None:
+                    sock.sendall(ending)
+                    self.assertEqual(replies.readline(), b"-ERR Authentication cancelled.\r\n")
+        deadline = time.monotonic() + 10
+        while server.log().count("reason=sasl-cancelled") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        failed = [FAILED_LOGIN.match(line) for line in server.log().splitlines()]
+        self.assertEqual([m.group("reason") for m in failed if m], ["sasl-cancelled"] * 2)
+        _, _, ips = fail2ban_regex(server.log_path)
+        self.assertEqual(ips, ["127.0.0.1"] * 2)
 
 
 class InjectionTests(SynchronousTestCase):

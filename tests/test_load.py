@@ -102,7 +102,9 @@ class ConnectionLoadTests(SynchronousTestCase):
                 "pop3": {
                     "max_connections": str(CONNECTIONS * 2),
                     "max_connections_per_peer": str(CONNECTIONS * 2),
-                }
+                },
+                # Its logins all come from 127.0.0.1 at once.
+                "auth": {"max_waiting_per_peer": str(USERS)},
             },
             backlog=CONNECTIONS,
         )

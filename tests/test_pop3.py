@@ -15,7 +15,7 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from popserv import pop3
+from popserv import pop3, throttle
 from popserv.config import Config
 from popserv.interfaces import CommitFailed, UserDBUnavailable
 from popserv.pop3 import POP3Factory, Reply, TopLimiter, WireEncoder
@@ -486,7 +486,7 @@ class SlowMechanism:
     plaintext = False
     costly = True
 
-    def __init__(self, hostname, userdb, nonce=None):
+    def __init__(self, hostname, userdb, nonce=None, secret=None):
         pass
 
     def start(self, initial):
@@ -535,12 +535,14 @@ class CostlySASLTests(POP3TestCase):
         self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
 
     def test_a_refused_step_gets_err(self):
-        """A step that refuses the exchange in the thread gets -ERR; the session goes on."""
+        """A step that refuses the exchange in the thread gets -ERR, after the failure delay."""
         self.send(b"AUTH X-SLOW\r\n")
         self.run_job()
         self.send(b64(b"mallory") + b"\r\n")
         self.run_job()
-        self.assertEqual(self.lines(), [b"+ " + b64(b"step"), Reply.BAD_SASL])
+        self.assertEqual(self.lines(), [b"+ " + b64(b"step")])
+        self.clock.advance(1)
+        self.assertEqual(self.lines(), [Reply.BAD_SASL])
         self.login()
 
 
@@ -624,10 +626,12 @@ class FailureDelayTests(POP3TestCase):
 
     def test_memory_is_bounded(self):
         """The table of failing addresses never grows past its limit."""
-        self.patch(pop3, "MAX_TRACKED_PEERS", 5)
+        self.factory.throttle.max_peers = 5
         for i in range(20):
-            self.factory.failure_delay(f"203.0.113.{i}")
-        self.assertEqual(len(self.factory._failures), 5)
+            self.peer = IPv4Address("TCP", f"192.0.2.{100 + i}", 1)
+            proto, transport = self.connect()
+            self.fail_once(proto, transport)
+        self.assertEqual(len(self.factory.throttle), 5)
 
 
 class LimitTests(POP3TestCase):
@@ -740,7 +744,7 @@ class LimitTests(POP3TestCase):
         self.clock.advance(15)
         self.assertEqual(self.lines(), [b"+OK", Reply.TOO_MANY_FAILURES])
         self.assertFalse(self.store.is_locked("alice"))
-        self.clock.advance(pop3.FAILURE_MEMORY + 1)
+        self.clock.advance(throttle.FAILURE_MEMORY + 1)
         self.login()
 
     def test_slowloris_dropped_by_login_timer(self):

@@ -89,6 +89,7 @@ class StorageTestCase(SynchronousTestCase):
         self.config = Config(
             mailroot=os.path.join(self.root, "mail"),
             users=os.path.join(self.root, "etc", "users"),
+            state_dir=os.path.join(self.root, "state"),
             tls_self_signed_dir=os.path.join(self.root, "tls"),
             pop3_listen=("tcp:0:interface=127.0.0.1",),
             pop3s_listen=("tcp:0:interface=127.0.0.1",),
@@ -322,6 +323,7 @@ class SystemdUnitTests(SynchronousTestCase):
         with open(config, "w") as f:
             f.write(
                 f"[server]\nhostname = activated.test\nmailroot = {root}/mail\nusers = {users}\n"
+                f"state_dir = {root}/state\n"
                 "[pop3]\nlisten = systemd:domain=INET:index=0\n[pop3s]\nlisten =\n"
                 f"[tls]\nself_signed_dir = {root}/tls\n"
                 "[smtp]\nlisten = systemd:domain=INET:index=1\n"

@@ -273,6 +273,7 @@ class KillTests(SynchronousTestCase):
         with open(config, "w") as f:
             f.write(
                 f"[server]\nhostname = {HOST}\nmailroot = {root}/mail\nusers = {root}/users\n"
+                f"state_dir = {root}/state\n"
                 f"[pop3]\nlisten = tcp:{pop3_port}:interface=127.0.0.1\n"
                 f"[pop3s]\nlisten =\n[tls]\nself_signed_dir = {root}/tls\n"
                 f"[smtp]\nlisten = tcp:{smtp_port}:interface=127.0.0.1\n"

@@ -200,6 +200,7 @@ class ServiceTests(SynchronousTestCase):
         self.config = Config(
             mailroot=os.path.join(self.root, "data", "mail"),
             users=os.path.join(self.root, "etc", "users"),
+            state_dir=os.path.join(self.root, "data", "state"),
             pop3_listen=("tcp:0:interface=127.0.0.1", "tcp:1110"),
             pop3s_listen=(),
             smtp_listen=(),

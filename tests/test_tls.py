@@ -426,6 +426,7 @@ class ServiceTests(SynchronousTestCase):
             hostname="mail.example.org",
             mailroot=os.path.join(self.root, "mail"),
             users=os.path.join(self.root, "users"),
+            state_dir=os.path.join(self.root, "state"),
             pop3_listen=("tcp:1110",),
             pop3s_listen=("tcp:0:interface=127.0.0.1", "tcp:1995"),
             tls_self_signed_dir=os.path.join(self.root, "tls"),
