@@ -113,10 +113,31 @@ class IUserDB(Interface):
         """
 
 
+class IConnectionLimiter(Interface):
+    """How many connections a service takes, per client and in all.
+
+    One per service (POP3, SMTP); the in-memory one counts in one process, later ones
+    across processes and hosts.
+    """
+
+    open = Attribute("Connections counted now (``int``).")
+
+    def opened(peer, descriptor=-1):
+        """Count a new connection from ``peer`` (an address, ``str``), if within limits.
+
+        ``descriptor`` is its socket's number when known.  Returns ``None`` when the
+        connection is counted, else (not counting it) the name of the limit it is over:
+        ``"per-peer"``, ``"max_connections"`` or ``"descriptors"``.
+        """
+
+    def closed(peer):
+        """A connection counted by ``opened`` has ended."""
+
+
 class ILoginThrottle(Interface):
     """Failed-login accounting: the delay before a failure's reply, lockout and LOGIN-DELAY.
 
-    ``peer`` is the client's accounting key (``popserv.throttle.accounting_key``: an
+    ``peer`` is the client's accounting key (``popserv.limits.accounting_key``: an
     IPv6 client counts by its /64), ``user`` the name the client gave (``str``), or None
     when it is not known yet or not decodable.  Every ``begin`` is ended by exactly one
     of ``succeeded``, ``failed`` or ``abandoned``.  Each method may return its result

@@ -31,9 +31,10 @@ from popserv import __version__
 from popserv.config import Config
 from popserv.flow import ConnectionFlow
 from popserv.interfaces import CommitFailed, IMaildrop, MaildropLocked, UserDBUnavailable
+from popserv.limits import ConnectionLimiter, accounting_key, transport_descriptor
 from popserv.logsafe import untrusted
 from popserv.scheduler import QueueFull, VerificationScheduler
-from popserv.throttle import MemoryLoginThrottle, ThrottleSettings, accounting_key
+from popserv.throttle import MemoryLoginThrottle, ThrottleSettings
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
@@ -46,6 +47,10 @@ MAX_SASL_LINE = 16 * 1024 + 2
 #: How much pipelined input is buffered while a command is in progress before
 #: the server stops reading from the socket.
 PIPELINE_BUFFER = 64 * 1024
+#: Share of the descriptor limit POP3 leaves free (SMTP leaves more, so an SMTP flood
+#: cannot take the descriptors POP3 needs).  Each session may hold its lock file and
+#: one message open besides its socket.
+DESCRIPTOR_RESERVE = 0.1
 #: How many octets of a message are read from storage at a time.
 CHUNK_SIZE = 64 * 1024
 
@@ -455,8 +460,13 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
         # Implicit TLS (POP3S, port 995): the transport is already encrypted.
         self.secure = ISSLTransport.providedBy(self.transport)
         self.flow = ConnectionFlow(self.transport, self.factory.clock, self._output_drained)
-        if not self.factory.connection_opened(self.peer):
-            self.log.info("pop3.refused: peer={peer} reason=too-many-connections", peer=self.peer)
+        over = self.factory.limiter.opened(self.peer, transport_descriptor(self.transport))
+        if over is not None:
+            self.log.info(
+                "pop3.refused: peer={peer} reason=too-many-connections limit={limit}",
+                peer=self.peer,
+                limit=over,
+            )
             self.state = UPDATE
             self.close(Reply.TOO_MANY_CONNECTIONS)
             return
@@ -491,7 +501,7 @@ class POP3Server(LineOnlyReceiver, TimeoutMixin):
             self.flow.lost()
         if self._counted:
             self._counted = False
-            self.factory.connection_closed(self.peer)
+            self.factory.limiter.closed(self.peer)
         if reason is not None and self.secure and _is_tls_error(reason):
             self.log.info(
                 "pop3.tls_failed: peer={peer} error={error}",
@@ -1399,6 +1409,7 @@ class POP3Factory(ServerFactory):
         throttle=None,
         verifications: VerificationScheduler | None = None,
         secret: bytes | None = None,
+        limiter=None,
     ):
         """Wire a POP3 service.
 
@@ -1410,6 +1421,7 @@ class POP3Factory(ServerFactory):
         ``verifications``: the ``VerificationScheduler`` every login waits its turn in
         (default: one of ``[auth] max_verifications`` and ``max_waiting_per_peer``).
         ``secret``: the server secret (``popserv.state``) keying made-up SCRAM salts.
+        ``limiter``: the ``IConnectionLimiter`` (default: one in memory, set from ``config``).
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -1419,12 +1431,13 @@ class POP3Factory(ServerFactory):
         self.throttle = MemoryLoginThrottle(clock) if throttle is None else throttle
         self._own_verifications = verifications is None
         self.verifications = VerificationScheduler() if verifications is None else verifications
+        self._own_limiter = limiter is None
+        self.limiter = ConnectionLimiter(0, 0, reserve=DESCRIPTOR_RESERVE, files_per_connection=2)
+        if limiter is not None:
+            self.limiter = limiter
         self.config = config if config is not None else Config()
         self.tls = tls
         self.secret = secret
-        #: Open connections, in all and per accounting key (only keys with some).
-        self.connections = 0
-        self._per_peer: dict[str, int] = {}
         self.userdb = userdb
         if run_in_thread is None:
             from twisted.internet.threads import deferToThread as run_in_thread
@@ -1435,29 +1448,6 @@ class POP3Factory(ServerFactory):
         enabled = [name.encode("ascii") for name in self.config.auth_mechanisms]
         #: Mechanisms AUTH offers, in the order of the configuration.
         self.mechanisms = {name: mechanisms[name] for name in enabled if name in mechanisms}
-
-    def connection_opened(self, peer: str) -> bool:
-        """Count a new connection; False (not counted) when over a limit.
-
-        Connections count per accounting key, as failed logins do: an IPv4-mapped
-        address as its IPv4 address, IPv6 addresses by /64.
-        """
-        key = accounting_key(peer)
-        if (
-            self.connections >= self.config.pop3_max_connections
-            or self._per_peer.get(key, 0) >= self.config.pop3_max_connections_per_peer
-        ):
-            return False
-        self.connections += 1
-        self._per_peer[key] = self._per_peer.get(key, 0) + 1
-        return True
-
-    def connection_closed(self, peer: str) -> None:
-        key = accounting_key(peer)
-        self.connections -= 1
-        left = self._per_peer.pop(key) - 1
-        if left:
-            self._per_peer[key] = left
 
     @property
     def config(self) -> Config:
@@ -1472,6 +1462,9 @@ class POP3Factory(ServerFactory):
         # The parts made here follow the configuration; ones passed in keep their own.
         if self._own_throttle:
             self.throttle.settings = throttle_settings(config)
+        if self._own_limiter:
+            self.limiter.in_all = config.pop3_max_connections
+            self.limiter.per_peer = config.pop3_max_connections_per_peer
         if self._own_verifications:
             self.verifications.limit = config.auth_max_verifications
             self.verifications.queued_per_peer = config.auth_max_waiting_per_peer

@@ -9,7 +9,6 @@ seconds, and at most ``MAX_USERS_PER_PEER`` user names per address.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -24,25 +23,6 @@ FAILURE_MEMORY = 600
 #: User names counted apart per address; failures for further names share one count,
 #: which no login forgives.
 MAX_USERS_PER_PEER = 16
-#: IPv6 clients are counted by network: one subscriber usually holds a whole /64.
-IPV6_PREFIX = 64
-
-
-def accounting_key(host: str) -> str:
-    """The key a client is counted by: its IPv4 address, or its IPv6 /64.
-
-    An IPv4-mapped IPv6 address (``::ffff:192.0.2.7``) counts as the IPv4 address, and
-    a zone (``%eth0``) is dropped.  Anything that is not an IP address is its own key.
-    """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return str(ip)
 
 
 @dataclass(frozen=True)

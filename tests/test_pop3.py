@@ -712,7 +712,19 @@ class LimitTests(POP3TestCase):
         sessions[0][0].connectionLost(None)
         proto, transport = self.connect()
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.factory.connections, 4)
+        self.assertEqual(self.factory.limiter.open, 4)
+
+    def test_descriptors_kept_in_reserve(self):
+        """A connection that would leave POP3 short of free descriptors is refused."""
+
+        class Numbered(StringTransport):
+            def fileno(self):
+                return 95
+
+        self.factory.limiter.file_limit = lambda: 100
+        proto, transport = self.connect(Numbered)
+        self.assertEqual(self.lines(transport), [Reply.TOO_MANY_CONNECTIONS])
+        self.assertTrue(transport.disconnecting)
 
     def test_bad_commands_in_a_row_close(self):
         """After too many bad commands in a row, the server says so and hangs up."""
