@@ -38,7 +38,7 @@ from zope.interface import implementer
 from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
 from popserv.logsafe import untrusted
 from popserv.state import scram_salt
-from popserv.usernames import find_collisions
+from popserv.usernames import find_collisions, user_text
 
 # New hashes and the unknown-user dummy use this hasher: argon2-cffi's defaults,
 # RFC 9106's low-memory profile.  Verification reads the parameters from each hash,
@@ -670,7 +670,7 @@ class UserDBChecker:
 
     def requestAvatarId(self, credentials) -> defer.Deferred[str]:
         """Fire the user name, or fail with ``UnauthorizedLogin`` alike for bad user or password."""
-        user = _user_name(credentials.username)
+        user = user_text(credentials.username)
         if user is None:
             return defer.fail(UnauthorizedLogin())
         password = credentials.password
@@ -683,16 +683,6 @@ class UserDBChecker:
             return user
 
         return self.userdb.check(user, password).addCallback(verdict)
-
-
-def _user_name(user: str | bytes) -> str | None:
-    """The user name as ``str``; None for bytes that are not UTF-8."""
-    if isinstance(user, bytes):
-        try:
-            return user.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return user
 
 
 def _hex_digest(digest: str | bytes) -> bytes:
@@ -724,7 +714,7 @@ class SecretChecker:
 
     def requestAvatarId(self, credentials) -> defer.Deferred[str]:
         """Fire the user name, or fail with ``UnauthorizedLogin`` (``UserDBUnavailable``)."""
-        user = _user_name(credentials.username)
+        user = user_text(credentials.username)
         if user is None:
             return defer.fail(UnauthorizedLogin())
         try:

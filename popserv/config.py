@@ -25,6 +25,7 @@ class Config:
     mailroot: str = "popserv-data/mail"
     users: str = "popserv-data/users"
     user: str = ""  # empty: keep the user the server starts as
+    log_level: str = "info"
     state_dir: str = "popserv-data/state"
 
     pop3_listen: tuple[str, ...] = ("tcp:110",)
@@ -143,6 +144,13 @@ def parse_domains(text: str) -> tuple[str, ...]:
     return names
 
 
+def _log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("info", "debug"):
+        raise ValueError("must be info or debug")
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -160,6 +168,7 @@ _KEYS = {
     ("server", "mailroot"): ("mailroot", _text),
     ("server", "users"): ("users", _text),
     ("server", "user"): ("user", _optional_text),
+    ("server", "log_level"): ("log_level", _log_level),
     ("server", "state_dir"): ("state_dir", _text),
     ("pop3", "listen"): ("pop3_listen", _listeners),
     ("pop3", "timeout"): ("pop3_timeout", _positive_float),

@@ -85,3 +85,13 @@ def find_collisions(users: Iterable[str]) -> list[Collision]:
             for outer in by_key.get(key[:length], ()):
                 found.extend(Collision(user, outer, True) for user in names)
     return found
+
+
+def user_text(name: str | bytes | None) -> str | None:
+    """A user name as a client sent it, as ``str``; None when it is not UTF-8 (or missing)."""
+    if isinstance(name, bytes):
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return name

@@ -16,6 +16,7 @@ hostname = mail.example.org
 mailroot = /var/mail/popserv
 users = /etc/popserv/users
 user = popserv
+log_level = debug
 state_dir = /var/lib/popserv/state
 
 [pop3]
@@ -81,6 +82,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 mailroot="/var/mail/popserv",
                 users="/etc/popserv/users",
                 user="popserv",
+                log_level="debug",
                 state_dir="/var/lib/popserv/state",
                 pop3_listen=("tcp:110", "tcp:1110:interface=127.0.0.1"),
                 pop3_timeout=900.0,

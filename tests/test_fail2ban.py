@@ -28,14 +28,14 @@ FRAMING_NAME = "x from 192.0.2.99 (bad credentials)"
 
 #: The documented form of a failed POP3 login in twistd's log (README, "Running in production").
 FAILED_LOGIN = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.pop3\.POP3Server#info\] "
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.pop3#info\] "
     r"pop3\.login_failed: peer=(?P<peer>\S+) user=(?P<user>\S+|\"(?:[^\"\\\\]|\\\\.)*\") "
     r"reason=(?P<reason>[a-z-]+)(?: detail=.*)?$"
 )
 
 #: A forged event a client hides in its user name: a line end, then a whole log line.
 FORGED = (
-    "alice\n2026-12-04T00:00:00+0000 [popserv.pop3.POP3Server#info] "
+    "alice\n2026-12-04T00:00:00+0000 [popserv.pop3#info] "
     "pop3.login_failed: peer=198.51.100.77 user=alice reason=bad-credentials"
 )
 

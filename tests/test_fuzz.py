@@ -222,9 +222,9 @@ class TaggingTransport(StringTransport):
 class RecordingPOP3Server(POP3Server):
     """The real session; each command line it handles is noted on the transport first."""
 
-    def lineReceived(self, line: bytes) -> None:
+    def line_received(self, line: bytes):
         self.transport.current = line
-        super().lineReceived(line)
+        return super().line_received(line)
 
 
 #: Commands whose +OK reply is multi-line (RFC 1939, RFC 2449, RFC 5034, RFC 6856).

@@ -16,7 +16,7 @@ class QuotedTests(SynchronousTestCase):
     def test_line_ends_and_escapes_cannot_leave_the_token(self):
         """CR, LF, ESC, DEL, quotes and spaces are escaped inside one quoted token."""
         for text in (
-            "alice\n2026-12-04T00:00:00+0000 [popserv.pop3.POP3Server#info] x",
+            "alice\n2026-12-04T00:00:00+0000 [popserv.pop3#info] x",
             "a\rb",
             "\x1b[31mred",
             "x\x7fy",
@@ -47,7 +47,7 @@ class UntrustedTests(SynchronousTestCase):
         """An event keeps the client's value in its field and shows it quoted in its text."""
         from twisted.logger import formatEvent
 
-        name = "alice\n2026 [popserv.pop3.POP3Server#info] pop3.login_failed: 192.0.2.1"
+        name = "alice\n2026 [popserv.pop3#info] pop3.login_failed: 192.0.2.1"
         event = {"log_format": "x: peer={peer} user={user}", "peer": "127.0.0.1"}
         event["user"] = untrusted(name)
         self.assertEqual(event["user"], name)

@@ -15,10 +15,12 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+import popserv
 from popserv import pop3, throttle
 from popserv.config import Config
 from popserv.interfaces import CommitFailed, UserDBUnavailable
 from popserv.pop3 import POP3Factory, Reply, TopLimiter, WireEncoder
+from popserv.pop3 import wire as wire_form
 from popserv.realm import MaildropRealm
 from popserv.testing import FakeMaildropStore
 
@@ -156,7 +158,7 @@ class CapaTests(POP3TestCase):
                 b"EXPIRE NEVER",
                 b"UTF8 USER",
                 b"LANG",
-                b"IMPLEMENTATION popserv-" + pop3.__version__.encode(),
+                b"IMPLEMENTATION popserv-" + popserv.__version__.encode(),
                 b".",
             ],
         )
@@ -572,7 +574,8 @@ class APOPTests(POP3TestCase):
         for _ in range(2):
             proto, transport = self.connect()
             stamp = re.search(rb"<([^>@]+)@", self.received(transport)).group(1)
-            self.assertNotIn(str(os.getpid()).encode(), stamp)
+            # Not RFC 1939's example form <process-id.clock@host>: 32 random hex digits.
+            self.assertFalse(stamp.startswith(b"%d." % os.getpid()), stamp)
             self.assertRegex(stamp, rb"^[0-9a-f]{32}$")
             stamps.add(stamp)
         self.assertEqual(len(stamps), 2)
@@ -874,7 +877,8 @@ class AuthorizationTests(POP3TestCase):
 
     def test_login_delay_enforced(self):
         """With LOGIN-DELAY, a second login within the delay is refused with its code."""
-        self.factory.config = self.config.replace(pop3_login_delay=60)
+        # The second session waits 61 s before logging in: longer than a login may take.
+        self.factory.config = self.config.replace(pop3_login_delay=60, pop3_login_timeout=100)
         self.login()
         self.send(b"QUIT\r\n")
         proto2, transport2 = self.connect()
@@ -1144,7 +1148,7 @@ class PipeliningTests(POP3TestCase):
     def test_commands_wait_for_a_streaming_retr(self):
         """Commands sent during a RETR are answered after its terminator."""
         big = b"Subject: big\n\n" + b"x" * 70 + b"\n" + b".line\n" * 5000
-        self.patch(pop3, "CHUNK_SIZE", 4096)
+        self.patch(wire_form, "CHUNK_SIZE", 4096)
         self.store.mailboxes["bob"] = [big]
         proto, transport = self.connect(PausingTransport)
         self.login(b"bob", b"hunter2", proto=proto, transport=transport)
@@ -1216,7 +1220,7 @@ class StreamingTests(POP3TestCase):
             return source
 
         proto.maildrop.open = spy_open
-        self.patch(pop3, "CHUNK_SIZE", 4096)
+        self.patch(wire_form, "CHUNK_SIZE", 4096)
         proto.dataReceived(b"RETR 1\r\n")
         # One chunk fills the buffer: the next waits until the client reads.
         self.assertEqual(reads, [4096])
@@ -1285,6 +1289,36 @@ class LoggingTests(POP3TestCase):
             (logout["user"], logout["peer"], logout["retrieved"], logout["deleted"]),
             ("alice", "192.0.2.7", 1, 1),
         )
+
+    def test_one_event_per_command_at_debug(self):
+        """With log_level = debug, each command is one event: name, masked arguments,
+        OK/ERR and octets; the password never appears."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.factory.config = self.config.replace(log_level="debug")
+        self.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nRETR 9\r\nRETR 1\r\n")
+        commands = [e for e in events if e["log_format"].startswith("pop3.command")]
+        self.assertEqual(
+            [(e["command"], e["args"], e["result"]) for e in commands],
+            [
+                ("USER", "alice", "OK"),
+                ("PASS", "***", "OK"),
+                ("STAT", "", "OK"),
+                ("RETR", "9", "ERR"),
+                ("RETR", "1", "OK"),
+            ],
+        )
+        self.assertEqual(commands[0]["octets_in"], len(b"USER alice\r\n"))
+        retr = b"+OK %d octets\r\n" % len(wire(MSG1)) + wire(MSG1).replace(b"\n.", b"\n..")
+        self.assertEqual(commands[-1]["octets_out"], len(retr + b".\r\n"))
+        self.assertNotIn("secret", repr(commands))
+        self.assertTrue(all(e["log_level"].name == "debug" for e in commands))
+
+    def test_no_command_events_by_default(self):
+        """At the default log level, commands log nothing: the log stays quiet."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.login()
+        self.send(b"STAT\r\nNOOP\r\n")
+        self.assertEqual([e for e in events if e["log_format"].startswith("pop3.command")], [])
 
     def test_failed_login_logged_without_password(self):
         """A failed login logs the peer, the user and the reason, never the password."""

@@ -1,0 +1,32 @@
+"""The POP3 protocol (RFC 1939, RFC 2449): a connection, its two phases, and the factory.
+
+It talks to storage only through ``IMaildrop`` avatars handed out by a ``twisted.cred``
+portal, and knows nothing of files or directories.  ``POP3Factory(portal)`` is the
+entry point for other Twisted applications.
+
+* ``server``: one connection: lines, dispatch, replies, languages, timers, STLS.
+* ``authorization``: logging in (USER/PASS, APOP, AUTH and SASL).
+* ``transaction``: the logged-in session, sole owner of the DELE marks, and QUIT's commit.
+* ``wire``: a stored message in wire form, streamed.
+* ``replies``: every reply text, and its translations.
+"""
+
+from popserv.pop3.factory import POP3Factory, throttle_settings
+from popserv.pop3.replies import LANGUAGES, SPANISH, Reply
+from popserv.pop3.server import AUTHORIZATION, TRANSACTION, UPDATE, POP3Server
+from popserv.pop3.wire import CHUNK_SIZE, TopLimiter, WireEncoder
+
+__all__ = [
+    "AUTHORIZATION",
+    "CHUNK_SIZE",
+    "LANGUAGES",
+    "SPANISH",
+    "TRANSACTION",
+    "UPDATE",
+    "POP3Factory",
+    "POP3Server",
+    "Reply",
+    "TopLimiter",
+    "WireEncoder",
+    "throttle_settings",
+]

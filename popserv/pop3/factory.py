@@ -1,0 +1,130 @@
+"""The POP3 service's factory: one ``POP3Server`` per connection, and what they share.
+
+The portal, the TLS context, the SASL mechanisms, the login throttle, the verification
+queue and the connection limiter are made once here (or passed in, to share them with
+other services or processes) and used by every session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import ServerFactory
+
+from popserv.config import Config
+from popserv.limits import ConnectionLimiter
+from popserv.pop3.server import POP3Server
+from popserv.scheduler import VerificationScheduler
+from popserv.throttle import MemoryLoginThrottle, ThrottleSettings
+
+#: Share of the descriptor limit POP3 leaves free (SMTP leaves more, so an SMTP flood
+#: cannot take the descriptors POP3 needs).  Each session may hold its lock file and
+#: one message open besides its socket.
+DESCRIPTOR_RESERVE = 0.1
+
+
+class POP3Factory(ServerFactory):
+    """Makes POP3 sessions that log in through ``portal`` to ``IMaildrop`` avatars."""
+
+    protocol = POP3Server
+    #: Whether each command is logged (``[server] log_level = debug``).
+    log_commands = False
+
+    def __init__(
+        self,
+        portal,
+        config: Config | None = None,
+        clock=None,
+        tls=None,
+        userdb=None,
+        mechanisms=None,
+        run_in_thread=None,
+        throttle=None,
+        verifications: VerificationScheduler | None = None,
+        secret: bytes | None = None,
+        limiter=None,
+    ):
+        """Wire a POP3 service.
+
+        ``tls``: the server TLS connection creator for STLS, or None to not offer it.
+        ``userdb``: the ``IUserDB`` that SASL mechanisms needing stored keys consult.
+        ``mechanisms``: name -> mechanism class (default: ``popserv.sasl.MECHANISMS``).
+        ``run_in_thread``: how costly SASL steps leave the reactor thread (``deferToThread``).
+        ``throttle``: the ``ILoginThrottle`` (default: one in memory, set from ``config``).
+        ``verifications``: the ``VerificationScheduler`` every login waits its turn in
+        (default: one of ``[auth] max_verifications`` and ``max_waiting_per_peer``).
+        ``secret``: the server secret (``popserv.state``) keying made-up SCRAM salts.
+        ``limiter``: the ``IConnectionLimiter`` (default: one in memory, set from ``config``).
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.portal = portal
+        self.clock = clock
+        self._own_throttle = throttle is None
+        self.throttle = MemoryLoginThrottle(clock) if throttle is None else throttle
+        self._own_verifications = verifications is None
+        self.verifications = VerificationScheduler() if verifications is None else verifications
+        self._own_limiter = limiter is None
+        self.limiter = ConnectionLimiter(0, 0, reserve=DESCRIPTOR_RESERVE, files_per_connection=2)
+        if limiter is not None:
+            self.limiter = limiter
+        self.config = config if config is not None else Config()
+        self.tls = tls
+        self.secret = secret
+        self.userdb = userdb
+        if run_in_thread is None:
+            from twisted.internet.threads import deferToThread as run_in_thread
+        #: Runs a blocking callable off the reactor thread, returning a Deferred.
+        self.run_in_thread = run_in_thread
+        if mechanisms is None:
+            from popserv.sasl import MECHANISMS as mechanisms
+        enabled = [name.encode("ascii") for name in self.config.auth_mechanisms]
+        #: Mechanisms AUTH offers, in the order of the configuration.
+        self.mechanisms = {name: mechanisms[name] for name in enabled if name in mechanisms}
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._trusted = [
+            ipaddress.ip_network(n, strict=False) for n in config.auth_trusted_networks
+        ]
+        # The parts made here follow the configuration; ones passed in keep their own.
+        if self._own_throttle:
+            self.throttle.settings = throttle_settings(config)
+        if self._own_limiter:
+            self.limiter.in_all = config.pop3_max_connections
+            self.limiter.per_peer = config.pop3_max_connections_per_peer
+        self.log_commands = config.log_level == "debug"
+        if self._own_verifications:
+            self.verifications.limit = config.auth_max_verifications
+            self.verifications.queued_per_peer = config.auth_max_waiting_per_peer
+
+    def is_trusted(self, address) -> bool:
+        """Whether a peer may log in with a plaintext password without TLS.
+
+        Local (UNIX socket) peers are; IP peers when in ``auth_trusted_networks``.
+        """
+        if not isinstance(address, (IPv4Address, IPv6Address)):
+            return address is not None and getattr(address, "type", None) != "TCP"
+        try:
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if getattr(ip, "ipv4_mapped", None) is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._trusted)
+
+
+def throttle_settings(config: Config) -> ThrottleSettings:
+    """The throttle's part of the configuration."""
+    return ThrottleSettings(
+        failure_delay=config.pop3_failure_delay,
+        failure_delay_max=config.pop3_failure_delay_max,
+        max_failures=config.pop3_max_failures,
+        login_delay=config.pop3_login_delay,
+    )
