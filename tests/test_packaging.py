@@ -67,6 +67,14 @@ class WheelTests(TestCase):
 
         self.assertIn("twisted/plugins/popserv_plugin.py", names)
         self.assertIn("popserv/tap.py", names)
+        # Every module of the package, subpackages included (setup.cfg lists them by hand).
+        modules = [
+            os.path.relpath(os.path.join(folder, name), REPO)
+            for folder, _, files in os.walk(os.path.join(REPO, "popserv"))
+            for name in files
+            if name.endswith(".py")
+        ]
+        self.assertEqual(sorted(set(modules) - set(names)), [])
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertEqual(
