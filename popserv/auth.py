@@ -659,20 +659,27 @@ class PasswdFile:
         return found
 
 
-@implementer(ICredentialsChecker)
-class UserDBChecker:
-    """Checks ``IUsernamePassword`` against an ``IUserDB``; the avatar id is the user name."""
-
-    credentialInterfaces = (IUsernamePassword,)
+class _UserDBChecker:
+    """A checker over an ``IUserDB``; the avatar id is the user name, as text."""
 
     def __init__(self, userdb: IUserDB):
         self.userdb = userdb
 
     def requestAvatarId(self, credentials) -> defer.Deferred[str]:
-        """Fire the user name, or fail with ``UnauthorizedLogin`` alike for bad user or password."""
+        """Fire the user name, or fail with ``UnauthorizedLogin`` (``UserDBUnavailable``)."""
         user = user_text(credentials.username)
         if user is None:
             return defer.fail(UnauthorizedLogin())
+        return self._check(user, credentials)
+
+
+@implementer(ICredentialsChecker)
+class UserDBChecker(_UserDBChecker):
+    """Checks ``IUsernamePassword``: the same refusal for a bad user and a bad password."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def _check(self, user: str, credentials) -> defer.Deferred[str]:
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
@@ -699,7 +706,7 @@ _DUMMY_CONTEXT = cram_md5_context(_DUMMY_SECRET)
 
 
 @implementer(ICredentialsChecker)
-class SecretChecker:
+class SecretChecker(_UserDBChecker):
     """Checks APOP and CRAM-MD5 answers against a user's clear password or CRAM-MD5 context.
 
     Users whose stored scheme cannot verify them (hashed passwords) fail with
@@ -709,14 +716,7 @@ class SecretChecker:
 
     credentialInterfaces = (IUsernameHashedPassword,)
 
-    def __init__(self, userdb: IUserDB):
-        self.userdb = userdb
-
-    def requestAvatarId(self, credentials) -> defer.Deferred[str]:
-        """Fire the user name, or fail with ``UnauthorizedLogin`` (``UserDBUnavailable``)."""
-        user = user_text(credentials.username)
-        if user is None:
-            return defer.fail(UnauthorizedLogin())
+    def _check(self, user: str, credentials) -> defer.Deferred[str]:
         try:
             ok = self._verify(user, credentials)
         except UserDBUnavailable:

@@ -64,6 +64,8 @@ class _Mechanism:
     plaintext: ClassVar[bool] = False
     #: Whether a step may take long (key derivation): the protocol runs it in a thread.
     costly: ClassVar[bool] = False
+    #: What the server asks with when AUTH came without an initial response.
+    first_challenge: ClassVar[bytes] = b""
 
     def __init__(
         self,
@@ -88,6 +90,13 @@ class _Mechanism:
         if self._done:
             raise SASLError("the exchange is already complete")
 
+    def start(self, initial: bytes | None) -> Challenge | Success:
+        """Take the initial response as the first client message, or ask for it."""
+        self._check_open()
+        if initial is None:
+            return Challenge(self.first_challenge)
+        return self.respond(initial)
+
     def _success(self, credentials) -> Success:
         self._done = True
         return Success(credentials)
@@ -109,13 +118,6 @@ class Plain(_Mechanism):
 
     name = b"PLAIN"
     plaintext = True
-
-    def start(self, initial: bytes | None) -> Challenge | Success:
-        """Log in with the initial response, or ask for the message with an empty challenge."""
-        self._check_open()
-        if initial is None:
-            return Challenge(b"")
-        return self.respond(initial)
 
     def respond(self, data: bytes) -> Challenge | Success:
         """Parse the message into ``UsernamePassword``."""
@@ -141,17 +143,11 @@ class Login(_Mechanism):
 
     name = b"LOGIN"
     plaintext = True
+    first_challenge = b"Username:"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._user: bytes | None = None
-
-    def start(self, initial: bytes | None) -> Challenge | Success:
-        """Ask for the user name, or for the password when the user name came with AUTH."""
-        self._check_open()
-        if initial is None:
-            return Challenge(b"Username:")
-        return self.respond(initial)
 
     def respond(self, data: bytes) -> Challenge | Success:
         """Take the user name, then the password."""
@@ -229,13 +225,6 @@ class _Scram(_Mechanism):
         self._user = ""
         self._unavailable: UserDBUnavailable | None = None
         self._final_sent = False
-
-    def start(self, initial: bytes | None) -> Challenge | Success:
-        """Take the client-first message, or ask for it with an empty challenge."""
-        self._check_open()
-        if initial is None:
-            return Challenge(b"")
-        return self.respond(initial)
 
     def respond(self, data: bytes) -> Challenge | Success:
         """Advance the exchange by one client message."""

@@ -269,21 +269,12 @@ class Authorization:
 
     def _sasl_attempt_started(self, step) -> defer.Deferred:
         """The verification slot is ours: count the attempt, then derive the keys."""
-        d = defer.maybeDeferred(self.factory.throttle.begin, self.session.peer_key, None)
 
-        def started(allowed: bool):
-            if not self.session.connected:
-                self._end_attempt(self.factory.throttle.abandoned, None)
-                return None
-            if not allowed:
-                self._sasl = None
-                return self._refuse_attempt(None)
+        def derive():
             self._sasl_attempt = True
             return self._sasl_in_thread(step)
 
-        d.addCallback(started)
-        d.addErrback(self._attempt_error, None)
-        return d
+        return self._begin_attempt(None, derive)
 
     def _sasl_result(self, result):
         from popserv.sasl import Challenge
@@ -370,6 +361,10 @@ class Authorization:
 
     def _attempt(self, credentials, user: str | None) -> defer.Deferred:
         """One login attempt, counted by the throttle whether or not the client stays."""
+        return self._begin_attempt(user, lambda: self._verify(credentials, user))
+
+    def _begin_attempt(self, user: str | None, proceed) -> defer.Deferred:
+        """Count an attempt with the throttle, then ``proceed`` unless it is refused."""
         d = defer.maybeDeferred(self.factory.throttle.begin, self.session.peer_key, user)
 
         def started(allowed: bool):
@@ -378,8 +373,9 @@ class Authorization:
                 self._end_attempt(self.factory.throttle.abandoned, user)
                 return None
             if not allowed:
+                self._sasl = None
                 return self._refuse_attempt(user)
-            return self._verify(credentials, user)
+            return proceed()
 
         d.addCallback(started)
         d.addErrback(self._attempt_error, user)
