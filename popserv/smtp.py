@@ -41,69 +41,51 @@ from zope.interface import implementer
 
 from popserv.config import Config
 from popserv.flow import ConnectionFlow
-from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IUserDB, UserDBUnavailable
+from popserv.interfaces import IDeliverer, IDelivery, IUserDB, UserDBUnavailable
 from popserv.logsafe import untrusted
+from popserv.smtpreplies import (
+    BAD_COMMAND_CHARS,
+    BAD_PARAMETER,
+    BAD_RECIPIENT,
+    BAD_SENDER,
+    BARE_LINE_END,
+    BYE,
+    EMPTY_COMMAND,
+    HELO_NEEDS_DOMAIN,
+    HELP,
+    LINE_TOO_LONG,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NOOP_OK,
+    NOT_IMPLEMENTED,
+    NUL_IN_DATA,
+    RECIPIENT_OK,
+    RELAY_DENIED,
+    RESET_OK,
+    SENDER_OK,
+    SERVER_BUSY,
+    START_DATA,
+    SYNTAX_ERROR,
+    TIMEOUT,
+    TOO_BIG,
+    TOO_MANY_BAD_COMMANDS,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_RECIPIENTS,
+    TOO_MANY_REJECTED,
+    UNKNOWN_COMMAND,
+    UNKNOWN_USER,
+    USERDB_DOWN,
+    error_args,
+    reply_for,
+    with_enhanced_code,
+)
 
 log = Logger()
 
 COMMAND, DATA = smtp.COMMAND, smtp.DATA
 
-# Replies, in one place so tests compare with names.
-SENDER_OK = (250, b"2.1.0 Sender OK")
-RECIPIENT_OK = (250, b"2.1.5 Recipient OK")
-RESET_OK = (250, b"2.0.0 Ok")
-NOOP_OK = (250, b"2.0.0 Ok")
-BYE = (221, b"2.0.0 Bye")
-HELP = (214, b"2.0.0 See RFC 5321")
-START_DATA = (354, b"End data with <CR><LF>.<CR><LF>")
-UNKNOWN_USER = (550, b"5.1.1 No such user here")
-RELAY_DENIED = (550, b"5.7.1 Relaying denied")
-BAD_RECIPIENT = (553, b"5.1.3 Bad recipient address syntax")
-BAD_SENDER = (553, b"5.1.7 Bad sender address syntax")
-TOO_MANY_RECIPIENTS = (452, b"4.5.3 Too many recipients")
-TOO_BIG = (552, b"5.3.4 Message size exceeds fixed limit")
-DISK_FULL = (452, b"4.3.1 Insufficient system storage")
-LOCAL_ERROR = (451, b"4.3.0 Local error in processing")
-USERDB_DOWN = (451, b"4.3.0 User database unavailable, try again later")
-BARE_LINE_END = (550, b"5.6.0 Bare CR or LF in message; lines must end with CRLF")
-NUL_IN_DATA = (550, b"5.6.0 NUL character in message")
-LINE_TOO_LONG = (500, b"5.5.2 Line too long")
-BAD_COMMAND_CHARS = (500, b"5.5.2 Bare CR, LF or NUL in command")
-UNKNOWN_COMMAND = (500, b"5.5.1 Command unrecognized")
-EMPTY_COMMAND = (500, b"5.5.2 Empty command")
-SYNTAX_ERROR = (501, b"5.5.4 Syntax error in parameters or arguments")
-HELO_NEEDS_DOMAIN = (501, b"5.5.4 HELO and EHLO need a domain or address literal")
-BAD_PARAMETER = (555, b"5.5.4 Unsupported MAIL or RCPT parameter")
-NOT_IMPLEMENTED = (502, b"5.5.1 Command not implemented")
-NEED_HELO = (503, b"5.5.1 Send EHLO or HELO first")
-NESTED_MAIL = (503, b"5.5.1 Sender already given")
-NEED_MAIL = (503, b"5.5.1 Need MAIL before RCPT")
-NEED_RCPT = (503, b"5.5.1 Need RCPT before DATA")
-TIMEOUT = (421, b"4.4.2 %s Idle for too long, closing connection")
-TOO_MANY_CONNECTIONS = (421, b"4.7.0 %s Too many connections from your address")
-SERVER_BUSY = (421, b"4.7.0 %s Too many connections, try again later")
-TOO_MANY_BAD_COMMANDS = (421, b"4.7.0 %s Too many bad commands, closing connection")
-TOO_MANY_REJECTED = (421, b"4.7.0 %s Too many rejected recipients, closing connection")
-
-# The RFC 3463 code put on a reply that Twisted's own code sends without one.
-_DEFAULT_ENHANCED = {
-    2: b"2.0.0",
-    4: b"4.0.0",
-    5: b"5.0.0",
-    421: b"4.3.2",
-    451: b"4.3.0",
-    452: b"4.3.1",
-    454: b"4.7.0",
-    500: b"5.5.2",
-    501: b"5.5.4",
-    502: b"5.5.1",
-    503: b"5.5.1",
-    504: b"5.5.4",
-    535: b"5.7.8",
-    552: b"5.3.4",
-    553: b"5.1.3",
-}
-_ENHANCED_RE = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |$)")
 # A first DATA line that starts a header field (RFC 5322 section 2.2: name ":").
 _HEADER_RE = re.compile(rb"[!-9;-~]+:")
 _UNSAFE_IN_HEADER = re.compile(rb"[^!-'*-[\]-~]")  # printable, minus "(", ")", "\"
@@ -282,13 +264,13 @@ class LocalDelivery:
         except UnicodeDecodeError:
             domain = None
         if domain is None:
-            raise smtp.SMTPBadRcpt(address, *_text(BAD_RECIPIENT))
+            raise smtp.SMTPBadRcpt(address, *error_args(BAD_RECIPIENT))
         if local.lower() == "postmaster" and (domain in self.domains or domain == "localhost"):
             # RFC 5321 section 4.5.1: postmaster is always accepted (a bare <postmaster>
             # arrives with Twisted's default domain, localhost).
             return self.postmaster
         if domain not in self.domains:
-            raise smtp.SMTPBadRcpt(address, *_text(RELAY_DENIED))
+            raise smtp.SMTPBadRcpt(address, *error_args(RELAY_DENIED))
         candidates = dict.fromkeys(
             [f"{local}@{domain}", local, f"{local.lower()}@{domain}", local.lower()]
         )
@@ -297,8 +279,8 @@ class LocalDelivery:
                 if local and self.userdb.exists(candidate):
                     return candidate
         except UserDBUnavailable:
-            raise smtp.SMTPServerError(*_text(USERDB_DOWN)) from None
-        raise smtp.SMTPBadRcpt(address, *_text(UNKNOWN_USER))
+            raise smtp.SMTPServerError(*error_args(USERDB_DOWN)) from None
+        raise smtp.SMTPBadRcpt(address, *error_args(UNKNOWN_USER))
 
     def _current_message(self) -> LocalMessage:
         if self._message is None:
@@ -332,11 +314,6 @@ class LocalDelivery:
             lines[-1] += b";"
             lines.append(b"\t" + date)
         return b"\n".join(lines)
-
-
-def _text(reply: tuple[int, bytes]) -> tuple[int, str]:
-    """A reply as (code, str) for Twisted's SMTPServerError family."""
-    return reply[0], reply[1].decode("ascii")
 
 
 class ESMTPReceiver(smtp.ESMTP):
@@ -509,7 +486,7 @@ class ESMTPReceiver(smtp.ESMTP):
             for message in transaction.messages:
                 message.write(data)
         except Exception:
-            self._fail_data(self._reply_for(defer.Failure(), "cannot store the message"))
+            self._fail_data(reply_for(defer.Failure(), "cannot store the message"))
 
     def _data_lines(self, block: bytes) -> None:
         """CRLF-ended DATA lines (none of them the final "."), one at a time."""
@@ -555,10 +532,7 @@ class ESMTPReceiver(smtp.ESMTP):
     # Output: every reply is counted, and carries an enhanced status code
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
-        if code not in (220, 334, 354) and not _ENHANCED_RE.match(message):
-            default = _DEFAULT_ENHANCED.get(code, _DEFAULT_ENHANCED[code // 100])
-            message = default + (b" " + message if message else b"")
-        self._send(code, message)
+        self._send(code, with_enhanced_code(code, message))
 
     def _send(self, code: int, message: bytes) -> None:
         """Send a reply as it is, and let input that waited for it be processed."""
@@ -675,7 +649,7 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def _sender_refused(self, failure, sender) -> None:
         self.transaction = None
-        reply = self._reply_for(failure, "sender validation failed")
+        reply = reply_for(failure, "sender validation failed")
         self._reject("MAIL", reply, sender=bytes(sender))
         self.sendCode(*reply)
 
@@ -715,7 +689,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self.sendCode(*RECIPIENT_OK)
 
     def _recipient_refused(self, failure, user: smtp.User) -> None:
-        reply = self._reply_for(failure, "recipient validation failed")
+        reply = reply_for(failure, "recipient validation failed")
         self._reject("RCPT", reply, recipient=bytes(user.dest))
         self._recipient_rejected(reply)
 
@@ -739,7 +713,7 @@ class ESMTPReceiver(smtp.ESMTP):
                 if header:
                     message.lineReceived(header)
         except Exception:
-            reply = self._reply_for(defer.Failure(), "cannot start a delivery")
+            reply = reply_for(defer.Failure(), "cannot start a delivery")
             self._abort_messages()
             self.transaction = None
             self._reject("DATA", reply)
@@ -778,7 +752,7 @@ class ESMTPReceiver(smtp.ESMTP):
             for message in transaction.messages:
                 message.lineReceived(line)
         except Exception:
-            self._fail_data(self._reply_for(defer.Failure(), "cannot store the message"))
+            self._fail_data(reply_for(defer.Failure(), "cannot store the message"))
 
     state_DATA = dataLineReceived
 
@@ -802,7 +776,7 @@ class ESMTPReceiver(smtp.ESMTP):
     def _message_handled(self, results, transaction: Transaction) -> None:
         failures = [result for ok, result in results if not ok]
         if failures:
-            reply = self._reply_for(failures[0], "delivery failed")
+            reply = reply_for(failures[0], "delivery failed")
             self._reject("DATA", reply, transaction=transaction)
             self.sendCode(*reply)
             return
@@ -897,18 +871,6 @@ class ESMTPReceiver(smtp.ESMTP):
                 message.connectionLost()
             except Exception:
                 log.failure("aborting a message failed")
-
-    def _reply_for(self, failure, what: str) -> tuple[int, bytes]:
-        """The reply for a failed validation or delivery; unexpected errors are logged."""
-        if failure.check(DeliveryFailed):
-            return DISK_FULL if failure.value.disk_full else LOCAL_ERROR
-        if failure.check(smtp.SMTPServerError):
-            resp = failure.value.resp
-            if isinstance(resp, str):
-                resp = resp.encode("ascii", "replace")
-            return failure.value.code, resp
-        log.failure(what, failure)
-        return LOCAL_ERROR
 
     def _reject(self, stage: str, reply, *, host=False, transaction=None, **fields) -> None:
         """Log one event per refusal: the address, the stage and the reply first.

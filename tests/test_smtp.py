@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from popserv import smtp
+from popserv import smtp, smtpreplies
 from popserv.auth import PasswdFile
 from popserv.config import Config
 from popserv.delivery import MaildirDeliverer
@@ -142,7 +142,7 @@ class GreetingAndEhloTests(SMTPTestCase):
     def test_ehlo_needs_domain(self):
         """EHLO without an argument is a syntax error."""
         self.replies()
-        self.assert_replies(b"EHLO\r\n", [b"501 " + smtp.HELO_NEEDS_DOMAIN[1]])
+        self.assert_replies(b"EHLO\r\n", [b"501 " + smtpreplies.HELO_NEEDS_DOMAIN[1]])
 
     def test_mail_needs_ehlo(self):
         """MAIL before HELO or EHLO is refused with 503 5.5.1."""
@@ -446,7 +446,7 @@ class SmugglingTests(SMTPTestCase):
         self.send(b"Subject: real\r\n\r\nreal" + end + self.SMUGGLED + b".\r\n")
 
     def assert_nothing_smuggled(self):
-        self.assertEqual(self.replies(), [b"550 " + smtp.BARE_LINE_END[1]])
+        self.assertEqual(self.replies(), [b"550 " + smtpreplies.BARE_LINE_END[1]])
         self.assertEqual(self.new("alice"), [])
         self.assertEqual(self.new("bob"), [])
         self.assertEqual(self.tmp("alice"), [])
@@ -507,18 +507,18 @@ def expected_outcome(stream: bytes, line_limit: int, max_size: int) -> tuple[byt
     lines, failure, size = [], None, 0
     for line in stream.split(b"\r\n")[:-2]:
         if len(line) > line_limit:
-            failure = failure or b"500 " + smtp.LINE_TOO_LONG[1]
+            failure = failure or b"500 " + smtpreplies.LINE_TOO_LONG[1]
             continue
         if failure:
             continue
         line = line[1:] if line[:1] == b"." else line
         size += len(line) + 2
         if b"\r" in line or b"\n" in line:
-            failure = b"550 " + smtp.BARE_LINE_END[1]
+            failure = b"550 " + smtpreplies.BARE_LINE_END[1]
         elif b"\0" in line:
-            failure = b"550 " + smtp.NUL_IN_DATA[1]
+            failure = b"550 " + smtpreplies.NUL_IN_DATA[1]
         elif size > max_size:
-            failure = b"552 " + smtp.TOO_BIG[1]
+            failure = b"552 " + smtpreplies.TOO_BIG[1]
         lines.append(line)
     if failure:
         return failure, b""
