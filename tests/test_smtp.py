@@ -21,6 +21,7 @@ from popserv import smtp, smtpreplies
 from popserv.auth import PasswdFile
 from popserv.config import Config
 from popserv.delivery import MaildirDeliverer
+from popserv.interfaces import IRecipientPolicy, Session
 from popserv.maildir import MaildirStore
 
 HOST = "mx.example.org"
@@ -182,6 +183,35 @@ class GreetingAndEhloTests(SMTPTestCase):
         self.send(b"EHLO client.example\r\n", proto)
         self.assertNotIn(b"250-STARTTLS", self.replies(transport))
 
+    def test_starttls_refusals(self):
+        """STARTTLS without TLS support gets 454 4.7.0; once TLS is on, 503 5.5.1."""
+        self.ehlo()
+        self.assert_replies(b"STARTTLS\r\n", [b"454 4.7.0 TLS not available"])
+        self.factory.context_factory = object()
+        proto, transport = self.connect(transport_class=FakeTLSTransport)
+        self.send(b"STARTTLS\r\n", proto)
+        self.send(b"STARTTLS\r\n", proto)
+        self.assertEqual(
+            self.replies(transport),
+            [
+                b"220 mx.example.org ESMTP popserv",
+                b"220 Begin TLS negotiation now",
+                b"503 5.5.1 TLS already negotiated",
+            ],
+        )
+
+    def test_starttls_starts_a_new_session(self):
+        """After STARTTLS the session knows only the peer and TLS; Received says ESMTPS."""
+        self.factory.context_factory = object()
+        proto, transport = self.connect(transport_class=FakeTLSTransport)
+        self.send(b"EHLO before.example\r\nSTARTTLS\r\n", proto)
+        self.assertEqual(proto.session, Session(peer=PEER.host, tls=True))
+        self.send(b"EHLO after.example\r\nMAIL FROM:<a@b.example>\r\n", proto)
+        self.send(b"RCPT TO:<alice@localhost>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n", proto)
+        [stored] = self.new("alice")
+        self.assertIn(b"Received: from after.example (", stored)
+        self.assertIn(b" with ESMTPS id ", stored)
+
 
 class RecipientRuleTests(SMTPTestCase):
     config_changes = {"smtp_domains": (HOST, "localhost", "example.org")}
@@ -228,7 +258,7 @@ class RecipientRuleTests(SMTPTestCase):
         for address in (b'"bob"@localhost', b'"b\\ob"@mx.example.org', b'"Alice"@example.org'):
             self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
         self.assertEqual(self.rcpt(b'"postmaster"@localhost'), b"250 2.1.5 Recipient OK")
-        resolve = self.proto.delivery.resolve
+        resolve = self.proto.recipients.resolve
         self.assertEqual(resolve(twisted_smtp.Address(b'"bob"@localhost')), "bob")
         # Quotes that are needed keep the local part as it is: no such user.
         for address in (b'"bob smith"@localhost', b'"bob@x"@localhost', b'"bob."@localhost'):
@@ -275,7 +305,7 @@ class RecipientRuleTests(SMTPTestCase):
         for address in (b"postmaster@mx.example.org", b"PostMaster@example.org", b"postmaster"):
             self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
         self.assertEqual(
-            self.proto.delivery.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
+            self.proto.recipients.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
             "postmaster",
         )
 
@@ -289,14 +319,14 @@ class RecipientRuleTests(SMTPTestCase):
         self.assertEqual(self.replies(), [b"555 5.5.4 Unsupported MAIL or RCPT parameter"])
 
     def test_validate_to_directly(self):
-        """The IMessageDelivery refuses a foreign address with SMTPBadRcpt code 550."""
-        delivery = self.proto.delivery
-        verifyObject(twisted_smtp.IMessageDelivery, delivery)
+        """The recipient policy refuses a foreign address with SMTPBadRcpt code 550."""
+        policy = self.proto.recipients
+        verifyObject(IRecipientPolicy, policy)
         with self.assertRaises(twisted_smtp.SMTPBadRcpt) as cm:
-            delivery.resolve(twisted_smtp.Address(b"x@elsewhere.example"))
+            policy.resolve(twisted_smtp.Address(b"x@elsewhere.example"))
         self.assertEqual(cm.exception.code, 550)
         self.assertEqual(
-            delivery.resolve(twisted_smtp.Address(b"carol@Example.org")), "carol@example.org"
+            policy.resolve(twisted_smtp.Address(b"carol@Example.org")), "carol@example.org"
         )
 
 
@@ -572,10 +602,10 @@ class BulkDataTests(SMTPTestCase):
     def test_one_write_per_packet(self):
         """The lines of one packet reach the delivery in one write, dots unstuffed, LF ends."""
         self.envelope(b"alice@localhost")
-        [message] = self.proto.transaction.messages
+        delivery = self.proto.envelope.delivery
         writes = []
-        real_write = message.delivery.write
-        message.delivery.write = lambda data: writes.append(data) or real_write(data)
+        real_write = delivery.write
+        delivery.write = lambda data: writes.append(data) or real_write(data)
         self.send(b"Subject: x\r\n\r\n..a\r\nb\r\n.c\r\n")
         self.send(b".\r\n")
         self.assertEqual(writes, [b"Subject: x\n\n.a\nb\nc\n"])
@@ -597,24 +627,25 @@ class BulkDataTests(SMTPTestCase):
         self.assertEqual(self.deliver_stream(b".\r\n"), (b"250", b""))
 
 
+@implementer(IRecipientPolicy)
 class DeferredValidator:
-    """An IMessageDelivery whose validators answer with Deferreds the test fires."""
+    """A recipient policy whose checks answer with Deferreds the test fires."""
 
     def __init__(self):
         self.pending = []
 
-    def validateFrom(self, helo, origin):
+    def check_sender(self, session, envelope):
         d = defer.Deferred()
         self.pending.append(("from", d))
         return d
 
-    def validateTo(self, user):
+    def check_recipient(self, session, envelope, address):
         d = defer.Deferred()
-        self.pending.append((bytes(user.dest), d))
+        self.pending.append((bytes(address), d))
         return d
 
-    def receivedHeader(self, helo, origin, recipients):
-        return None
+    def trace_headers(self, session, envelope):
+        return b""
 
 
 class PipeliningOrderTests(SMTPTestCase):
@@ -622,7 +653,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """Pipelined commands wait for a pending reply, so replies keep order (twisted#8126)."""
         self.ehlo()
         validator = DeferredValidator()
-        self.proto.delivery = validator
+        self.proto.recipients = validator
         self.send(
             b"MAIL FROM:<a@b.example>\r\nRCPT TO:<one@x.example>\r\n"
             b"RCPT TO:<two@x.example>\r\nNOOP\r\n"
@@ -636,7 +667,7 @@ class PipeliningOrderTests(SMTPTestCase):
         self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK"])
         validator.pending[1][1].errback(twisted_smtp.SMTPBadRcpt(b"one@x.example"))
         self.clock.advance(0)
-        validator.pending[2][1].callback(lambda: None)
+        validator.pending[2][1].callback("two")
         self.clock.advance(0)
         self.assertEqual(
             self.replies(),
@@ -652,7 +683,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """A pending reply with nothing behind it keeps reading; input arriving meanwhile pauses."""
         self.ehlo()
         validator = DeferredValidator()
-        self.proto.delivery = validator
+        self.proto.recipients = validator
         self.send(b"MAIL FROM:<a@b.example>\r\n")
         self.assertEqual(self.transport.producerState, "producing")
         self.send(b"NO")
@@ -662,6 +693,44 @@ class PipeliningOrderTests(SMTPTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.send(b"OP\r\n")
         self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK", b"250 2.0.0 Ok"])
+
+    def test_end_of_data_waits_for_the_delivery(self):
+        """Commands pipelined behind DATA wait until the message is stored and answered."""
+        finishing = []
+        waiting = defer.Deferred()
+        self.deliverer.in_thread = lambda f, *args: finishing.append((f, args)) or waiting
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\nx\r\n.\r\nNOOP\r\nQUIT\r\n")
+        self.assertEqual(self.replies(), [])
+        [(finish, args)] = finishing
+        waiting.callback(finish(*args))
+        self.clock.advance(0)
+        replies = self.replies()
+        self.assertTrue(replies[0].startswith(b"250 2.0.0 Ok: queued as "), replies)
+        self.assertEqual(replies[1:], [b"250 2.0.0 Ok", b"221 2.0.0 Bye"])
+        self.assertEqual(len(self.new("alice")), 1)
+
+    def test_policy_receives_session_and_envelope(self):
+        """The recipient policy is handed the session and the envelope as they stand."""
+        seen = []
+        policy = self.proto.recipients
+        check = policy.check_recipient
+
+        def recording(session, envelope, address):
+            seen.append((session.helo, bytes(envelope.sender), list(envelope.recipients)))
+            return check(session, envelope, address)
+
+        policy.check_recipient = recording
+        self.envelope(b"alice@localhost", b"nobody@localhost", b"bob@localhost")
+        self.assertEqual(
+            seen,
+            [
+                (b"client.example", b"sender@remote.example", []),
+                (b"client.example", b"sender@remote.example", [b"alice@localhost"]),
+                (b"client.example", b"sender@remote.example", [b"alice@localhost"]),
+            ],
+        )
+        self.assertEqual(self.proto.envelope.users, ["alice", "bob"])
 
     def test_pipelined_transaction(self):
         """A whole pipelined transaction gets its replies in order and delivers."""
@@ -702,12 +771,12 @@ class FaultTests(SMTPTestCase):
         """ENOSPC while writing DATA answers 452 4.3.1 at its end; new/ stays empty."""
         self.envelope(b"alice@localhost")
         self.send(b"Subject: x\r\n\r\n")
-        [message] = self.proto.transaction.messages
+        delivery = self.proto.envelope.delivery
 
         def full(data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        message.delivery._file.write = full
+        delivery._file.write = full
         self.send(b"line\r\n" * 3 + b".\r\n")
         self.assertEqual(self.replies(), [b"452 4.3.1 Insufficient system storage"])
         self.assertEqual(self.new("alice"), [])
