@@ -14,6 +14,8 @@ popserv's own, and reads none of Twisted's private state:
 * EHLO advertises SIZE, 8BITMIME, PIPELINING and ENHANCEDSTATUSCODES (and STARTTLS
   where it can), and each is honoured; every reply after the greeting carries an
   RFC 3463 status code.
+* Each message is written once, in binary, however many recipients it has, and only a
+  delivery that is on disk in every recipient's ``new/`` gets 250.
 * A session that keeps erring (``[smtp] max_bad_commands`` unknown, malformed or
   out-of-order commands, or ``max_rejected_recipients`` refused recipients) is told 421
   and closed, with one event, so one connection cannot flood the log.
@@ -84,11 +86,11 @@ log = Logger()
 
 # RFC 5321 section 4.1.2 paths, as Twisted's SMTP server has long accepted them: a run of
 # quoted strings, escaped characters, atom characters and "@.,:" (source routes).
-_ATOM = rb"[-A-Za-z0-9!#$%&'*+/=?^_`{|}~]"
-_PATH = rb'(?:"[^"]*"|\\.|' + _ATOM + rb"|[@.,:])+"
-_OPTIONS = rb")\s*(\s(?P<opts>.*))?$"
-MAIL_RE = re.compile(rb"\s*FROM:\s*(?P<path><>|<" + _PATH + rb">|" + _PATH + _OPTIONS, re.I)
-RCPT_RE = re.compile(rb"\s*TO:\s*(?P<path><" + _PATH + rb">|" + _PATH + _OPTIONS, re.I)
+_PATH = rb"""(?:"[^"]*"|\\.|[-A-Za-z0-9!#$%&'*+/=?^_`{|}~]|[@.,:])+"""
+MAIL_RE = re.compile(
+    rb"\s*FROM:\s*(?P<path><>|<%b>|%b)\s*(\s(?P<opts>.*))?$" % (_PATH, _PATH), re.I
+)
+RCPT_RE = re.compile(rb"\s*TO:\s*(?P<path><%b>|%b)\s*(\s(?P<opts>.*))?$" % (_PATH, _PATH), re.I)
 
 
 def new_message_id() -> str:

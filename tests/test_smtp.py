@@ -22,6 +22,7 @@ from popserv.auth import PasswdFile
 from popserv.config import Config
 from popserv.delivery import MaildirDeliverer
 from popserv.interfaces import IRecipientPolicy, Session
+from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.maildir import MaildirStore
 
 HOST = "mx.example.org"
@@ -118,6 +119,11 @@ class SMTPTestCase(unittest.TestCase):
 
 
 class GreetingAndEhloTests(SMTPTestCase):
+    def test_line_receiver(self):
+        """The receiver takes its lines from a lineflow.ConnectionFlow."""
+        verifyObject(ILineReceiver, self.proto)
+        self.assertIsInstance(self.proto.flow, ConnectionFlow)
+
     def test_greeting(self):
         """The greeting is 220 with the host name, without an enhanced code."""
         self.assertEqual(self.replies(), [b"220 mx.example.org ESMTP popserv"])
