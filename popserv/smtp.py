@@ -125,7 +125,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self.factory = factory
         self.config = factory.config
         self.clock = factory.clock
-        self.recipients: IRecipientPolicy = factory.recipients
+        self.policy: IRecipientPolicy = factory.policy
         self.deliverer: IDeliverer = factory.deliverer
         self.host = factory.config.hostname
         self.timeout = factory.config.smtp_timeout
@@ -318,7 +318,7 @@ class ESMTPReceiver(smtp.ESMTP):
             self._reject("MAIL", BAD_SENDER, sender=path)
             return self._bad_command(BAD_SENDER)
         envelope = Envelope(id=new_message_id(), sender=sender)
-        check = self.recipients.check_sender
+        check = self.policy.check_sender
         return self._then(check, (self.session, envelope), self._sender_ok, self._sender_refused)
 
     def _sender_ok(self, result, session: Session, envelope: Envelope) -> None:
@@ -353,7 +353,7 @@ class ESMTPReceiver(smtp.ESMTP):
         except smtp.AddressError:
             self._reject("RCPT", BAD_RECIPIENT, recipient=path)
             return self._recipient_rejected(BAD_RECIPIENT)
-        check, args = self.recipients.check_recipient, (self.session, envelope, address)
+        check, args = self.policy.check_recipient, (self.session, envelope, address)
         return self._then(check, args, self._recipient_ok, self._recipient_refused)
 
     def _recipient_ok(self, user: str, session, envelope: Envelope, address) -> None:
@@ -374,7 +374,7 @@ class ESMTPReceiver(smtp.ESMTP):
             return
         try:
             envelope.delivery = self.deliverer.begin(envelope.users)
-            envelope.delivery.write(self.recipients.trace_headers(self.session, envelope))
+            envelope.delivery.write(self.policy.trace_headers(self.session, envelope))
         except Exception:
             reply = reply_for(Failure(), "cannot start a delivery")
             abort(envelope)
@@ -536,6 +536,7 @@ def _descriptor(transport) -> int:
 class SMTPFactory(ServerFactory):
     """Builds ``ESMTPReceiver`` connections and counts them, in all and per peer address.
 
+    The connections share one ``policy``: it keeps no state of its own, so one serves all.
     ``file_limit`` returns the process's descriptor limit (read at each connection, as
     ``popserv.process`` raises it only when the service starts).
     """
@@ -558,7 +559,7 @@ class SMTPFactory(ServerFactory):
         self.config = config
         self.clock = clock
         self.context_factory = context_factory
-        self.recipients = LocalRecipients(
+        self.policy = LocalRecipients(
             userdb, local_domains(config), config.hostname, clock, config.smtp_postmaster
         )
         self.file_limit = file_limit

@@ -264,7 +264,7 @@ class RecipientRuleTests(SMTPTestCase):
         for address in (b'"bob"@localhost', b'"b\\ob"@mx.example.org', b'"Alice"@example.org'):
             self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
         self.assertEqual(self.rcpt(b'"postmaster"@localhost'), b"250 2.1.5 Recipient OK")
-        resolve = self.proto.recipients.resolve
+        resolve = self.proto.policy.resolve
         self.assertEqual(resolve(twisted_smtp.Address(b'"bob"@localhost')), "bob")
         # Quotes that are needed keep the local part as it is: no such user.
         for address in (b'"bob smith"@localhost', b'"bob@x"@localhost', b'"bob."@localhost'):
@@ -311,7 +311,7 @@ class RecipientRuleTests(SMTPTestCase):
         for address in (b"postmaster@mx.example.org", b"PostMaster@example.org", b"postmaster"):
             self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
         self.assertEqual(
-            self.proto.recipients.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
+            self.proto.policy.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
             "postmaster",
         )
 
@@ -326,7 +326,7 @@ class RecipientRuleTests(SMTPTestCase):
 
     def test_validate_to_directly(self):
         """The recipient policy refuses a foreign address with SMTPBadRcpt code 550."""
-        policy = self.proto.recipients
+        policy = self.proto.policy
         verifyObject(IRecipientPolicy, policy)
         with self.assertRaises(twisted_smtp.SMTPBadRcpt) as cm:
             policy.resolve(twisted_smtp.Address(b"x@elsewhere.example"))
@@ -659,7 +659,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """Pipelined commands wait for a pending reply, so replies keep order (twisted#8126)."""
         self.ehlo()
         validator = DeferredValidator()
-        self.proto.recipients = validator
+        self.proto.policy = validator
         self.send(
             b"MAIL FROM:<a@b.example>\r\nRCPT TO:<one@x.example>\r\n"
             b"RCPT TO:<two@x.example>\r\nNOOP\r\n"
@@ -689,7 +689,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """A pending reply with nothing behind it keeps reading; input arriving meanwhile pauses."""
         self.ehlo()
         validator = DeferredValidator()
-        self.proto.recipients = validator
+        self.proto.policy = validator
         self.send(b"MAIL FROM:<a@b.example>\r\n")
         self.assertEqual(self.transport.producerState, "producing")
         self.send(b"NO")
@@ -719,7 +719,7 @@ class PipeliningOrderTests(SMTPTestCase):
     def test_policy_receives_session_and_envelope(self):
         """The recipient policy is handed the session and the envelope as they stand."""
         seen = []
-        policy = self.proto.recipients
+        policy = self.proto.policy
         check = policy.check_recipient
 
         def recording(session, envelope, address):
