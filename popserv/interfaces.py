@@ -3,11 +3,17 @@
 This module imports nothing else from popserv, so every other module can depend on it.
 """
 
+from __future__ import annotations
+
 import errno
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.mail.smtp import Address
 
 
 class MaildropLocked(Exception):
@@ -230,3 +236,60 @@ class IDeliverer(Interface):
 
         Raises ``DeliveryFailed`` when the message cannot even be started.
         """
+
+
+@dataclass
+class Session:
+    """One SMTP connection as the receiver knows it; STARTTLS starts a new one.
+
+    ``helo`` is the name the client gave (None before HELO or EHLO), ``esmtp`` whether
+    it said EHLO, ``tls`` whether the connection is encrypted.
+    """
+
+    peer: str
+    helo: bytes | None = None
+    esmtp: bool = False
+    tls: bool = False
+
+
+@dataclass
+class Envelope:
+    """One message, from MAIL FROM to the reply at the end of its DATA.
+
+    ``recipients`` are the accepted addresses as given (``bytes``, one per RCPT), ``users``
+    the distinct users they map to; ``size`` counts the octets of DATA so far, ``failure``
+    is the reply its end will get when it cannot be delivered, ``delivery`` the
+    ``IDelivery`` it is written to once DATA has begun.
+    """
+
+    id: str
+    sender: Address
+    recipients: list[bytes] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)
+    size: int = 0
+    failure: tuple[int, bytes] | None = None
+    delivery: IDelivery | None = None
+    #: Recipients over ``[smtp] max_recipients`` were refused (and logged once).
+    over_recipient_limit: bool = False
+
+
+class IRecipientPolicy(Interface):
+    """Whom the SMTP receiver takes mail from and for, and the trace each message gets.
+
+    The policy only receives the protocol's ``Session`` and ``Envelope``; it keeps no
+    state of a connection or a message.  It refuses by raising (or failing with) one of
+    ``twisted.mail.smtp``'s ``SMTPServerError`` family, whose code and text are the reply.
+    """
+
+    def check_sender(session, envelope):
+        """Accept ``envelope.sender`` (None), or a Deferred that fires when it is accepted."""
+
+    def check_recipient(session, envelope, address):
+        """The user (``str``) that ``address`` (``twisted.mail.smtp.Address``) delivers to.
+
+        May return a Deferred firing with it.  Raises ``SMTPBadRcpt`` for an address
+        that is not ours, ``SMTPServerError`` (4xx) when it cannot be told now.
+        """
+
+    def trace_headers(session, envelope):
+        """The ``Return-Path`` and ``Received`` lines of the message (``bytes``, LF-ended)."""

@@ -17,10 +17,12 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from popserv import smtp
+from popserv import smtp, smtpreplies
 from popserv.auth import PasswdFile
 from popserv.config import Config
 from popserv.delivery import MaildirDeliverer
+from popserv.interfaces import IRecipientPolicy, Session
+from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.maildir import MaildirStore
 
 HOST = "mx.example.org"
@@ -117,6 +119,11 @@ class SMTPTestCase(unittest.TestCase):
 
 
 class GreetingAndEhloTests(SMTPTestCase):
+    def test_line_receiver(self):
+        """The receiver takes its lines from a lineflow.ConnectionFlow."""
+        verifyObject(ILineReceiver, self.proto)
+        self.assertIsInstance(self.proto.flow, ConnectionFlow)
+
     def test_greeting(self):
         """The greeting is 220 with the host name, without an enhanced code."""
         self.assertEqual(self.replies(), [b"220 mx.example.org ESMTP popserv"])
@@ -142,7 +149,7 @@ class GreetingAndEhloTests(SMTPTestCase):
     def test_ehlo_needs_domain(self):
         """EHLO without an argument is a syntax error."""
         self.replies()
-        self.assert_replies(b"EHLO\r\n", [b"501 " + smtp.HELO_NEEDS_DOMAIN[1]])
+        self.assert_replies(b"EHLO\r\n", [b"501 " + smtpreplies.HELO_NEEDS_DOMAIN[1]])
 
     def test_mail_needs_ehlo(self):
         """MAIL before HELO or EHLO is refused with 503 5.5.1."""
@@ -181,6 +188,35 @@ class GreetingAndEhloTests(SMTPTestCase):
         self.assertEqual(self.replies(transport), [b"503 5.5.1 Send EHLO or HELO first"])
         self.send(b"EHLO client.example\r\n", proto)
         self.assertNotIn(b"250-STARTTLS", self.replies(transport))
+
+    def test_starttls_refusals(self):
+        """STARTTLS without TLS support gets 454 4.7.0; once TLS is on, 503 5.5.1."""
+        self.ehlo()
+        self.assert_replies(b"STARTTLS\r\n", [b"454 4.7.0 TLS not available"])
+        self.factory.context_factory = object()
+        proto, transport = self.connect(transport_class=FakeTLSTransport)
+        self.send(b"STARTTLS\r\n", proto)
+        self.send(b"STARTTLS\r\n", proto)
+        self.assertEqual(
+            self.replies(transport),
+            [
+                b"220 mx.example.org ESMTP popserv",
+                b"220 Begin TLS negotiation now",
+                b"503 5.5.1 TLS already negotiated",
+            ],
+        )
+
+    def test_starttls_starts_a_new_session(self):
+        """After STARTTLS the session knows only the peer and TLS; Received says ESMTPS."""
+        self.factory.context_factory = object()
+        proto, transport = self.connect(transport_class=FakeTLSTransport)
+        self.send(b"EHLO before.example\r\nSTARTTLS\r\n", proto)
+        self.assertEqual(proto.session, Session(peer=PEER.host, tls=True))
+        self.send(b"EHLO after.example\r\nMAIL FROM:<a@b.example>\r\n", proto)
+        self.send(b"RCPT TO:<alice@localhost>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n", proto)
+        [stored] = self.new("alice")
+        self.assertIn(b"Received: from after.example (", stored)
+        self.assertIn(b" with ESMTPS id ", stored)
 
 
 class RecipientRuleTests(SMTPTestCase):
@@ -228,7 +264,7 @@ class RecipientRuleTests(SMTPTestCase):
         for address in (b'"bob"@localhost', b'"b\\ob"@mx.example.org', b'"Alice"@example.org'):
             self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
         self.assertEqual(self.rcpt(b'"postmaster"@localhost'), b"250 2.1.5 Recipient OK")
-        resolve = self.proto.delivery.resolve
+        resolve = self.proto.policy.resolve
         self.assertEqual(resolve(twisted_smtp.Address(b'"bob"@localhost')), "bob")
         # Quotes that are needed keep the local part as it is: no such user.
         for address in (b'"bob smith"@localhost', b'"bob@x"@localhost', b'"bob."@localhost'):
@@ -275,7 +311,7 @@ class RecipientRuleTests(SMTPTestCase):
         for address in (b"postmaster@mx.example.org", b"PostMaster@example.org", b"postmaster"):
             self.assertEqual(self.rcpt(address), b"250 2.1.5 Recipient OK", address)
         self.assertEqual(
-            self.proto.delivery.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
+            self.proto.policy.resolve(twisted_smtp.Address(b"Postmaster@example.org")),
             "postmaster",
         )
 
@@ -289,14 +325,14 @@ class RecipientRuleTests(SMTPTestCase):
         self.assertEqual(self.replies(), [b"555 5.5.4 Unsupported MAIL or RCPT parameter"])
 
     def test_validate_to_directly(self):
-        """The IMessageDelivery refuses a foreign address with SMTPBadRcpt code 550."""
-        delivery = self.proto.delivery
-        verifyObject(twisted_smtp.IMessageDelivery, delivery)
+        """The recipient policy refuses a foreign address with SMTPBadRcpt code 550."""
+        policy = self.proto.policy
+        verifyObject(IRecipientPolicy, policy)
         with self.assertRaises(twisted_smtp.SMTPBadRcpt) as cm:
-            delivery.resolve(twisted_smtp.Address(b"x@elsewhere.example"))
+            policy.resolve(twisted_smtp.Address(b"x@elsewhere.example"))
         self.assertEqual(cm.exception.code, 550)
         self.assertEqual(
-            delivery.resolve(twisted_smtp.Address(b"carol@Example.org")), "carol@example.org"
+            policy.resolve(twisted_smtp.Address(b"carol@Example.org")), "carol@example.org"
         )
 
 
@@ -446,7 +482,7 @@ class SmugglingTests(SMTPTestCase):
         self.send(b"Subject: real\r\n\r\nreal" + end + self.SMUGGLED + b".\r\n")
 
     def assert_nothing_smuggled(self):
-        self.assertEqual(self.replies(), [b"550 " + smtp.BARE_LINE_END[1]])
+        self.assertEqual(self.replies(), [b"550 " + smtpreplies.BARE_LINE_END[1]])
         self.assertEqual(self.new("alice"), [])
         self.assertEqual(self.new("bob"), [])
         self.assertEqual(self.tmp("alice"), [])
@@ -507,18 +543,18 @@ def expected_outcome(stream: bytes, line_limit: int, max_size: int) -> tuple[byt
     lines, failure, size = [], None, 0
     for line in stream.split(b"\r\n")[:-2]:
         if len(line) > line_limit:
-            failure = failure or b"500 " + smtp.LINE_TOO_LONG[1]
+            failure = failure or b"500 " + smtpreplies.LINE_TOO_LONG[1]
             continue
         if failure:
             continue
         line = line[1:] if line[:1] == b"." else line
         size += len(line) + 2
         if b"\r" in line or b"\n" in line:
-            failure = b"550 " + smtp.BARE_LINE_END[1]
+            failure = b"550 " + smtpreplies.BARE_LINE_END[1]
         elif b"\0" in line:
-            failure = b"550 " + smtp.NUL_IN_DATA[1]
+            failure = b"550 " + smtpreplies.NUL_IN_DATA[1]
         elif size > max_size:
-            failure = b"552 " + smtp.TOO_BIG[1]
+            failure = b"552 " + smtpreplies.TOO_BIG[1]
         lines.append(line)
     if failure:
         return failure, b""
@@ -572,10 +608,10 @@ class BulkDataTests(SMTPTestCase):
     def test_one_write_per_packet(self):
         """The lines of one packet reach the delivery in one write, dots unstuffed, LF ends."""
         self.envelope(b"alice@localhost")
-        [message] = self.proto.transaction.messages
+        delivery = self.proto.envelope.delivery
         writes = []
-        real_write = message.delivery.write
-        message.delivery.write = lambda data: writes.append(data) or real_write(data)
+        real_write = delivery.write
+        delivery.write = lambda data: writes.append(data) or real_write(data)
         self.send(b"Subject: x\r\n\r\n..a\r\nb\r\n.c\r\n")
         self.send(b".\r\n")
         self.assertEqual(writes, [b"Subject: x\n\n.a\nb\nc\n"])
@@ -597,24 +633,25 @@ class BulkDataTests(SMTPTestCase):
         self.assertEqual(self.deliver_stream(b".\r\n"), (b"250", b""))
 
 
+@implementer(IRecipientPolicy)
 class DeferredValidator:
-    """An IMessageDelivery whose validators answer with Deferreds the test fires."""
+    """A recipient policy whose checks answer with Deferreds the test fires."""
 
     def __init__(self):
         self.pending = []
 
-    def validateFrom(self, helo, origin):
+    def check_sender(self, session, envelope):
         d = defer.Deferred()
         self.pending.append(("from", d))
         return d
 
-    def validateTo(self, user):
+    def check_recipient(self, session, envelope, address):
         d = defer.Deferred()
-        self.pending.append((bytes(user.dest), d))
+        self.pending.append((bytes(address), d))
         return d
 
-    def receivedHeader(self, helo, origin, recipients):
-        return None
+    def trace_headers(self, session, envelope):
+        return b""
 
 
 class PipeliningOrderTests(SMTPTestCase):
@@ -622,7 +659,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """Pipelined commands wait for a pending reply, so replies keep order (twisted#8126)."""
         self.ehlo()
         validator = DeferredValidator()
-        self.proto.delivery = validator
+        self.proto.policy = validator
         self.send(
             b"MAIL FROM:<a@b.example>\r\nRCPT TO:<one@x.example>\r\n"
             b"RCPT TO:<two@x.example>\r\nNOOP\r\n"
@@ -636,7 +673,7 @@ class PipeliningOrderTests(SMTPTestCase):
         self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK"])
         validator.pending[1][1].errback(twisted_smtp.SMTPBadRcpt(b"one@x.example"))
         self.clock.advance(0)
-        validator.pending[2][1].callback(lambda: None)
+        validator.pending[2][1].callback("two")
         self.clock.advance(0)
         self.assertEqual(
             self.replies(),
@@ -652,7 +689,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """A pending reply with nothing behind it keeps reading; input arriving meanwhile pauses."""
         self.ehlo()
         validator = DeferredValidator()
-        self.proto.delivery = validator
+        self.proto.policy = validator
         self.send(b"MAIL FROM:<a@b.example>\r\n")
         self.assertEqual(self.transport.producerState, "producing")
         self.send(b"NO")
@@ -662,6 +699,44 @@ class PipeliningOrderTests(SMTPTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.send(b"OP\r\n")
         self.assertEqual(self.replies(), [b"250 2.1.0 Sender OK", b"250 2.0.0 Ok"])
+
+    def test_end_of_data_waits_for_the_delivery(self):
+        """Commands pipelined behind DATA wait until the message is stored and answered."""
+        finishing = []
+        waiting = defer.Deferred()
+        self.deliverer.in_thread = lambda f, *args: finishing.append((f, args)) or waiting
+        self.envelope(b"alice@localhost")
+        self.send(b"Subject: x\r\n\r\nx\r\n.\r\nNOOP\r\nQUIT\r\n")
+        self.assertEqual(self.replies(), [])
+        [(finish, args)] = finishing
+        waiting.callback(finish(*args))
+        self.clock.advance(0)
+        replies = self.replies()
+        self.assertTrue(replies[0].startswith(b"250 2.0.0 Ok: queued as "), replies)
+        self.assertEqual(replies[1:], [b"250 2.0.0 Ok", b"221 2.0.0 Bye"])
+        self.assertEqual(len(self.new("alice")), 1)
+
+    def test_policy_receives_session_and_envelope(self):
+        """The recipient policy is handed the session and the envelope as they stand."""
+        seen = []
+        policy = self.proto.policy
+        check = policy.check_recipient
+
+        def recording(session, envelope, address):
+            seen.append((session.helo, bytes(envelope.sender), list(envelope.recipients)))
+            return check(session, envelope, address)
+
+        policy.check_recipient = recording
+        self.envelope(b"alice@localhost", b"nobody@localhost", b"bob@localhost")
+        self.assertEqual(
+            seen,
+            [
+                (b"client.example", b"sender@remote.example", []),
+                (b"client.example", b"sender@remote.example", [b"alice@localhost"]),
+                (b"client.example", b"sender@remote.example", [b"alice@localhost"]),
+            ],
+        )
+        self.assertEqual(self.proto.envelope.users, ["alice", "bob"])
 
     def test_pipelined_transaction(self):
         """A whole pipelined transaction gets its replies in order and delivers."""
@@ -702,12 +777,12 @@ class FaultTests(SMTPTestCase):
         """ENOSPC while writing DATA answers 452 4.3.1 at its end; new/ stays empty."""
         self.envelope(b"alice@localhost")
         self.send(b"Subject: x\r\n\r\n")
-        [message] = self.proto.transaction.messages
+        delivery = self.proto.envelope.delivery
 
         def full(data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        message.delivery._file.write = full
+        delivery._file.write = full
         self.send(b"line\r\n" * 3 + b".\r\n")
         self.assertEqual(self.replies(), [b"452 4.3.1 Insufficient system storage"])
         self.assertEqual(self.new("alice"), [])
