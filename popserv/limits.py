@@ -42,7 +42,8 @@ def accounting_key(host: str) -> str:
 
 def soft_file_limit() -> int:
     """The process's descriptor limit, read afresh (start-up may have raised it)."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 2**31 if soft == resource.RLIM_INFINITY else soft
 
 
 @implementer(IConnectionLimiter)
@@ -53,7 +54,8 @@ class ConnectionLimiter:
     service takes a connection, so that a flood of one service cannot starve another
     (SMTP keeps more free than POP3).  Descriptors in use are counted without a system
     call: the kernel gives a new socket the lowest free number, so every one below it
-    is taken, and each open connection may still open ``files_per_connection`` more.
+    is taken (the other connections' sockets too), and each open connection, this one
+    included, may still open ``files_per_connection`` more.
     """
 
     def __init__(

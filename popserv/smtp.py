@@ -25,11 +25,8 @@ popserv never relays, and nothing here sends mail anywhere.
 
 from __future__ import annotations
 
-import collections
 import re
-import resource
 import secrets
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import ITLSTransport
@@ -41,6 +38,7 @@ from zope.interface import implementer
 
 from popserv.config import Config
 from popserv.interfaces import Envelope, IDeliverer, IRecipientPolicy, IUserDB, Session
+from popserv.limits import PER_PEER, ConnectionLimiter, transport_descriptor
 from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.logsafe import untrusted
 from popserv.recipients import LocalRecipients, address_literal, local_domains
@@ -168,7 +166,7 @@ class ESMTPReceiver(smtp.ESMTP):
             abort(self.envelope)
         if self._counted:
             self._counted = False
-            self.factory.connection_closed(self.session.peer)
+            self.factory.limiter.closed(self.session.peer)
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -181,11 +179,11 @@ class ESMTPReceiver(smtp.ESMTP):
 
         Refused before anything is built: over a limit, a connection costs little.
         """
-        limit = self.factory.connection_opened(self.session.peer, _descriptor(self.transport))
+        limit = self.factory.limiter.opened(self.session.peer, transport_descriptor(self.transport))
         if limit is None:
             self._counted = True
             return True
-        if limit == "per-peer":
+        if limit == PER_PEER:
             reply, fields = TOO_MANY_CONNECTIONS, {}
         else:
             reply, fields = SERVER_BUSY, {"limit": limit}
@@ -519,26 +517,10 @@ def _finish(envelope: Envelope) -> defer.Deferred:
 DESCRIPTOR_RESERVE = 0.25
 
 
-def soft_file_limit() -> int:
-    """The process's limit on open file descriptors (RLIMIT_NOFILE, soft)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 2**31 if soft == resource.RLIM_INFINITY else soft
-
-
-def _descriptor(transport) -> int:
-    """The transport's socket descriptor, or -1 when it has none of its own."""
-    try:
-        return transport.fileno()
-    except Exception:
-        return -1
-
-
 class SMTPFactory(ServerFactory):
-    """Builds ``ESMTPReceiver`` connections and counts them, in all and per peer address.
+    """Builds ``ESMTPReceiver`` connections; ``limiter`` counts them (``IConnectionLimiter``).
 
     The connections share one ``policy``: it keeps no state of its own, so one serves all.
-    ``file_limit`` returns the process's descriptor limit (read at each connection, as
-    ``popserv.process`` raises it only when the service starts).
     """
 
     protocol = ESMTPReceiver
@@ -551,7 +533,7 @@ class SMTPFactory(ServerFactory):
         config: Config,
         clock=None,
         context_factory=None,
-        file_limit: Callable[[], int] = soft_file_limit,
+        limiter=None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -562,42 +544,15 @@ class SMTPFactory(ServerFactory):
         self.policy = LocalRecipients(
             userdb, local_domains(config), config.hostname, clock, config.smtp_postmaster
         )
-        self.file_limit = file_limit
-        self.connections: collections.Counter[str] = collections.Counter()
-        self.open_connections = 0
+        if limiter is None:
+            # Besides its socket, a connection may open its message's temporary file.
+            limiter = ConnectionLimiter(
+                config.smtp_max_connections,
+                config.smtp_max_connections_per_peer,
+                reserve=DESCRIPTOR_RESERVE,
+                files_per_connection=1,
+            )
+        self.limiter = limiter
 
     def buildProtocol(self, addr) -> ESMTPReceiver:
         return self.protocol(self)
-
-    def connection_opened(self, peer: str, descriptor: int = -1) -> str | None:
-        """Count a new connection from ``peer``, whose socket is ``descriptor`` (-1: unknown).
-
-        Returns None, or (not counting it) the limit it is over: ``per-peer``,
-        ``max_connections`` or ``descriptors``.
-        """
-        if self.connections[peer] >= self.config.smtp_max_connections_per_peer:
-            return "per-peer"
-        if self.open_connections >= self.config.smtp_max_connections:
-            return "max_connections"
-        if self.descriptors_short(descriptor):
-            return "descriptors"
-        self.connections[peer] += 1
-        self.open_connections += 1
-        return None
-
-    def descriptors_short(self, newest: int) -> bool:
-        """Whether one more connection would leave less than the reserve of descriptors free.
-
-        Counted without a system call, as this runs for every connection: the kernel gives
-        a new socket the lowest free number, so all those below ``newest`` are in use, and
-        each SMTP connection may still open one more (the temporary file of its message).
-        """
-        limit = self.file_limit()
-        in_use = newest + 1 + self.open_connections + 1
-        return limit - in_use < limit * DESCRIPTOR_RESERVE
-
-    def connection_closed(self, peer: str) -> None:
-        self.open_connections -= 1
-        self.connections[peer] -= 1
-        if self.connections[peer] <= 0:
-            del self.connections[peer]

@@ -1,7 +1,10 @@
 """Connection limits per client (by accounting key), in all, and by free descriptors."""
 
+import resource
+
 from twisted.trial.unittest import SynchronousTestCase
 
+from popserv import limits
 from popserv.limits import DESCRIPTORS, IN_ALL, PER_PEER, ConnectionLimiter
 
 
@@ -40,3 +43,7 @@ class ConnectionLimiterTests(SynchronousTestCase):
         # Socket 72, plus two files for each of two connections: 23 free, under 25.
         self.assertEqual(limiter.opened("192.0.2.2", 72), DESCRIPTORS)
         self.assertIsNone(limiter.opened("192.0.2.2", -1))
+
+    def test_soft_file_limit(self):
+        """The limit read is the process's soft RLIMIT_NOFILE."""
+        self.assertEqual(limits.soft_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])

@@ -856,7 +856,7 @@ class TotalLimitTests(SMTPTestCase):
         others[0][0].connectionLost(defer.Failure(ConnectionError()))
         later, later_transport = self.connect(peer=IPv4Address("TCP", "192.0.2.10", 1))
         self.assertTrue(self.replies(later_transport)[0].startswith(b"220 "))
-        self.assertEqual(self.factory.open_connections, 3)
+        self.assertEqual(self.factory.limiter.open, 3)
 
 
 class SocketTransport(StringTransport):
@@ -877,7 +877,7 @@ class DescriptorReserveTests(SMTPTestCase):
     def test_refused_when_descriptors_run_short(self):
         """A connection that would leave less than a quarter of the descriptors free gets 421."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.factory.file_limit = lambda: 100
+        self.factory.limiter.file_limit = lambda: 100
         # Descriptors 0-70 in use, and one temporary file each for two SMTP connections.
         proto, transport = self.connect_at(70)
         self.assertTrue(self.replies(transport)[0].startswith(b"220 "))
@@ -887,13 +887,7 @@ class DescriptorReserveTests(SMTPTestCase):
             [b"421 4.7.0 mx.example.org Too many connections, try again later"],
         )
         self.assertEqual(events[-1]["limit"], "descriptors")
-        self.assertEqual(self.factory.open_connections, 2)
-
-    def test_soft_file_limit(self):
-        """The limit read is the process's soft RLIMIT_NOFILE."""
-        import resource
-
-        self.assertEqual(smtp.soft_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.assertEqual(self.factory.limiter.open, 2)
 
 
 class ErrorLimitTests(SMTPTestCase):

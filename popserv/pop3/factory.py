@@ -19,8 +19,8 @@ from popserv.scheduler import VerificationScheduler
 from popserv.throttle import MemoryLoginThrottle, ThrottleSettings
 
 #: Share of the descriptor limit POP3 leaves free (SMTP leaves more, so an SMTP flood
-#: cannot take the descriptors POP3 needs).  Each session may hold its lock file and
-#: one message open besides its socket.
+#: cannot take the descriptors POP3 needs).  Besides its socket, a session may hold
+#: its lock file and one message open.
 DESCRIPTOR_RESERVE = 0.1
 
 
