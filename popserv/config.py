@@ -52,7 +52,7 @@ class Config:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     auth_apop: bool = False
     auth_max_verifications: int = 4
-    auth_max_waiting_per_peer: int = 8
+    auth_max_waiting_per_peer: int = 50
 
     smtp_listen: tuple[str, ...] = ("tcp:25",)
     smtp_domains: tuple[str, ...] = ()  # empty: the hostname and localhost

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 #: Verifications one address may have waiting by default; more are refused at once.
-MAX_QUEUED_PER_PEER = 8
+MAX_QUEUED_PER_PEER = 50
 
 
 class QueueFull(Exception):

@@ -359,6 +359,8 @@ class ParallelGuessTests(ThrottleCase):
 
     def test_waiting_logins_per_address_are_bounded(self):
         """Beyond the verifications running and max_waiting_per_peer, logins are refused."""
+        self.config = self.config.replace(auth_max_waiting_per_peer=8)
+        self.factory.config = self.config
         checker = ControlledChecker()
         self.use_checker(checker)
         sessions = [self.session_from("192.0.2.7") for _ in range(20)]
