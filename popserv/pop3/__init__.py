@@ -5,7 +5,8 @@ portal, and knows nothing of files or directories.  ``POP3Factory(portal)`` is t
 entry point for other Twisted applications.
 
 * ``server``: one connection: lines, dispatch, replies, languages, timers, STLS.
-* ``authorization``: logging in (USER/PASS, APOP, AUTH and SASL).
+* ``authorization``: the AUTHORIZATION state (USER/PASS, APOP, AUTH, the SASL exchange).
+* ``login``: one login attempt: its turn, the throttle, the portal, the reply.
 * ``transaction``: the logged-in session, sole owner of the DELE marks, and QUIT's commit.
 * ``wire``: a stored message in wire form, streamed.
 * ``replies``: every reply text, and its translations.

@@ -16,16 +16,12 @@ import binascii
 import secrets
 
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from popserv.interfaces import IMaildrop, MaildropLocked, UserDBUnavailable
-from popserv.logsafe import untrusted
+from popserv.pop3.login import LoginAttempts
 from popserv.pop3.replies import LOG_NAMESPACE, CommandError, Reply, no_arguments
-from popserv.pop3.transaction import Transaction
-from popserv.scheduler import QueueFull
 from popserv.usernames import user_text
 
 AUTHORIZATION = "AUTHORIZATION"
@@ -57,14 +53,7 @@ class Authorization:
         #: unless it ends in a login.
         self._sasl_data_seen = False
         self._sasl_attempt = False
-        #: When the command being answered arrived: a failure is answered at a fixed
-        #: time after it.
-        self._arrived = 0.0
-        #: The login waiting for (or in) its turn to be verified: cancelled if the client leaves.
-        self._waiting: defer.Deferred | None = None
-        self._delayed = None
-        #: Fires once the reply to the command in progress is sent.
-        self._done: defer.Deferred | None = None
+        self.logins = LoginAttempts(session, give_up=self._forget_exchange)
 
     @property
     def continuation(self):
@@ -103,17 +92,17 @@ class Authorization:
         self.session.enter(None)
         self.session.close(Reply.BYE)
 
+    def _forget_exchange(self) -> None:
+        """A login that will not happen ends the SASL exchange that led to it."""
+        self._sasl = None
+
     def connection_lost(self) -> None:
-        if self._delayed is not None and self._delayed.active():
-            self._delayed.cancel()
-        if self._waiting is not None:
-            # Still queued: dropped, never verified.  Already running: it ends as it may.
-            self._waiting.cancel()
+        self.logins.connection_lost()
         if self._sasl_attempt:
             # It cost a verification, like a cancelled exchange: counted the same way.
             self._sasl_attempt = False
-            self.log_login_failed(None, "sasl-cancelled", detail="connection closed")
-            self._end_attempt(self.factory.throttle.failed, None)
+            self.logins.log_login_failed(None, "sasl-cancelled", detail="connection closed")
+            self.logins.end_attempt(self.factory.throttle.failed, None)
 
     # -- STLS and UTF8 ---------------------------------------------------------------
 
@@ -156,8 +145,8 @@ class Authorization:
             # RFC 6856: UTF-8 names and passwords compare after SASLprep (RFC 4013).
             name, password = _saslprep(name), _saslprep(password)
             if name is None or password is None:
-                return self.login(None, None)
-        return self.login(UsernamePassword(name, password), user_text(name))
+                return self.logins.login(None, None)
+        return self.logins.login(UsernamePassword(name, password), user_text(name))
 
     def do_APOP(self, rest: bytes) -> defer.Deferred:
         """APOP name digest (RFC 1939 section 7), only when enabled."""
@@ -173,7 +162,7 @@ class Authorization:
         credentials = APOPCredentials(
             self.session.apop_stamp, name, digest.decode("ascii", "replace").lower()
         )
-        return self.login(credentials, user_text(name))
+        return self.logins.login(credentials, user_text(name))
 
     # -- AUTH (RFC 5034) -----------------------------------------------------------------
 
@@ -198,7 +187,7 @@ class Authorization:
         self._sasl = mechanism(
             self.factory.config.hostname, self.factory.userdb, secret=self.factory.secret
         )
-        self._arrived = self.factory.clock.seconds()
+        self.logins.arrived = self.factory.clock.seconds()
         self._sasl_data_seen = initial is not None
         return self._sasl_step(lambda: self._sasl.start(initial), initial is not None)
 
@@ -207,7 +196,7 @@ class Authorization:
 
         Like commands before login, answers do not restart the (absolute) login timer.
         """
-        self._arrived = self.factory.clock.seconds()
+        self.logins.arrived = self.factory.clock.seconds()
         if line.strip() == b"*":
             if self._sasl_attempt:
                 return self._sasl_attempt_failed("sasl-cancelled", Reply.AUTH_CANCELLED)
@@ -233,7 +222,7 @@ class Authorization:
     def response_too_long(self):
         """A SASL response over the limit ends the exchange."""
         if self._sasl_attempt:
-            self._arrived = self.factory.clock.seconds()
+            self.logins.arrived = self.factory.clock.seconds()
             return self._sasl_attempt_failed("bad-sasl", Reply.BAD_SASL, "response too long")
         self._sasl = None
         self.session.bad_command(Reply.BAD_SASL)
@@ -248,9 +237,9 @@ class Authorization:
         from popserv.sasl import SASLError
 
         if getattr(self._sasl, "costly", False):
-            done = self._new_reply()
+            done = self.logins.new_reply()
             if first_data:
-                self._queue(lambda: self._sasl_attempt_started(step), None)
+                self.logins.queue(lambda: self._sasl_attempt_started(step), None)
             else:
                 self._sasl_in_thread(step)
             return done
@@ -264,7 +253,7 @@ class Authorization:
     def _sasl_in_thread(self, step) -> defer.Deferred:
         d = self.factory.run_in_thread(step)
         d.addCallbacks(self._sasl_result, self._sasl_error)
-        d.addErrback(self._attempt_error, None)
+        d.addErrback(self.logins.attempt_error, None)
         return d
 
     def _sasl_attempt_started(self, step) -> defer.Deferred:
@@ -274,7 +263,7 @@ class Authorization:
             self._sasl_attempt = True
             return self._sasl_in_thread(step)
 
-        return self._begin_attempt(None, derive)
+        return self.logins.begin_attempt(None, derive)
 
     def _sasl_result(self, result):
         from popserv.sasl import Challenge
@@ -284,7 +273,7 @@ class Authorization:
         if isinstance(result, Challenge):
             # The client's answer comes as a continuation; an answer already waiting
             # in the buffer runs once this reply is out.
-            self._answer_with(b"+ " + base64.b64encode(result.data))
+            self.logins.answer_with(b"+ " + base64.b64encode(result.data))
             return None
         self._sasl = None
         credentials = result.credentials
@@ -292,13 +281,13 @@ class Authorization:
         if self._sasl_attempt:
             # The attempt began with the exchange; the portal now gives its verdict.
             self._sasl_attempt = False
-            self._verify(credentials, user).addErrback(self._attempt_error, None)
+            self.logins.verify(credentials, user).addErrback(self.logins.attempt_error, None)
             return None
-        return self.login(credentials, user)
+        return self.logins.login(credentials, user)
 
     def _sasl_refused(self, error: Exception) -> None:
         self._sasl = None
-        self.log_login_failed(None, "bad-sasl", detail=str(error))
+        self.logins.log_login_failed(None, "bad-sasl", detail=str(error))
 
     def _sasl_attempt_failed(self, reason: str, reply: bytes, detail: str | None = None):
         """An exchange that began a login attempt ends without a login: a failed attempt.
@@ -307,9 +296,9 @@ class Authorization:
         """
         self._sasl = None
         self._sasl_attempt = False
-        done = self._new_reply()
-        self.log_login_failed(None, reason, detail)
-        self._count_failure(None, reply).addErrback(self._attempt_error, None)
+        done = self.logins.new_reply()
+        self.logins.log_login_failed(None, reason, detail)
+        self.logins.count_failure(None, reply).addErrback(self.logins.attempt_error, None)
         return done
 
     def _sasl_error(self, failure: Failure) -> None:
@@ -322,212 +311,14 @@ class Authorization:
             return
         if failure.check(SASLError):
             self._sasl_refused(failure.value)
-            self._answer(Reply.BAD_SASL)
+            self.logins.answer(Reply.BAD_SASL)
             return
         log.failure("pop3.sasl_error: peer={peer}", failure, peer=self.session.peer)
         self._sasl = None
         if self._sasl_attempt:
             self._sasl_attempt = False
-            self._end_attempt(self.factory.throttle.abandoned, None)
-        self._answer(Reply.TEMP_FAILURE)
-
-    # -- one login attempt ---------------------------------------------------------------
-
-    def login(self, credentials, user: str | None) -> defer.Deferred:
-        """Log in through the portal in this address's turn; fires once the reply is sent."""
-        done = self._new_reply()
-        self._arrived = self.factory.clock.seconds()
-        self._queue(lambda: self._attempt(credentials, user), user)
-        return done
-
-    def _queue(self, run, user: str | None) -> None:
-        d = self.factory.verifications.submit(self.session.peer_key, run)
-        d.addErrback(self._not_verified, user)
-        if not d.called:
-            # (One that ran at once may have led to the next command's login already.)
-            self._waiting = d
-
-    def _not_verified(self, failure: Failure, user: str | None) -> None:
-        """The attempt never ran: its client left, or its address had too many waiting."""
-        if failure.check(defer.CancelledError):
-            return
-        self._sasl = None
-        if failure.check(QueueFull):
-            self.log_login_failed(user, "too-many-logins")
-            self._answer(Reply.TOO_MANY_LOGINS)
-            return
-        log.failure("pop3.login_error: peer={peer}", failure, peer=self.session.peer)
-        self._answer(Reply.TEMP_FAILURE)
-
-    def _attempt(self, credentials, user: str | None) -> defer.Deferred:
-        """One login attempt, counted by the throttle whether or not the client stays."""
-        return self._begin_attempt(user, lambda: self._verify(credentials, user))
-
-    def _begin_attempt(self, user: str | None, proceed) -> defer.Deferred:
-        """Count an attempt with the throttle, then ``proceed`` unless it is refused."""
-        d = defer.maybeDeferred(self.factory.throttle.begin, self.session.peer_key, user)
-
-        def started(allowed: bool):
-            if not self.session.connected:
-                # Gone while the throttle answered: nothing to verify for.
-                self._end_attempt(self.factory.throttle.abandoned, user)
-                return None
-            if not allowed:
-                self._sasl = None
-                return self._refuse_attempt(user)
-            return proceed()
-
-        d.addCallback(started)
-        d.addErrback(self._attempt_error, user)
-        return d
-
-    def _verify(self, credentials, user: str | None) -> defer.Deferred:
-        if not user:
-            d = defer.fail(UnauthorizedLogin("undecodable user name"))
-        else:
-            d = defer.maybeDeferred(self.factory.portal.login, credentials, None, IMaildrop)
-        d.addCallbacks(
-            self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,)
-        )
-        return d
-
-    def _attempt_error(self, failure: Failure, user: str | None) -> None:
-        log.failure(
-            "pop3.login_error: peer={peer} user={user}",
-            failure,
-            peer=self.session.peer,
-            user=untrusted(user),
-        )
-        self._answer(Reply.TEMP_FAILURE)
-
-    def _end_attempt(self, outcome, user: str | None) -> None:
-        """Tell the throttle how an attempt ended; nothing waits for it."""
-        d = defer.maybeDeferred(outcome, self.session.peer_key, user)
-        d.addErrback(
-            lambda f: log.failure("pop3.throttle_error: peer={peer}", f, peer=self.session.peer)
-        )
-
-    def _refuse_attempt(self, user: str | None) -> defer.Deferred:
-        """This address failed too often: refused without verifying, and counted."""
-        self.log_login_failed(user, "too-many-failures")
-        return self._count_failure(user, Reply.TOO_MANY_FAILURES)
-
-    def _count_failure(self, user: str | None, reply: bytes) -> defer.Deferred:
-        """Count a failed attempt; its reply goes out once the address's delay has passed."""
-        d = defer.maybeDeferred(self.factory.throttle.failed, self.session.peer_key, user)
-        d.addCallback(self._answer_at, reply)
-        return d
-
-    def _answer_at(self, delay: float, reply: bytes) -> None:
-        """Reply ``delay`` seconds after the command arrived, however long the check took.
-
-        Then the time a failure's reply takes tells nothing of whether the user exists
-        or of how their password is stored: a dummy Argon2id, a bcrypt and a clear
-        password all take their time inside the same delay.  The verification's turn
-        is over by then: other logins are verified meanwhile.
-        """
-        wait = self._arrived + delay - self.factory.clock.seconds()
-        if wait > 0:
-            self._delayed = self.session.callLater(wait, self._answer, reply)
-        else:
-            self._answer(reply)
-
-    def _logged_in(self, result, user: str):
-        _, maildrop, logout = result
-        self._end_attempt(self.factory.throttle.succeeded, user)
-        if not self.session.connected:
-            logout()
-            return None
-        d = defer.maybeDeferred(self.factory.throttle.login_allowed, user)
-        d.addCallback(self._enter_transaction, user, maildrop, logout)
-        d.addErrback(self._login_allowed_error, logout)
-        return d
-
-    def _login_allowed_error(self, failure: Failure, logout) -> Failure:
-        logout()
-        return failure
-
-    def _enter_transaction(self, allowed: bool, user: str, maildrop, logout) -> None:
-        if not self.session.connected:
-            logout()
-            return
-        if not allowed:
-            logout()
-            self.log_login_failed(user, "login-delay")
-            self._answer(Reply.LOGIN_DELAY)
-            return
-        transaction = Transaction(self.session, user, maildrop, logout)
-        self.session.user = user
-        self.session.enter(transaction)
-        count, octets = len(transaction.messages), transaction.octets
-        log.info(
-            "pop3.login: peer={peer} user={user} messages={count} octets={octets}",
-            peer=self.session.peer,
-            user=untrusted(user),
-            count=count,
-            octets=octets,
-        )
-        self._answer(Reply.LOGGED_IN, count, octets)
-
-    def _login_failed(self, failure: Failure, user: str | None):
-        throttle = self.factory.throttle
-        if failure.check(UnauthorizedLogin, UnhandledCredentials):
-            # The same reply, at the same time, for a bad user and a bad password; the
-            # delay grows with each failure from this address.
-            self.log_login_failed(user, "bad-credentials")
-            return self._count_failure(user, Reply.AUTH_FAILED)
-        if failure.check(MaildropLocked):
-            # The password was right: the user's failures are forgiven, as by a login.
-            reason, reply, outcome = "in-use", Reply.IN_USE, throttle.succeeded
-        elif failure.check(UserDBUnavailable):
-            reason, reply, outcome = "userdb-unavailable", Reply.TEMP_FAILURE, throttle.abandoned
-        else:
-            log.failure(
-                "pop3.login_error: peer={peer} user={user}",
-                failure,
-                peer=self.session.peer,
-                user=untrusted(user),
-            )
-            reason, reply, outcome = "server-error", Reply.TEMP_FAILURE, throttle.abandoned
-        self._end_attempt(outcome, user)
-        self.log_login_failed(user, reason)
-        self._answer(reply)
-        return None
-
-    def log_login_failed(self, user: str | None, reason: str, detail: str | None = None) -> None:
-        """One event per failed login, the address first: what fail2ban counts.
-
-        ``reason`` is one of a fixed set of words; the user name and any detail are the
-        client's text, quoted so they cannot end the line or move the address.
-        """
-        fields = {"peer": self.session.peer, "user": untrusted(user), "reason": reason}
-        text = "pop3.login_failed: peer={peer} user={user} reason={reason}"
-        if detail is not None:
-            fields["detail"] = untrusted(detail)
-            text += " detail={detail}"
-        log.info(text, **fields)
-
-    # -- the reply that ends a command ---------------------------------------------------
-
-    def _new_reply(self) -> defer.Deferred:
-        """What the command in progress waits on: one Deferred, however its steps chain."""
-        if self._done is None:
-            self._done = defer.Deferred()
-        return self._done
-
-    def _answer(self, template: bytes, *args) -> None:
-        self._answer_with(self.session.text(template, *args))
-
-    def _answer_with(self, line: bytes) -> None:
-        """Send the reply the command in progress waited for, and let input go on."""
-        self._delayed = None
-        self._waiting = None
-        if not self.session.connected:
-            return
-        self.session.send_line(line)
-        done, self._done = self._done, None
-        if done is not None:
-            done.callback(None)
+            self.logins.end_attempt(self.factory.throttle.abandoned, None)
+        self.logins.answer(Reply.TEMP_FAILURE)
 
 
 def _decode_base64(data: bytes) -> bytes:
