@@ -22,16 +22,10 @@ from popserv.auth import PasswdFile
 from popserv.config import Config
 from popserv.delivery import MaildirDeliverer
 from popserv.maildir import MaildirStore
+from popserv.testing import run_at_once
 
 HOST = "mx.example.org"
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
-
-
-class SyncDeliverer(MaildirDeliverer):
-    """The real deliverer, with the fsync-and-link step run at once instead of in a thread."""
-
-    def in_thread(self, f, *args):
-        return defer.maybeDeferred(f, *args)
 
 
 @implementer(ITLSTransport)
@@ -59,7 +53,7 @@ class SMTPTestCase(unittest.TestCase):
         )
         self.clock = Clock()
         self.store = MaildirStore(self.mailroot)
-        self.deliverer = SyncDeliverer(self.store, HOST)
+        self.deliverer = MaildirDeliverer(self.store, HOST, run_at_once)
         self.factory = smtp.SMTPFactory(
             self.deliverer, PasswdFile(users), self.config, clock=self.clock
         )

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from popserv import service
+from popserv.config import Config
+from popserv.delivery import DELIVERY_THREADS
+from popserv.maildir import MAILDROP_THREADS
 from popserv.testing import run_at_once
 from popserv.workers import Workers, WorkersService
 
@@ -208,3 +214,40 @@ class WorkersServiceTests(unittest.TestCase):
         fake.deliver()
         self.assertEqual(self.successResultOf(d), "queued")
 
+
+class MakeServiceTests(unittest.TestCase):
+    """make_service makes three sets of workers, hands each part its own, and runs them."""
+
+    def test_each_part_gets_its_workers(self):
+        """Verification and SCRAM, maildrops, deliveries: each set its part's, started and
+        stopped with the server."""
+        root = os.path.abspath(self.mktemp())
+        config = Config(
+            hostname="mx.example.org",
+            mailroot=os.path.join(root, "mail"),
+            users=os.path.join(root, "users"),
+            state_dir=os.path.join(root, "state"),
+            tls_self_signed_dir=os.path.join(root, "tls"),
+            pop3_listen=("tcp:0:interface=127.0.0.1",),
+            pop3s_listen=(),
+            smtp_listen=("tcp:0:interface=127.0.0.1",),
+            auth_max_verifications=3,
+        )
+        top = service.make_service(config, reactor=MemoryReactorClock())
+        names = ("verify-threads", "maildrop-threads", "delivery-threads")
+        verify, maildrops, deliveries = (top.getServiceNamed(n).workers for n in names)
+        self.assertEqual(
+            (verify.size, maildrops.size, deliveries.size), (3, MAILDROP_THREADS, DELIVERY_THREADS)
+        )
+        pop3 = top.getServiceNamed("pop3-0").factory
+        smtp = top.getServiceNamed("smtp-0").factory
+        self.assertEqual((pop3.userdb._run, pop3.run_in_thread), (verify.run, verify.run))
+        self.assertEqual(pop3.portal.realm.store._run, maildrops.run)
+        self.assertEqual(smtp.deliverer.run, deliveries.run)
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(lambda: top.running and top.stopService())
+        self.assertEqual([w.running for w in (verify, maildrops, deliveries)], [True] * 3)
+        top.stopService()
+        self.assertEqual([w.running for w in (verify, maildrops, deliveries)], [False] * 3)
+        self.assertEqual([alive(w) for w in (verify, maildrops, deliveries)], [[]] * 3)
