@@ -30,7 +30,7 @@ from twisted.cred.credentials import (
     IUsernamePassword,
 )
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials
 from zope.interface import implementer
@@ -472,16 +472,22 @@ class PasswdFile:
 
     log = Logger()
 
-    def __init__(self, path: str, reactor=None, threadpool=None, secret: bytes | None = None):
-        """``threadpool``: where hashes are verified (default: the reactor's thread pool).
+    def __init__(
+        self,
+        path: str,
+        run: Callable[..., defer.Deferred] | None = None,
+        secret: bytes | None = None,
+    ):
+        """``run`` verifies hashes off the reactor thread (a ``Workers.run`` of no more
+        threads than may verify at once: each Argon2id verification holds 64 MiB);
+        without it only the lookups work, as SMTP needs, and ``check`` raises TypeError.
 
         ``secret``: the server secret (``popserv.state``) that keys the salts of SCRAM
         keys derived from clear passwords, so they stay the same across restarts;
         without it they are keyed by a random value of this object.
         """
         self.path = path
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._run = run
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, Entry] = {}
         self._refused: dict[str, str] = {}  # a colliding name -> a name it collides with
@@ -571,7 +577,11 @@ class PasswdFile:
         return self._entry(user) is not None
 
     def check(self, user: str, password: bytes) -> defer.Deferred[bool]:
-        """Verify in the reactor's thread pool; an unknown user costs a dummy Argon2 verify."""
+        """Verify through ``run``; an unknown user costs a dummy Argon2 verify."""
+        if self._run is None:
+            raise TypeError(
+                "PasswdFile needs run= (a popserv.workers.Workers.run) to check passwords"
+            )
         try:
             entry = self._entry(user)
         except UserDBUnavailable:
@@ -590,11 +600,7 @@ class PasswdFile:
                     scheme=name,
                     user=user,
                 )
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
-        return threads.deferToThreadPool(reactor, pool, verify, stored, password)
+        return self._run(verify, stored, password)
 
     def _against_dummy(self, stored: str, password: bytes) -> bool:
         """Spend what a wrong password costs, then fail."""

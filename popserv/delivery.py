@@ -25,17 +25,14 @@ import fcntl
 import itertools
 import json
 import os
-import queue
 import shutil
-import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IMaildropStore
@@ -52,7 +49,7 @@ JOURNAL_DIR = ".popserv-deliveries"
 _PENDING, _COMMITTED = b"P", b"C"
 
 #: Threads that fsync and rename; more than the disk can overlap only add switching.
-WORKER_THREADS = 8
+DELIVERY_THREADS = 8
 _FILE_MODE = 0o600
 _BUFFER_SIZE = 64 * 1024
 _counter = itertools.count(1)
@@ -136,7 +133,7 @@ class MaildirDelivery:
         if self._file is None:
             raise DeliveryFailed("delivery already finished or aborted")
         f, self._file = self._file, None
-        return self._deliverer.in_thread(self._finish_blocking, f)
+        return self._deliverer.run(self._finish_blocking, f)
 
     def _finish_blocking(self, f: BinaryIO) -> str:
         name = f"{self.id},S={self.size},W={self.crlf_size}"
@@ -283,15 +280,21 @@ class MaildirDeliverer:
     """Starts deliveries into the Maildirs of an ``IMaildropStore``."""
 
     def __init__(
-        self, store: IMaildropStore, hostname: str, reactor=None, journal_dir: str | None = None
+        self,
+        store: IMaildropStore,
+        hostname: str,
+        run: Callable[..., Deferred],
+        journal_dir: str | None = None,
     ):
-        """``journal_dir``: where multi-recipient deliveries keep their journals
-        (``<mailroot>/.popserv-deliveries`` by default; ``DeliveryRecovery`` reads it)."""
+        """``run``: a ``Workers.run`` of ``DELIVERY_THREADS`` of the deliveries' own, so
+        deliveries never wait behind logins.  ``journal_dir``: where multi-recipient
+        deliveries keep their journals (``<mailroot>/.popserv-deliveries`` by default;
+        ``DeliveryRecovery`` reads it)."""
         self.store = store
         self.hostname = hostname
-        self._reactor = reactor
+        #: Runs each delivery's fsync-and-link step off the reactor thread.
+        self.run = run
         self._known: dict[str, str] = {}
-        self._workers: Workers | None = None
         self._journal_dir = journal_dir
 
     @property
@@ -324,69 +327,6 @@ class MaildirDeliverer:
             return MaildirDelivery(self, users)
         except OSError as e:
             raise DeliveryFailed(f"cannot start a delivery: {e.strerror}", e) from None
-
-    def in_thread(self, f, *args) -> Deferred:
-        """Run blocking file-system work in the delivery threads (started on first use)."""
-        if self._workers is None:
-            reactor = self._reactor
-            if reactor is None:
-                from twisted.internet import reactor
-            self._workers = Workers(reactor, WORKER_THREADS)
-        return self._workers.run(f, *args)
-
-    def stop(self) -> None:
-        """End the delivery threads once their jobs are done (reactor shutdown does this too)."""
-        workers, self._workers = self._workers, None
-        if workers is not None:
-            workers.stop()
-
-
-class Workers:
-    """A fixed set of threads for blocking calls, each result handed to the reactor thread.
-
-    A third of the CPU time per call of the reactor's own thread pool (which also runs
-    password hashing, so deliveries do not wait behind it).  Jobs queued when the reactor
-    shuts down are finished first.
-    """
-
-    def __init__(self, reactor, size: int):
-        self._reactor = reactor
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopped = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"popserv-delivery-{n}", daemon=True)
-            for n in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
-        reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-
-    def run(self, f, *args) -> Deferred:
-        """``f(*args)`` in one of the threads; the Deferred fires in the reactor thread."""
-        d = Deferred()
-        self._jobs.put((f, args, d))
-        return d
-
-    def _work(self) -> None:
-        call_from_thread = self._reactor.callFromThread
-        while (job := self._jobs.get()) is not None:
-            f, args, d = job
-            try:
-                result = f(*args)
-            except BaseException:
-                call_from_thread(d.errback, Failure())
-            else:
-                call_from_thread(d.callback, result)
-
-    def stop(self) -> None:
-        """Let the threads finish the queued jobs, then end them; safe to call twice."""
-        if self._stopped:
-            return
-        self._stopped = True
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
 
 
 def _maildirs_below(mailroot: str) -> Iterable[str]:

@@ -1,7 +1,8 @@
 """Maildir storage: per-session snapshots, the maildrop lock, UIDLs, sizes, committed deletions.
 
 Reads Maildirs as Dovecot, Courier and Postfix write them.  Knows nothing of sockets or
-protocols; blocking file-system work runs in the reactor's thread pool.
+protocols; opening and committing a maildrop block, so they run through the ``run``
+(a ``popserv.workers.Workers.run``) the store is given.
 
 Message order (RFC 1939 message numbers): messages listed in ``dovecot-uidlist`` first,
 by their Dovecot UID, as Dovecot numbered them; then the others by delivery time, that is
@@ -25,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -61,6 +62,9 @@ _FILE_MODE = 0o600
 STABLE_AGE = 1.0
 #: Maildirs whose last listing is kept in memory, at most (least recently used go).
 MAX_CACHED_LISTINGS = 1024
+#: Threads that lock, list and commit maildrops: logins and QUITs of different users
+#: overlap on the disk.
+MAILDROP_THREADS = 10
 
 
 # Sizes on the wire
@@ -218,18 +222,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _default_reactor():
-    from twisted.internet import reactor
-
-    return reactor
-
-
-def _in_thread(reactor, f, *args) -> Deferred:
-    from twisted.internet.threads import deferToThreadPool
-
-    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
 # The snapshot
@@ -527,9 +519,10 @@ class MaildirMaildrop:
         path: str,
         lock_file: BinaryIO,
         entries: list[_Entry],
-        reactor,
+        run: Callable[..., Deferred],
         snapshot: tuple | None = None,
     ):
+        """``run``: runs the commit off the reactor thread (the store's)."""
         self.user = user
         self.path = path
         self._lock_file: BinaryIO | None = lock_file
@@ -537,7 +530,7 @@ class MaildirMaildrop:
         if snapshot is None:
             snapshot = tuple((e.uidl, e.size) for e in entries)
         self._snapshot = snapshot
-        self._reactor = reactor
+        self._run = run
 
     def _entry(self, index: int) -> _Entry:
         if not 0 <= index < len(self._entries):
@@ -563,7 +556,7 @@ class MaildirMaildrop:
     def commit(self, deleted: Iterable[int]) -> Deferred:
         """Unlink those messages in a thread; fails with CommitFailed(n) if n remain."""
         entries = [self._entry(i) for i in sorted(set(deleted))]
-        return _in_thread(self._reactor, self._remove, entries)
+        return self._run(self._remove, entries)
 
     def _remove(self, entries: list[_Entry]) -> None:
         failed = 0
@@ -611,17 +604,21 @@ class MaildirStore:
     def __init__(
         self,
         mailroot: str,
-        reactor=None,
+        run: Callable[..., Deferred] | None = None,
         *,
         dovecot_uidl_format: str = DEFAULT_DOVECOT_FORMAT,
         dovecot_reuse_xuidl: bool = False,
     ):
-        """``dovecot_uidl_format`` and ``dovecot_reuse_xuidl`` are the ``pop3_uidl_format``
+        """``run`` opens and commits maildrops off the reactor thread (a ``Workers.run``
+        of ``MAILDROP_THREADS``); without it the store only names and makes Maildirs,
+        as the admin command does, and ``open_maildrop`` raises TypeError.
+
+        ``dovecot_uidl_format`` and ``dovecot_reuse_xuidl`` are the ``pop3_uidl_format``
         and ``pop3_reuse_xuidl`` Dovecot served these Maildirs with (see
         ``popserv.uidlist.UidlFormat``); ValueError for a format Dovecot could not have had.
         """
         self.mailroot = mailroot
-        self._reactor = reactor
+        self._run = run
         self._inheritance = UidlInheritance(dovecot_uidl_format, dovecot_reuse_xuidl)
         #: Maildir path -> (signature, entries, snapshot) of its last trustworthy listing.
         self._listings: OrderedDict[str, tuple[tuple, list[_Entry], tuple]] = OrderedDict()
@@ -651,8 +648,11 @@ class MaildirStore:
 
     def open_maildrop(self, user: str) -> Deferred:
         """Lock and snapshot ``user``'s Maildir in a thread; fails with MaildropLocked."""
-        reactor = self._reactor if self._reactor is not None else _default_reactor()
-        return _in_thread(reactor, self._open_blocking, user, reactor)
+        if self._run is None:
+            raise TypeError(
+                "MaildirStore needs run= (a popserv.workers.Workers.run) to open maildrops"
+            )
+        return self._run(self._open_blocking, user)
 
     def _listing(self, path: str) -> tuple[list[_Entry], tuple]:
         """The snapshot entries of a Maildir: the last listing while nothing changed.
@@ -687,7 +687,7 @@ class MaildirStore:
                 self._listings.pop(path, None)
         return entries, snapshot
 
-    def _open_blocking(self, user: str, reactor) -> MaildirMaildrop:
+    def _open_blocking(self, user: str) -> MaildirMaildrop:
         path = self.create(user)
         lock_path = os.path.join(path, LOCK_NAME)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE)
@@ -704,4 +704,4 @@ class MaildirStore:
         except BaseException:
             lock_file.close()
             raise
-        return MaildirMaildrop(user, path, lock_file, entries, reactor, snapshot)
+        return MaildirMaildrop(user, path, lock_file, entries, self._run, snapshot)

@@ -9,10 +9,8 @@ import threading
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.threadpool import ThreadPool
 
 from popserv.config import Config
 
@@ -24,16 +22,20 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     Listeners bind when the service starts (``privilegedStartService``), so ports below
     1024 work with ``twistd --uid``.  A missing mailroot or users file is created empty,
-    so a first ``twistd -n popserv`` runs without any setup.
+    so a first ``twistd -n popserv`` runs without any setup.  ``reactor`` (the global one
+    by default) is handed to every part that needs time or threads.
     """
+    if reactor is None:
+        from twisted.internet import reactor
     from popserv.auth import PasswdFile, checkers
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
-    from popserv.maildir import MaildirStore
+    from popserv.maildir import MAILDROP_THREADS, MaildirStore
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
     from popserv.state import load_or_create_secret
     from popserv.tls import load_or_create
+    from popserv.workers import Workers, WorkersService
 
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
@@ -46,13 +48,14 @@ def make_service(config: Config, reactor=None) -> MultiService:
     tls_dir = os.path.abspath(config.tls_self_signed_dir)
     tls_dir_existed = os.path.exists(tls_dir)
 
-    # Password hashes get threads of their own, no more than may verify at once: each
-    # Argon2id verification holds 64 MiB.
-    verify_pool = ThreadPool(0, config.auth_max_verifications, "popserv-verify")
-    userdb = PasswdFile(users, reactor=reactor, threadpool=verify_pool, secret=secret)
+    # Password hashes (and SCRAM's key derivation) get threads of their own, no more
+    # than may verify at once: each Argon2id verification holds 64 MiB.
+    verify = Workers(reactor, config.auth_max_verifications, "popserv-verify")
+    maildrops = Workers(reactor, MAILDROP_THREADS, "popserv-maildrop")
+    userdb = PasswdFile(users, verify.run, secret=secret)
     store = MaildirStore(
         mailroot,
-        reactor=reactor,
+        maildrops.run,
         dovecot_uidl_format=config.pop3_dovecot_uidl_format,
         dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
     )
@@ -69,7 +72,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         clock=reactor,
         userdb=userdb,
         tls=tls,
-        run_in_thread=_runner(verify_pool, reactor),
+        run_in_thread=verify.run,
         secret=secret,
     )
 
@@ -79,7 +82,11 @@ def make_service(config: Config, reactor=None) -> MultiService:
     ProcessSetup(config, created).setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
-    ThreadPoolService(verify_pool).setServiceParent(top)
+    # Before the listeners, so they stop (queued jobs done) after them.
+    for name, workers in (("verify-threads", verify), ("maildrop-threads", maildrops)):
+        threads = WorkersService(workers)
+        threads.setName(name)
+        threads.setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"pop3-{index}")
@@ -109,43 +116,21 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
 def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) -> None:
     """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
-    from popserv.delivery import MaildirDeliverer, StaleTempCleaner
+    from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
     from popserv.smtp import SMTPFactory
+    from popserv.workers import Workers, WorkersService
 
     StaleTempCleaner(store.mailroot).setServiceParent(top)
-    deliverer = MaildirDeliverer(store, config.hostname, reactor=reactor)
+    workers = Workers(reactor, DELIVERY_THREADS, "popserv-delivery")
+    threads = WorkersService(workers)
+    threads.setName("delivery-threads")
+    threads.setServiceParent(top)
+    deliverer = MaildirDeliverer(store, config.hostname, workers.run)
     factory = SMTPFactory(deliverer, userdb, config, clock=reactor, context_factory=tls)
     for index, description in enumerate(config.smtp_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"smtp-{index}")
         listener.setServiceParent(top)
-
-
-def _runner(pool: ThreadPool, reactor=None):
-    """A ``run_in_thread`` for the factory: SCRAM's key derivation runs in ``pool`` too."""
-
-    def run_in_thread(f, *args, **kwargs):
-        nonlocal reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
-
-    return run_in_thread
-
-
-class ThreadPoolService(Service):
-    """Starts a thread pool with the service and stops it (joining its threads) at the end."""
-
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        self.pool.stop()
-        return super().stopService()
 
 
 class ReloadOnSIGHUP(Service):
@@ -155,7 +140,7 @@ class ReloadOnSIGHUP(Service):
     the main thread (where signals cannot be caught) it does nothing.
     """
 
-    def __init__(self, reload, reactor=None):
+    def __init__(self, reload, reactor):
         self._reload = reload
         self._reactor = reactor
         self._installed = False
@@ -176,10 +161,7 @@ class ReloadOnSIGHUP(Service):
         return super().stopService()
 
     def _received(self, signum, frame) -> None:
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        reactor.callFromThread(self._reload_now)
+        self._reactor.callFromThread(self._reload_now)
         if callable(self._previous):
             self._previous(signum, frame)
 

@@ -531,12 +531,12 @@ class SMTPFactory(ServerFactory):
         deliverer: IDeliverer,
         userdb: IUserDB,
         config: Config,
-        clock=None,
+        *,
+        clock,
         context_factory=None,
         limiter=None,
     ):
-        if clock is None:
-            from twisted.internet import reactor as clock
+        """``clock``: the reactor (or a ``task.Clock``) that times sessions and headers."""
         self.deliverer = deliverer
         self.config = config
         self.clock = clock

@@ -1,7 +1,8 @@
-"""In-memory fakes of popserv's storage interfaces, for tests of the layers above.
+"""In-memory fakes of popserv's storage interfaces and workers, for tests of the layers above.
 
 ``tests/test_maildir.py`` runs the same contract tests against these fakes and the real
-Maildir store, so the fakes behave like the real thing where callers can tell.
+Maildir store, and ``tests/test_workers.py`` runs ``run_at_once`` against
+``Workers.run``, so the fakes behave like the real thing where callers can tell.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from zope.interface import implementer
 
 from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
 from popserv.maildir import crlf_size, user_parts
+
+
+def run_at_once(f, *args) -> defer.Deferred:
+    """A fake ``Workers.run``: ``f(*args)`` in the calling thread, its result or failure fired."""
+    return defer.maybeDeferred(f, *args)
 
 
 @implementer(IMaildrop)

@@ -19,9 +19,10 @@ from twisted.trial.unittest import SkipTest
 
 from popserv.auth import PasswdFile, checkers, hash_password
 from popserv.config import Config
-from popserv.maildir import MaildirStore, crlf_size
+from popserv.maildir import MAILDROP_THREADS, MaildirStore, crlf_size
 from popserv.pop3 import POP3Factory
 from popserv.realm import MaildropRealm
+from popserv.workers import Workers
 
 #: Host part of the Maildir file names written by ``deliver``.
 HOST = "live.test"
@@ -29,6 +30,14 @@ HOST = "live.test"
 CLOSE_WAIT = 5.0
 
 _sequence = itertools.count(1)
+
+
+def workers(testcase, size: int, name: str = "popserv-test") -> Workers:
+    """Threads for blocking work, started, and stopped (queued jobs done) when the test ends."""
+    started = Workers(reactor, size, name)
+    started.start()
+    testcase.addCleanup(started.stop)
+    return started
 
 
 def wire(message: bytes) -> bytes:
@@ -213,10 +222,12 @@ def start_server(
     }
     settings.update(config_overrides)
     config = Config(**settings)
-    store = MaildirStore(mailroot, reactor=reactor)
-    userdb = PasswdFile(users_path, reactor=reactor)
+    # Threads as make_service gives them; stopped once the listener is (cleanups run last first).
+    verify = workers(testcase, config.auth_max_verifications, "popserv-verify")
+    store = MaildirStore(mailroot, workers(testcase, MAILDROP_THREADS, "popserv-maildrop").run)
+    userdb = PasswdFile(users_path, verify.run)
     portal = Portal(MaildropRealm(store), checkers(userdb))
-    factory = POP3Factory(portal, config, clock=reactor, userdb=userdb)
+    factory = POP3Factory(portal, config, clock=reactor, userdb=userdb, run_in_thread=verify.run)
     tracker = _TrackingFactory(factory)
     endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
 

@@ -12,9 +12,9 @@ from twisted.internet import endpoints, reactor
 
 from popserv.auth import PasswdFile
 from popserv.config import Config
-from popserv.delivery import MaildirDeliverer
+from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer
 from popserv.smtp import SMTPFactory
-from tests.live import HOST, LiveServer, _shut_down, _TrackingFactory
+from tests.live import HOST, LiveServer, _shut_down, _TrackingFactory, workers
 
 
 def start_smtp(testcase, server: LiveServer, **config_overrides):
@@ -27,7 +27,8 @@ def start_smtp(testcase, server: LiveServer, **config_overrides):
     }
     settings.update(config_overrides)
     config = Config(**settings)
-    deliverer = MaildirDeliverer(server.store, HOST, reactor=reactor)
+    delivery = workers(testcase, DELIVERY_THREADS, "popserv-delivery")
+    deliverer = MaildirDeliverer(server.store, HOST, delivery.run)
     factory = SMTPFactory(deliverer, PasswdFile(server.users_path), config, clock=reactor)
     tracker = _TrackingFactory(factory)
     endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")

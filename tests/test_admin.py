@@ -13,21 +13,9 @@ import argon2
 from twisted.trial import unittest
 
 from popserv import admin, auth
+from popserv.testing import run_at_once
 
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
-class SyncReactor:
-    """Runs PasswdFile's verification at once, so the tests need no threads."""
-
-    def getThreadPool(self):
-        return self
-
-    def callInThreadWithCallback(self, on_result, f, *args):
-        on_result(True, f(*args))
-
-    def callFromThread(self, f, *args):
-        f(*args)
 
 
 class AdminTests(unittest.TestCase):
@@ -59,7 +47,7 @@ class AdminTests(unittest.TestCase):
             return f.read()
 
     def check(self, user: str, password: bytes) -> bool:
-        db = auth.PasswdFile(self.users, reactor=SyncReactor())
+        db = auth.PasswdFile(self.users, run_at_once)
         return self.successResultOf(db.check(user, password))
 
     def assert_error(self, status: int, message: str) -> None:

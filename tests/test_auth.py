@@ -15,7 +15,6 @@ import scramp
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.mail.pop3 import APOPCredentials
@@ -24,6 +23,8 @@ from zope.interface.verify import verifyObject
 
 from popserv import auth, sasl
 from popserv.interfaces import IUserDB, ScramKeys, UserDBUnavailable
+from popserv.testing import run_at_once
+from tests import live
 
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -40,30 +41,15 @@ class SpyHasher(argon2.PasswordHasher):
         return super().verify(hash, password)
 
 
-class FakeThreadPool:
-    """Runs each call at once, the way ``deferToThreadPool`` expects a pool to report back."""
+class RecordingRunner:
+    """A fake ``Workers.run`` that runs each call at once and records the callable."""
 
     def __init__(self):
         self.calls = []
 
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+    def __call__(self, f, *args):
         self.calls.append(f)
-        defer.maybeDeferred(f, *args, **kwargs).addCallbacks(
-            lambda result: on_result(True, result), lambda failure: on_result(False, failure)
-        )
-
-
-class FakeReactor:
-    """Just what ``deferToThreadPool`` uses: a thread pool and ``callFromThread``."""
-
-    def __init__(self):
-        self.pool = FakeThreadPool()
-
-    def getThreadPool(self):
-        return self.pool
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
+        return run_at_once(f, *args)
 
 
 def write_file(path: str, text: str) -> None:
@@ -134,7 +120,7 @@ class HashPasswordTests(unittest.TestCase):
             field = auth.hash_password("pässword", scheme.lower())
             self.assertTrue(field.startswith("{" + scheme + "}"), field)
             write_file(path, f"alice:{field}\n")
-            db = auth.PasswdFile(path, reactor=FakeReactor())
+            db = auth.PasswdFile(path, run_at_once)
             self.assertTrue(self.successResultOf(db.check("alice", "pässword".encode())), scheme)
             self.assertFalse(self.successResultOf(db.check("alice", b"password")), scheme)
 
@@ -192,7 +178,7 @@ class PasswdFileTests(unittest.TestCase):
     def setUp(self):
         self.hasher = SpyHasher()
         self.patch(auth, "HASHER", self.hasher)
-        self.reactor = FakeReactor()
+        self.run = RecordingRunner()
         self.path = self.mktemp()
         self.alice = auth.hash_password("wonderland")
         write_file(
@@ -206,7 +192,7 @@ class PasswdFileTests(unittest.TestCase):
             "erin:$6$salt$hash\n"
             "frank:\n",
         )
-        self.db = auth.PasswdFile(self.path, reactor=self.reactor)
+        self.db = auth.PasswdFile(self.path, self.run)
 
     def check(self, user: str, password: bytes) -> bool:
         return self.successResultOf(self.db.check(user, password))
@@ -290,10 +276,10 @@ class PasswdFileTests(unittest.TestCase):
         self.assertEqual(self.hasher.verified[0][0], self.hasher.verified[1][0])
 
     def test_runs_in_thread_pool(self):
-        """Verification is handed to the injected reactor's thread pool."""
+        """Verification is handed to the injected runner."""
         self.check("alice", b"wonderland")
         self.check("nobody", b"x")
-        self.assertEqual(len(self.reactor.pool.calls), 2)
+        self.assertEqual(len(self.run.calls), 2)
 
     def test_reload(self):
         """A changed file is re-read at the next lookup, without a restart."""
@@ -425,7 +411,7 @@ class CollidingUsersTests(unittest.TestCase):
         self.patch(auth, "HASHER", CHEAP)
         self.path = self.mktemp()
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.db = auth.PasswdFile(self.path, reactor=FakeReactor())
+        self.db = auth.PasswdFile(self.path, run_at_once)
 
     def write(self, *names: str) -> None:
         write_file(self.path, "".join(f"{name}:{{PLAIN}}pw-{name}\n" for name in names))
@@ -501,12 +487,12 @@ class CollidingUsersTests(unittest.TestCase):
 
 class ThreadTests(unittest.TestCase):
     def test_verify_off_reactor_thread(self):
-        """With the global reactor, the hash is verified in a thread other than the reactor's."""
+        """With popserv's workers, the hash is verified in a thread other than the reactor's."""
         hasher = SpyHasher()
         self.patch(auth, "HASHER", hasher)
         path = self.mktemp()
         write_file(path, f"alice:{auth.hash_password('pw')}\n")
-        db = auth.PasswdFile(path)
+        db = auth.PasswdFile(path, live.workers(self, 1).run)
 
         def verified(ok):
             self.assertTrue(ok)
@@ -539,7 +525,7 @@ class DovecotHashTests(unittest.TestCase):
     def check(self, hashed: str, password: bytes) -> bool:
         path = self.mktemp()
         write_file(path, f"alice:{hashed}\n")
-        db = auth.PasswdFile(path, reactor=FakeReactor())
+        db = auth.PasswdFile(path, run_at_once)
         return self.successResultOf(db.check("alice", password))
 
     def test_argon2_cffi_layout(self):
@@ -599,7 +585,7 @@ class DovecotUsersFileTests(unittest.TestCase):
             )
         self.path = self.mktemp()
         write_file(self.path, "# made by doveadm pw\n" + "\n".join(_dovecot_file) + "\n")
-        self.userdb = auth.PasswdFile(self.path, reactor=FakeReactor())
+        self.userdb = auth.PasswdFile(self.path, run_at_once)
 
     @staticmethod
     def password(scheme: str) -> str:
@@ -683,7 +669,7 @@ class CheckerTests(unittest.TestCase):
         self.patch(auth, "HASHER", CHEAP)
         self.path = self.mktemp()
         write_file(self.path, "bob:{PLAIN}builder\nzoë:{PLAIN}z\n")
-        self.checker = auth.UserDBChecker(auth.PasswdFile(self.path, reactor=FakeReactor()))
+        self.checker = auth.UserDBChecker(auth.PasswdFile(self.path, run_at_once))
 
     def login(self, user, password):
         return self.checker.requestAvatarId(UsernamePassword(user, password))
@@ -726,7 +712,7 @@ class SecretCheckerTests(unittest.TestCase):
             f"carl:{auth.hash_password('tanstaaf', 'CRAM-MD5')}\n"
             f"alice:{auth.hash_password('tanstaaf')}\n",
         )
-        self.checker = auth.SecretChecker(auth.PasswdFile(self.path, reactor=FakeReactor()))
+        self.checker = auth.SecretChecker(auth.PasswdFile(self.path, run_at_once))
 
     def apop(self, user: bytes, digest: bytes = apop_digest):
         return self.checker.requestAvatarId(APOPCredentials(self.magic, user, digest))

@@ -7,17 +7,16 @@ import os
 import re
 import shutil
 import stat
-import threading
 import time
 from unittest import mock
 
-from twisted.internet import reactor
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from popserv import delivery
 from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery
 from popserv.maildir import MaildirStore, crlf_size, uidl_for, wire_size_from_name
+from tests import live
 
 MESSAGE = b"Subject: hi\n\nline one\n.dot line\n\xff\xfe binary\n"
 NAME_RE = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)\.([^,:/]+),S=(\d+),W=(\d+)$")
@@ -27,9 +26,9 @@ class DeliveryTestCase(unittest.TestCase):
     def setUp(self):
         self.mailroot = os.path.abspath(self.mktemp())
         os.makedirs(self.mailroot)
-        self.store = MaildirStore(self.mailroot, reactor=reactor)
-        self.deliverer = delivery.MaildirDeliverer(self.store, "mx.example.org", reactor=reactor)
-        self.addCleanup(self.deliverer.stop)
+        run = live.workers(self, delivery.DELIVERY_THREADS).run
+        self.store = MaildirStore(self.mailroot, run)
+        self.deliverer = delivery.MaildirDeliverer(self.store, "mx.example.org", run)
 
     def listing(self, user, sub):
         return sorted(os.listdir(os.path.join(self.store.path_for(user), sub)))
@@ -546,62 +545,6 @@ class RemovedMaildirTests(DeliveryTestCase):
         for _ in range(3):
             self.deliverer.begin(["alice"]).abort()
         self.assertEqual(calls, ["alice"])
-
-
-class RecordingReactor:
-    """Just what Workers uses of a reactor: calls from threads are recorded, not run."""
-
-    def __init__(self):
-        self.calls = []
-        self.triggers = []
-
-    def callFromThread(self, f, *args):
-        self.calls.append((f, args))
-
-    def addSystemEventTrigger(self, phase, event, f):
-        self.triggers.append((phase, event, f))
-
-
-class WorkersTests(unittest.TestCase):
-    async def test_result_and_failure(self):
-        """A call's result, or its exception, reaches the Deferred in the reactor thread."""
-        workers = delivery.Workers(reactor, 2)
-        self.addCleanup(workers.stop)
-        threads = []
-        self.assertEqual(await workers.run(lambda a, b: a + b, 2, 3), 5)
-        await workers.run(lambda: threads.append(threading.current_thread()))
-        self.assertNotEqual(threads, [threading.current_thread()])
-        with self.assertRaises(ZeroDivisionError):
-            await workers.run(lambda: 1 // 0)
-
-    def test_stop_finishes_queued_jobs(self):
-        """Stopping (at reactor shutdown) runs what was queued, then ends the threads."""
-        fake = RecordingReactor()
-        workers = delivery.Workers(fake, 2)
-        self.assertEqual(fake.triggers, [("during", "shutdown", workers.stop)])
-        ran = []
-        for n in range(20):
-            workers.run(lambda n=n: ran.append(n) or n)
-        workers.stop()
-        self.assertEqual(sorted(ran), list(range(20)))
-        self.assertEqual(len(fake.calls), 20)
-        self.assertFalse(any(t.is_alive() for t in workers._threads))
-
-    def test_deliverer_starts_workers_once(self):
-        """A deliverer starts its threads at its first blocking call, and again after a stop."""
-        fake = RecordingReactor()
-        deliverer = delivery.MaildirDeliverer(None, "mx.example.org", reactor=fake)
-        self.assertIsNone(deliverer._workers)
-        deliverer.in_thread(lambda: None)
-        deliverer.in_thread(lambda: None)
-        self.assertEqual(len(fake.triggers), 1)
-        deliverer.stop()
-        deliverer.stop()
-        self.assertEqual(len(fake.calls), 2)
-        deliverer.in_thread(lambda: None)
-        self.assertEqual(len(fake.triggers), 2)
-        deliverer.stop()
-        self.assertEqual(len(fake.calls), 3)
 
 
 class StaleCleanupTests(DeliveryTestCase):

@@ -24,7 +24,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from popserv import uidlist
-from popserv.maildir import MaildirStore
+from popserv.maildir import MAILDROP_THREADS, MaildirStore
 from popserv.uidlist import (
     UidlFormat,
     UidlInheritance,
@@ -173,7 +173,9 @@ class InheritedStoreTests(unittest.TestCase):
     """A MaildirStore over Maildirs that Dovecot or Courier served."""
 
     def make_store(self, **options) -> MaildirStore:
-        self.store = MaildirStore(self.mktemp(), **options)
+        self.store = MaildirStore(
+            self.mktemp(), live.workers(self, MAILDROP_THREADS).run, **options
+        )
         self.path = self.store.create("alice")
         return self.store
 
@@ -556,6 +558,9 @@ class DovecotSwitchTests(unittest.TestCase):
 
     timeout = 120
 
+    def setUp(self):
+        self.run = live.workers(self, MAILDROP_THREADS).run
+
     @defer.inlineCallbacks
     def store_uidls(self, store: MaildirStore, user: str):
         maildrop = yield store.open_maildrop(user)
@@ -615,7 +620,7 @@ class DovecotSwitchTests(unittest.TestCase):
         """For other common pop3_uidl_format values popserv expands what Dovecot served."""
         _require_dovecot()
         mailroot, users_path = _users_file(self, {"alice": "secret"})
-        store = MaildirStore(mailroot)
+        store = MaildirStore(mailroot, self.run)
         maildir = store.create("alice")
         for n in range(1, 4):
             name = f"17000000{n:02d}.M{n}P1Q{n}.host"
@@ -628,7 +633,7 @@ class DovecotSwitchTests(unittest.TestCase):
             yield dovecot.start()
             expected = yield dovecot.session("alice", "secret")
             yield dovecot.stop()
-            store = MaildirStore(mailroot, dovecot_uidl_format=text)
+            store = MaildirStore(mailroot, self.run, dovecot_uidl_format=text)
             self.assertEqual((yield self.store_uidls(store, "alice")), expected, text)
 
     @defer.inlineCallbacks
@@ -636,7 +641,7 @@ class DovecotSwitchTests(unittest.TestCase):
         """UIDLs Dovecot saved with pop3_save_uidl are served whatever popserv's format."""
         _require_dovecot()
         mailroot, users_path = _users_file(self, {"bob": "secret"})
-        store = MaildirStore(mailroot)
+        store = MaildirStore(mailroot, self.run)
         maildir = store.create("bob")
         for n in range(1, 4):
             with open(os.path.join(maildir, "new", f"17000000{n:02d}.M{n}P1Q{n}.h"), "wb") as f:
@@ -666,5 +671,5 @@ class DovecotSwitchTests(unittest.TestCase):
         expected = yield dovecot.session("carol", "secret")
         yield dovecot.stop()
         self.assertEqual(expected[0], "old-server-1")
-        store = MaildirStore(mailroot, dovecot_reuse_xuidl=True)
+        store = MaildirStore(mailroot, self.run, dovecot_reuse_xuidl=True)
         self.assertEqual((yield self.store_uidls(store, "carol")), expected)

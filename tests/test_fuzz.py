@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -31,7 +31,7 @@ from popserv.delivery import MaildirDeliverer
 from popserv.maildir import MaildirStore
 from popserv.pop3 import POP3Factory, POP3Server
 from popserv.realm import MaildropRealm
-from popserv.testing import FakeMaildropStore
+from popserv.testing import FakeMaildropStore, run_at_once
 
 settings.register_profile("popserv", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
@@ -359,13 +359,6 @@ class POP3FuzzTests(unittest.TestCase):
 # -- SMTP ------------------------------------------------------------------------------
 
 
-class SyncDeliverer(MaildirDeliverer):
-    """The real deliverer, with its fsync-and-link step run at once instead of in a thread."""
-
-    def in_thread(self, f, *args):
-        return defer.maybeDeferred(f, *args)
-
-
 SMTP_FIXED = st.sampled_from(
     [
         b"EHLO client.example",
@@ -483,7 +476,7 @@ class SMTPFuzzTests(unittest.TestCase):
             smtp_max_recipients=3,
         )
         clock = task.Clock()
-        deliverer = SyncDeliverer(MaildirStore(mailroot), config.hostname)
+        deliverer = MaildirDeliverer(MaildirStore(mailroot), config.hostname, run_at_once)
         factory = smtp.SMTPFactory(deliverer, self.userdb, config, clock=clock)
         proto = factory.buildProtocol(PEERS[0])
         transport = StringTransport(peerAddress=PEERS[0])

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 from popserv import maildir
 from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
 from popserv.maildir import (
+    MAILDROP_THREADS,
     MaildirStore,
     crlf_size,
     crlf_size_of_chunks,
@@ -26,6 +27,7 @@ from popserv.maildir import (
     wire_size_from_name,
 )
 from popserv.testing import FakeMaildrop, FakeMaildropStore
+from tests import live
 
 MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\r\n\r\nsecond\r\n", b"third, no newline"]
 
@@ -207,7 +209,7 @@ class MaildirContractTests(MaildropContractMixin, unittest.TestCase):
 
     def make_store(self, mailboxes):
         self.serial = 0
-        store = MaildirStore(self.mktemp())
+        store = MaildirStore(self.mktemp(), live.workers(self, MAILDROP_THREADS).run)
         for user, messages in mailboxes.items():
             store.create(user)
             for message in messages:
@@ -330,7 +332,8 @@ class MaildirStoreTests(unittest.TestCase):
     """Behaviour of the real Maildir store beyond the contract."""
 
     def setUp(self):
-        self.store = MaildirStore(self.mktemp())
+        self.run = live.workers(self, MAILDROP_THREADS).run
+        self.store = MaildirStore(self.mktemp(), self.run)
         self.path = self.store.create("alice")
 
     def write(self, sub: str, name: str | bytes, data: bytes) -> str:
@@ -436,7 +439,7 @@ class MaildirStoreTests(unittest.TestCase):
         """With a valid cache file, a restarted server's listing reads no message file."""
         self.write("cur", "1700000000.M1P1Q1.h:2,S", b"a\nb\n")
         yield self.snapshot()
-        self.store = MaildirStore(self.store.mailroot)
+        self.store = MaildirStore(self.store.mailroot, self.run)
         read = []
         real_size = maildir._crlf_size_of_path
         self.patch(
@@ -708,7 +711,8 @@ class ListingCacheTests(unittest.TestCase):
     """Later logins reuse the last listing while the Maildir is unchanged."""
 
     def setUp(self):
-        self.store = MaildirStore(self.mktemp())
+        self.run = live.workers(self, MAILDROP_THREADS).run
+        self.store = MaildirStore(self.mktemp(), self.run)
         self.path = self.store.create("alice")
         for n in range(3):
             self.write("new", f"17000000{n:02d}.M{n}P1Q{n}.h,S=2,W=3", b"a\n")

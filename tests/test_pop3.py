@@ -22,7 +22,7 @@ from popserv.interfaces import CommitFailed, UserDBUnavailable
 from popserv.pop3 import POP3Factory, Reply, TopLimiter, WireEncoder
 from popserv.pop3 import wire as wire_form
 from popserv.realm import MaildropRealm
-from popserv.testing import FakeMaildropStore
+from popserv.testing import FakeMaildropStore, run_at_once
 
 MSG1 = b"From: a@example.org\nSubject: one\n\nHello\n.\n..two dots\n"
 MSG2 = b"Subject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"
@@ -90,7 +90,9 @@ class POP3TestCase(unittest.TestCase):
         self.store = FakeMaildropStore({"alice": [MSG1, MSG2, MSG3], "bob": []})
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret", bob=b"hunter2")
         self.portal = Portal(MaildropRealm(self.store), [checker, APOPChecker(checker)])
-        self.factory = POP3Factory(self.portal, self.config, clock=self.clock)
+        self.factory = POP3Factory(
+            self.portal, self.config, clock=self.clock, run_in_thread=run_at_once
+        )
         self.proto, self.transport = self.connect()
         self.greeting = self.received()
 
@@ -535,6 +537,16 @@ class CostlySASLTests(POP3TestCase):
         self.assertEqual(len(self.jobs), 1)
         self.run_job()
         self.assertTrue(self.lines()[0].startswith(b"+OK Logged in"))
+
+    def test_costly_mechanism_needs_a_runner(self):
+        """A factory offering SCRAM-SHA-256 without run_in_thread is refused, naming it."""
+        config = self.config.replace(auth_mechanisms=("PLAIN", "SCRAM-SHA-256"))
+        with self.assertRaises(TypeError) as cm:
+            POP3Factory(self.portal, config, clock=self.clock)
+        self.assertIn("SCRAM-SHA-256", str(cm.exception))
+        self.assertIn("run_in_thread", str(cm.exception))
+        POP3Factory(self.portal, config, clock=self.clock, run_in_thread=run_at_once)
+        POP3Factory(self.portal, self.config, clock=self.clock)
 
     def test_a_refused_step_gets_err(self):
         """A step that refuses the exchange in the thread gets -ERR, after the failure delay."""

@@ -13,7 +13,8 @@ from zope.interface.verify import verifyObject
 
 from popserv import auth, sasl
 from popserv.interfaces import ISASLVerified, UserDBUnavailable
-from tests.test_auth import CHEAP, FakeReactor, write_file
+from popserv.testing import run_at_once
+from tests.test_auth import CHEAP, write_file
 
 # RFC 7677, section 3 (SCRAM-SHA-256) and RFC 5802, section 5 (SCRAM-SHA-1): user "user",
 # password "pencil".
@@ -55,7 +56,7 @@ class UserDBCase(unittest.TestCase):
         self.patch(auth, "HASHER", CHEAP)
         self.path = self.mktemp()
         write_file(self.path, self.users)
-        self.userdb = auth.PasswdFile(self.path, reactor=FakeReactor())
+        self.userdb = auth.PasswdFile(self.path, run_at_once)
 
     def login(self, credentials):
         """The avatar id the matching checker gives, or its failure."""

@@ -24,16 +24,10 @@ from popserv.delivery import MaildirDeliverer
 from popserv.interfaces import IRecipientPolicy, Session
 from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.maildir import MaildirStore
+from popserv.testing import run_at_once
 
 HOST = "mx.example.org"
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
-
-
-class SyncDeliverer(MaildirDeliverer):
-    """The real deliverer, with the fsync-and-link step run at once instead of in a thread."""
-
-    def in_thread(self, f, *args):
-        return defer.maybeDeferred(f, *args)
 
 
 @implementer(ITLSTransport)
@@ -61,7 +55,7 @@ class SMTPTestCase(unittest.TestCase):
         )
         self.clock = Clock()
         self.store = MaildirStore(self.mailroot)
-        self.deliverer = SyncDeliverer(self.store, HOST)
+        self.deliverer = MaildirDeliverer(self.store, HOST, run_at_once)
         self.factory = smtp.SMTPFactory(
             self.deliverer, PasswdFile(users), self.config, clock=self.clock
         )
@@ -704,7 +698,7 @@ class PipeliningOrderTests(SMTPTestCase):
         """Commands pipelined behind DATA wait until the message is stored and answered."""
         finishing = []
         waiting = defer.Deferred()
-        self.deliverer.in_thread = lambda f, *args: finishing.append((f, args)) or waiting
+        self.deliverer.run = lambda f, *args: finishing.append((f, args)) or waiting
         self.envelope(b"alice@localhost")
         self.send(b"Subject: x\r\n\r\nx\r\n.\r\nNOOP\r\nQUIT\r\n")
         self.assertEqual(self.replies(), [])

@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from popserv import auth, process, sasl, service, state
 from popserv.config import Config
-from tests.test_auth import CHEAP, FakeReactor, write_file
+from popserv.testing import run_at_once
+from tests.test_auth import CHEAP, write_file
 
 
 def mode(path: str) -> int:
@@ -106,7 +107,7 @@ class SaltTests(SynchronousTestCase):
 
     def server_salt(self, secret: bytes, user: str) -> bytes:
         """The salt a fresh user database and mechanism (as after a restart) show ``user``."""
-        userdb = auth.PasswdFile(self.path, reactor=FakeReactor(), secret=secret)
+        userdb = auth.PasswdFile(self.path, run_at_once, secret=secret)
         mechanism = sasl.ScramSHA256("pop.example.org", userdb, secret=secret)
         first = mechanism.start(b"n,,n=" + user.encode() + b",r=abc").data.decode()
         return base64.b64decode(re.search(r",s=([^,]+),", first).group(1))

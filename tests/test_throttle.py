@@ -38,10 +38,11 @@ from popserv.limits import accounting_key
 from popserv.pop3 import Reply
 from popserv.realm import MaildropRealm
 from popserv.scheduler import QueueFull, VerificationScheduler
+from popserv.testing import run_at_once
 from popserv.throttle import MemoryLoginThrottle, ThrottleSettings
 from tests import live
 from tests.live_twistd import TwistdServer
-from tests.test_auth import CHEAP, FakeReactor, write_file
+from tests.test_auth import CHEAP, write_file
 from tests.test_pop3 import ControlledChecker, POP3TestCase, b64
 
 
@@ -278,7 +279,8 @@ class ServiceWiringTests(SynchronousTestCase):
     """make_service bounds hashing by ``[auth] max_verifications`` in the pool and the queue."""
 
     def test_verification_pool_and_queue_share_the_bound(self):
-        """Hashes get a pool of max_verifications threads; the factory queues to as many."""
+        """Hashes get max_verifications threads, SCRAM's derivation the same; the factory
+        queues to as many."""
         root = os.path.abspath(self.mktemp())
         config = Config(
             mailroot=os.path.join(root, "mail"),
@@ -291,10 +293,11 @@ class ServiceWiringTests(SynchronousTestCase):
             auth_max_verifications=3,
         )
         top = service.make_service(config, reactor=MemoryReactorClock())
-        [pools] = [child for child in top if isinstance(child, service.ThreadPoolService)]
+        verify = top.getServiceNamed("verify-threads").workers
         factory = top.getServiceNamed("pop3-0").factory
-        self.assertEqual((pools.pool.max, factory.verifications.limit), (3, 3))
-        self.assertIs(factory.userdb._threadpool, pools.pool)
+        self.assertEqual((verify.size, factory.verifications.limit), (3, 3))
+        self.assertEqual(factory.userdb._run, verify.run)
+        self.assertEqual(factory.run_in_thread, verify.run)
         with open(os.path.join(root, "state", "secret"), "rb") as f:
             self.assertEqual(factory.secret, f.read())
 
@@ -455,7 +458,7 @@ class ScramCancelTests(POP3TestCase):
         path = self.mktemp()
         write_file(path, "alice:{PLAIN}secret\n")
         self.derivations = []
-        userdb = auth.PasswdFile(path, reactor=FakeReactor())
+        userdb = auth.PasswdFile(path, run_at_once)
         scram = userdb.scram
 
         def counting_scram(user, mechanism="SCRAM-SHA-256"):
@@ -580,8 +583,7 @@ class SleepyHasher(argon2.PasswordHasher):
 
 
 def in_own_thread(f, *args) -> defer.Deferred:
-    """Run blocking client code in a thread of its own, not the reactor's pool (which
-    verifies passwords here)."""
+    """Run blocking client code in a thread of its own, never waiting for one of a pool."""
     d = defer.Deferred()
 
     def run():

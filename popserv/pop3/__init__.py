@@ -1,8 +1,8 @@
 """The POP3 protocol (RFC 1939, RFC 2449): a connection, its two phases, and the factory.
 
 It talks to storage only through ``IMaildrop`` avatars handed out by a ``twisted.cred``
-portal, and knows nothing of files or directories.  ``POP3Factory(portal)`` is the
-entry point for other Twisted applications.
+portal, and knows nothing of files or directories.  ``POP3Factory(portal, clock=reactor)``
+is the entry point for other Twisted applications (README, "Using popserv as a library").
 
 * ``server``: one connection: lines, dispatch, replies, languages, timers, STLS.
 * ``authorization``: the AUTHORIZATION state (USER/PASS, APOP, AUTH, the SASL exchange).

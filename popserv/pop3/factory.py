@@ -35,7 +35,8 @@ class POP3Factory(ServerFactory):
         self,
         portal,
         config: Config | None = None,
-        clock=None,
+        *,
+        clock,
         tls=None,
         userdb=None,
         mechanisms=None,
@@ -47,18 +48,18 @@ class POP3Factory(ServerFactory):
     ):
         """Wire a POP3 service.
 
+        ``clock``: the reactor (or a ``task.Clock``) that times sessions and failed logins.
         ``tls``: the server TLS connection creator for STLS, or None to not offer it.
         ``userdb``: the ``IUserDB`` that SASL mechanisms needing stored keys consult.
         ``mechanisms``: name -> mechanism class (default: ``popserv.sasl.MECHANISMS``).
-        ``run_in_thread``: how costly SASL steps leave the reactor thread (``deferToThread``).
+        ``run_in_thread``: how costly SASL steps (SCRAM's key derivation) leave the
+        reactor thread, a ``Workers.run``; needed only when such a mechanism is enabled.
         ``throttle``: the ``ILoginThrottle`` (default: one in memory, set from ``config``).
         ``verifications``: the ``VerificationScheduler`` every login waits its turn in
         (default: one of ``[auth] max_verifications`` and ``max_waiting_per_peer``).
         ``secret``: the server secret (``popserv.state``) keying made-up SCRAM salts.
         ``limiter``: the ``IConnectionLimiter`` (default: one in memory, set from ``config``).
         """
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.portal = portal
         self.clock = clock
         self._own_throttle = throttle is None
@@ -73,8 +74,6 @@ class POP3Factory(ServerFactory):
         self.tls = tls
         self.secret = secret
         self.userdb = userdb
-        if run_in_thread is None:
-            from twisted.internet.threads import deferToThread as run_in_thread
         #: Runs a blocking callable off the reactor thread, returning a Deferred.
         self.run_in_thread = run_in_thread
         if mechanisms is None:
@@ -82,6 +81,12 @@ class POP3Factory(ServerFactory):
         enabled = [name.encode("ascii") for name in self.config.auth_mechanisms]
         #: Mechanisms AUTH offers, in the order of the configuration.
         self.mechanisms = {name: mechanisms[name] for name in enabled if name in mechanisms}
+        costly = [name for name, m in self.mechanisms.items() if getattr(m, "costly", False)]
+        if costly and run_in_thread is None:
+            raise TypeError(
+                f"{costly[0].decode()} derives keys off the reactor thread: pass run_in_thread "
+                "(a popserv.workers.Workers.run)"
+            )
 
     @property
     def config(self) -> Config:
