@@ -172,7 +172,9 @@ class POP3Server(Protocol, TimeoutMixin):
         phase = self.phase
         if phase is None:
             return None
-        started, sent = self.factory.clock.seconds(), self.bytes_sent
+        logging = self.factory.log_commands
+        if logging:
+            started, sent = self.factory.clock.seconds(), self.bytes_sent
         self.reply_status = None
         if phase.continuation is not None:
             # A SASL client response: data for the exchange, not a command.
@@ -186,7 +188,7 @@ class POP3Server(Protocol, TimeoutMixin):
             name, _, rest = line.partition(b" ")
             name = name.upper()
             result = self._run(phase, name, rest)
-        if self.factory.log_commands:
+        if logging:
             if result is None:
                 self._command_done(None, name, rest, len(line), started, sent)
             else:

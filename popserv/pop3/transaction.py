@@ -120,7 +120,7 @@ class Transaction:
 
     # -- messages ---------------------------------------------------------------------
 
-    def do_RETR(self, rest: bytes) -> defer.Deferred:
+    def do_RETR(self, rest: bytes) -> defer.Deferred | None:
         (arg,) = _arguments(rest, 1, 1)
         index = self._message_index(arg)
         header = self.session.text(Reply.RETR, self.messages[index][1]) + b"\r\n"
@@ -128,13 +128,13 @@ class Transaction:
         self.retrieved += 1
         return sending
 
-    def do_TOP(self, rest: bytes) -> defer.Deferred:
+    def do_TOP(self, rest: bytes) -> defer.Deferred | None:
         number, lines = _arguments(rest, 2, 2)
         index = self._message_index(number)
         count = _number(lines, Reply.BAD_LINE_COUNT)
         return self._stream(index, b"+OK\r\n", TopLimiter(count))
 
-    def _stream(self, index: int, header: bytes, limiter) -> defer.Deferred:
+    def _stream(self, index: int, header: bytes, limiter) -> defer.Deferred | None:
         """Send one message; the next command waits until its last octet is written."""
         try:
             source = self.maildrop.open(index)
@@ -143,9 +143,18 @@ class Transaction:
             raise CommandError(Reply.UNREADABLE) from None
         session = self.session
         session.reply_status = b"+"
-        d = send_message(session.flow, source, header, limiter, progress=session.resetTimeout)
-        d.addCallbacks(self._sent, self._unreadable, errbackArgs=(index,))
-        return d
+        try:
+            sending = send_message(
+                session.flow, source, header, limiter, progress=session.resetTimeout
+            )
+        except UnreadableMessage as e:
+            self._unreadable(Failure(e), index)
+            return None
+        if isinstance(sending, int):
+            self._sent(sending)
+            return None
+        sending.addCallbacks(self._sent, self._unreadable, errbackArgs=(index,))
+        return sending
 
     def _sent(self, octets: int) -> None:
         self.session.bytes_sent += octets

@@ -123,8 +123,10 @@ class UnreadableMessage(Exception):
 def send_message(flow, source, header: bytes, limiter: TopLimiter | None = None, progress=None):
     """Stream ``source`` (a binary file) after ``header`` to ``flow``'s transport.
 
-    Returns a Deferred that fires with the octets written once the terminating "." is,
-    or fails with ``UnreadableMessage``.  ``progress``, if given, is called as chunks go
+    Returns the octets written when the whole message went out at once (it fit in one
+    chunk: most mail does), else a Deferred that fires with them once the terminating
+    "." is written, or fails with ``UnreadableMessage``; a read that fails before any
+    octet is written raises it at once.  ``progress``, if given, is called as chunks go
     out (to keep an idle timer from firing on a slow but steady reader).  The file is
     closed in every case, also when the connection goes away midway.
     """
@@ -149,15 +151,18 @@ class _MessageSender:
         self._producing = False
         self._done = False
         self.sent = 0
-        self.finished = defer.Deferred()
+        self.finished: defer.Deferred | None = None
 
-    def start(self) -> defer.Deferred:
-        # A message that fits in one chunk goes out in one write, with nothing to pause.
+    def start(self) -> int | defer.Deferred:
+        # A message that fits in one chunk goes out in one write, with nothing to wait
+        # for: no Deferred, no producer (a third of the cost of a small RETR otherwise).
         self._write_chunk()
-        if not self._done:
-            self._flow.stream = self
-            if not self._flow.blocked:
-                self.resumeProducing()
+        if self._done:
+            return self.sent
+        self.finished = defer.Deferred()
+        self._flow.stream = self
+        if not self._flow.blocked:
+            self.resumeProducing()
         return self.finished
 
     def resumeProducing(self) -> None:
@@ -180,7 +185,8 @@ class _MessageSender:
         """The connection is gone: drop the file and write nothing more."""
         if not self._done:
             self._end()
-            self.finished.callback(self.sent)
+            if self.finished is not None:
+                self.finished.callback(self.sent)
 
     def _end(self) -> None:
         self._done = True
@@ -193,6 +199,8 @@ class _MessageSender:
             raw = self._source.read(CHUNK_SIZE)
         except OSError as e:
             self._end()
+            if self.finished is None:
+                raise UnreadableMessage(self.sent, e) from None
             self.finished.errback(UnreadableMessage(self.sent, e))
             return
         finished = not raw or (self._short_read_is_end and len(raw) < CHUNK_SIZE)
@@ -209,4 +217,5 @@ class _MessageSender:
         self._write(parts)
         if finished:
             self._end()
-            self.finished.callback(self.sent)
+            if self.finished is not None:
+                self.finished.callback(self.sent)
