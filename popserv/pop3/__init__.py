@@ -12,9 +12,11 @@ is the entry point for other Twisted applications (README, "Using popserv as a l
 * ``replies``: every reply text, and its translations.
 """
 
+from popserv.pop3.authorization import AUTHORIZATION
 from popserv.pop3.factory import POP3Factory, throttle_settings
 from popserv.pop3.replies import LANGUAGES, SPANISH, Reply
-from popserv.pop3.server import AUTHORIZATION, TRANSACTION, UPDATE, POP3Server
+from popserv.pop3.server import UPDATE, POP3Server
+from popserv.pop3.transaction import TRANSACTION
 from popserv.pop3.wire import CHUNK_SIZE, TopLimiter, WireEncoder
 
 __all__ = [

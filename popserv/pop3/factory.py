@@ -67,9 +67,10 @@ class POP3Factory(ServerFactory):
         self._own_verifications = verifications is None
         self.verifications = VerificationScheduler() if verifications is None else verifications
         self._own_limiter = limiter is None
-        self.limiter = ConnectionLimiter(0, 0, reserve=DESCRIPTOR_RESERVE, files_per_connection=2)
-        if limiter is not None:
-            self.limiter = limiter
+        if limiter is None:
+            # The limits themselves follow the configuration (see the setter).
+            limiter = ConnectionLimiter(0, 0, reserve=DESCRIPTOR_RESERVE, files_per_connection=2)
+        self.limiter = limiter
         self.config = config if config is not None else Config()
         self.tls = tls
         self.secret = secret

@@ -20,12 +20,12 @@ from popserv import __version__
 from popserv.limits import accounting_key, transport_descriptor
 from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.logsafe import untrusted
-from popserv.pop3.authorization import Authorization
+from popserv.pop3.authorization import AUTHORIZATION, Authorization
 from popserv.pop3.replies import LANGUAGES, LOG_NAMESPACE, CommandError, Reply, no_arguments
-from popserv.pop3.transaction import Transaction
+from popserv.pop3.transaction import TRANSACTION, Transaction
 
-AUTHORIZATION = "AUTHORIZATION"
-TRANSACTION = "TRANSACTION"
+#: RFC 1939's last state: QUIT's commit, or the session is over.  The other two are
+#: the names of their phases.
 UPDATE = "UPDATE"
 
 #: RFC 2449 section 4: a command line is at most 255 octets, CRLF included.

@@ -184,9 +184,13 @@ class _MessageSender:
     def stopProducing(self) -> None:
         """The connection is gone: drop the file and write nothing more."""
         if not self._done:
-            self._end()
-            if self.finished is not None:
-                self.finished.callback(self.sent)
+            self._complete()
+
+    def _complete(self) -> None:
+        """The last octet is written (or the connection is gone): tell whoever waits."""
+        self._end()
+        if self.finished is not None:
+            self.finished.callback(self.sent)
 
     def _end(self) -> None:
         self._done = True
@@ -216,6 +220,4 @@ class _MessageSender:
         self.sent += sum(map(len, parts))
         self._write(parts)
         if finished:
-            self._end()
-            if self.finished is not None:
-                self.finished.callback(self.sent)
+            self._complete()
