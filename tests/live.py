@@ -217,7 +217,7 @@ def start_server(
         for user, password in users.items():
             entry = hash_password(password, (schemes or {}).get(user, default_scheme))
             extra = (fields or {}).get(user)
-            f.write(f"{user}:{entry}:::::{extra}\n" if extra else f"{user}:{entry}\n")
+            f.write(f"{user}:{entry}::::::{extra}\n" if extra else f"{user}:{entry}\n")
     settings = {
         "hostname": HOST,
         "mailroot": mailroot,
