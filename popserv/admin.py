@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from popserv import auth, usernames
 from popserv.config import Config, ConfigError, read_config
+from popserv.interfaces import QuotaLimits
 
 SCHEMES = auth.MAKEABLE
 
@@ -120,6 +121,39 @@ def _require_user(users: auth.UsersFile, user: str) -> None:
         raise AdminError(f"no such user: {user!r} in {users.path}")
 
 
+def _quota_rule(args: argparse.Namespace, entry: auth.Entry | None) -> str | None:
+    """The ``quota_rule`` field ``--quota``/``--quota-messages`` ask for, from the entry's.
+
+    ``default``: no rule of the user's own (the ``[quota]`` defaults apply).  Returns
+    the current field when neither option is given.
+    """
+    from popserv.quota import format_rule, parse_rule, parse_size
+
+    current = entry.fields.get("quota_rule") if entry is not None else None
+    storage, messages = args.quota, args.quota_messages
+    if storage is None and messages is None:
+        return current
+    if storage is not None and storage.lower() == "default":
+        if messages is not None:
+            raise AdminError("--quota default clears the user's rule; leave out --quota-messages")
+        return None
+    try:
+        limits = parse_rule(current) if current else QuotaLimits()
+        if storage is not None:
+            limits = limits._replace(storage=parse_size(storage))
+        if messages is not None:
+            limits = limits._replace(messages=messages)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
+    return format_rule(limits)
+
+
+def _set_quota(users: auth.UsersFile, user: str, rule: str | None) -> None:
+    for i, line in enumerate(users.lines):
+        if isinstance(line, auth.Entry) and line.user == user:
+            users.lines[i] = line.with_field("quota_rule", rule)
+
+
 def adduser(args: argparse.Namespace) -> None:
     """Add a user with a hashed password, and create the user's Maildir."""
     users_path, mailroot = _paths(args)
@@ -132,9 +166,12 @@ def adduser(args: argparse.Namespace) -> None:
         other, how = clash
         raise AdminError(f"user {args.user!r} collides with user {other!r}: {how}")
     check_lower_case_domain(args.user)
+    rule = _quota_rule(args, None)
     field = _password_field(args)
     _store(mailroot).create(args.user)
     users.add(args.user, field)
+    if rule is not None:
+        _set_quota(users, args.user, rule)
     users.write()
 
 
@@ -143,7 +180,9 @@ def passwd(args: argparse.Namespace) -> None:
     users_path, _ = _paths(args)
     users = auth.UsersFile.read(users_path)
     _require_user(users, args.user)
+    rule = _quota_rule(args, users.get(args.user))
     users.set_password(args.user, _password_field(args))
+    _set_quota(users, args.user, rule)
     users.write()
 
 
@@ -170,11 +209,64 @@ def deluser(args: argparse.Namespace) -> None:
             shutil.rmtree(path)
 
 
+def _usages(args: argparse.Namespace, names: Sequence[str] | None = None):
+    """(user, Usage) for the users named, or all in file order; counted without writing."""
+    from popserv.policy import MailboxPolicies
+    from popserv.quota import Usage, usage
+
+    config = read_config(args.config) if args.config else Config(hostname="localhost")
+    users_path, mailroot = _paths(args)
+    policies = MailboxPolicies(auth.PasswdFile(users_path), config)
+    store = _store(mailroot)
+    for user in names if names is not None else auth.UsersFile.read(users_path).users():
+        limits = policies.for_user(user).quota
+        try:
+            maildir = store.path_for(user)
+        except ValueError:
+            maildir = None
+        if maildir is None or not os.path.isdir(maildir):
+            yield user, Usage(0, 0, limits)
+        else:
+            yield user, usage(maildir, limits, write=False)
+
+
+def _limit_text(limit: int) -> str:
+    return str(limit) if limit else "-"
+
+
 def list_users(args: argparse.Namespace) -> None:
-    """Print the user names, one per line, in file order."""
+    """Print each user, tab-separated with usage and limits: bytes, messages, both limits."""
+    for user, used in _usages(args):
+        storage, messages = used.limits
+        print(
+            "\t".join(
+                [
+                    user,
+                    str(used.bytes),
+                    str(used.messages),
+                    _limit_text(storage),
+                    _limit_text(messages),
+                ]
+            )
+        )
+
+
+def show_quota(args: argparse.Namespace) -> None:
+    """Print a user's usage and limits; with --quota/--quota-messages, set the limit first."""
     users_path, _ = _paths(args)
-    for user in auth.UsersFile.read(users_path).users():
-        print(user)
+    if args.quota is not None or args.quota_messages is not None:
+        users = auth.UsersFile.read(users_path)
+        _require_user(users, args.user)
+        _set_quota(users, args.user, _quota_rule(args, users.get(args.user)))
+        users.write()
+    elif auth.UsersFile.read(users_path).get(args.user) is None:
+        raise AdminError(f"no such user: {args.user!r} in {users_path}")
+    ((user, used),) = _usages(args, [args.user])
+    storage, messages = used.limits
+    percent = f" ({100 * used.bytes // storage}%)" if storage else ""
+    print(f"user: {user}")
+    print(f"storage: {used.bytes} bytes of {storage or 'no limit'}{percent}")
+    print(f"messages: {used.messages} of {messages or 'no limit'}")
 
 
 def gencert(args: argparse.Namespace) -> None:
@@ -220,11 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    add = commands.add_parser("adduser", parents=[paths, password], help="add a user")
+    limits = argparse.ArgumentParser(add_help=False)
+    limits.add_argument(
+        "--quota",
+        metavar="SIZE",
+        help="the user's storage limit, such as 100M (0: none; 'default': the [quota] one)",
+    )
+    limits.add_argument(
+        "--quota-messages", type=int, metavar="N", help="the user's message limit (0: none)"
+    )
+
+    add = commands.add_parser("adduser", parents=[paths, password, limits], help="add a user")
     add.add_argument("user")
     add.set_defaults(run=adduser)
 
-    change = commands.add_parser("passwd", parents=[paths, password], help="set a password")
+    change = commands.add_parser("passwd", parents=[paths, password, limits], help="set a password")
     change.add_argument("user")
     change.set_defaults(run=passwd)
 
@@ -233,8 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--remove-mail", action="store_true", help="also delete the Maildir")
     remove.set_defaults(run=deluser)
 
-    show = commands.add_parser("list", parents=[paths], help="list the users")
+    show = commands.add_parser("list", parents=[paths], help="list the users and their usage")
     show.set_defaults(run=list_users)
+
+    usage = commands.add_parser(
+        "quota", parents=[paths, limits], help="show (or set) a user's quota and usage"
+    )
+    usage.add_argument("user")
+    usage.set_defaults(run=show_quota)
 
     cert = commands.add_parser(
         "gencert", help="make a self-signed TLS certificate for the host name"

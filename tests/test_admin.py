@@ -283,11 +283,14 @@ class AdminTests(unittest.TestCase):
         self.assert_error(status, f"no such user: 'bob' in {self.users}")
 
     def test_list(self):
-        """list prints the user names in file order."""
+        """list prints the users in file order, each with usage and limits (none here)."""
         for user in ["carol", "alice", "bob@example.org"]:
             self.add(user)
         self.assertEqual(self.run_admin("list", *self.paths()), 0)
-        self.assertEqual(self.stdout.getvalue(), "carol\nalice\nbob@example.org\n")
+        self.assertEqual(
+            self.stdout.getvalue(),
+            "carol\t0\t0\t-\t-\nalice\t0\t0\t-\t-\nbob@example.org\t0\t0\t-\t-\n",
+        )
 
     def test_list_no_file(self):
         """list on a missing users file prints nothing."""
@@ -310,7 +313,7 @@ class AdminTests(unittest.TestCase):
         self.run_admin("list", "--config", config, "--users", other)
         self.assertEqual(self.stdout.getvalue(), "")
         self.run_admin("list", "--config", config)
-        self.assertEqual(self.stdout.getvalue(), "alice\n")
+        self.assertEqual(self.stdout.getvalue().split("\t")[0], "alice")
 
     def test_defaults(self):
         """Without --config or paths, the Config defaults under the current directory are used."""
@@ -386,4 +389,4 @@ class ModuleEntryTests(unittest.TestCase):
             capture_output=True,
             timeout=60,
         )
-        self.assertEqual(listed.stdout, b"carol\n")
+        self.assertEqual(listed.stdout.split(b"\t")[0], b"carol")

@@ -83,9 +83,7 @@ class PoliciesTests(unittest.SynchronousTestCase):
 
     def test_defaults(self):
         policies = self.policies("a:{PLAIN}x\n", quota_storage=5000, pop3_expire=7)
-        self.assertEqual(
-            policies.for_user("a"), MailboxPolicy(True, 7, QuotaLimits(5000, 0))
-        )
+        self.assertEqual(policies.for_user("a"), MailboxPolicy(True, 7, QuotaLimits(5000, 0)))
 
     def test_user_fields_override(self):
         """``userdb_quota_rule`` and ``userdb_pop3_expire`` are the user's own."""
@@ -119,6 +117,12 @@ class PoliciesTests(unittest.SynchronousTestCase):
 
 
 MSG = b"Subject: %d\r\n\r\nbody\r\n"
+
+
+def mock_stdin(stream):
+    from unittest import mock
+
+    return mock.patch("sys.stdin", stream)
 
 
 class MaildropPolicyTests(unittest.TestCase):
@@ -269,3 +273,64 @@ class ProtocolTests(unittest.TestCase):
         capa = self.exchange(b"CAPA\r\n")
         self.assertIn(b"\r\nEXPIRE 0\r\n", capa)
         self.assertNotIn(b"USER\r\n", capa)
+
+
+class AdminQuotaTests(unittest.SynchronousTestCase):
+    """``popserv adduser/passwd --quota``, ``popserv quota`` and the usage in ``popserv list``."""
+
+    def setUp(self):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        self.paths = ["--users", os.path.join(root, "users"), "--mailroot", os.path.join(root, "m")]
+        self.mailroot = os.path.join(root, "m")
+
+    def run_admin(self, *argv: str, password: bytes = b"pw\n") -> str:
+        import contextlib
+        import io
+
+        from popserv import admin
+
+        out = io.StringIO()
+        stdin = io.TextIOWrapper(io.BytesIO(password))
+        with contextlib.redirect_stdout(out), mock_stdin(stdin):
+            status = admin.main(list(argv))
+        self.assertEqual(status, 0, out.getvalue())
+        return out.getvalue()
+
+    def users_line(self) -> str:
+        with open(self.paths[1]) as f:
+            return f.read()
+
+    def test_adduser_sets_the_rule(self):
+        """``--quota 100M`` writes Dovecot's ``userdb_quota_rule`` extra field."""
+        self.run_admin(
+            "adduser",
+            "alice",
+            "--password-stdin",
+            "--scheme",
+            "PLAIN",
+            "--quota",
+            "100M",
+            *self.paths,
+        )
+        self.assertTrue(self.users_line().endswith("::::::userdb_quota_rule=*:storage=100M\n"))
+
+    def test_quota_shows_usage(self):
+        """``popserv quota`` counts the Maildir against the user's limits."""
+        self.run_admin("adduser", "alice", "--password-stdin", "--quota", "100K", *self.paths)
+        with open(os.path.join(self.mailroot, "alice", "new", "1.M1P1.h,S=61440"), "wb") as f:
+            f.write(b"x")
+        out = self.run_admin("quota", "alice", *self.paths)
+        self.assertIn("storage: 61440 bytes of 102400 (60%)", out)
+        self.assertIn("messages: 1 of no limit", out)
+        self.assertEqual(self.run_admin("list", *self.paths), "alice\t61440\t1\t102400\t-\n")
+
+    def test_passwd_keeps_or_changes_the_rule(self):
+        """passwd keeps the rule unless told; ``--quota-messages`` joins the storage limit."""
+        self.run_admin("adduser", "alice", "--password-stdin", "--quota", "1M", *self.paths)
+        self.run_admin("passwd", "alice", "--password-stdin", *self.paths)
+        self.assertIn("userdb_quota_rule=*:storage=1M\n", self.users_line())
+        self.run_admin("quota", "alice", "--quota-messages", "10", *self.paths)
+        self.assertIn("userdb_quota_rule=*:storage=1M:messages=10\n", self.users_line())
+        self.run_admin("quota", "alice", "--quota", "default", *self.paths)
+        self.assertNotIn("quota_rule", self.users_line())
