@@ -147,7 +147,8 @@ class FetchmailTests(ClientTestCase):
     def fetchmail(self, *options: str):
         fetchmail = live.require_client("fetchmail")
         argv = [
-            fetchmail, "-N", "-f", self.rc, "--idfile", os.path.join(self.work, "ids"),
+            fetchmail, "-N", "--pidfile", os.path.join(self.work, "fetchmail.pid"),
+            "-f", self.rc, "--idfile", os.path.join(self.work, "ids"),
             "--mda", self.mda, "--norewrite", *options,
         ]  # fmt: skip
         return live.run_program(argv, env=self.env())

@@ -16,6 +16,7 @@ import time
 from twisted.internet import threads
 from twisted.trial import unittest
 
+import popserv
 from popserv import quota, retention
 from popserv.maildir import uidl_for
 from tests.live import HOST, require_client, run_program, start_server
@@ -167,7 +168,7 @@ class DovecotReadsTheSameMaildirTests(unittest.TestCase):
                 sys.executable, "-m", "popserv", "quota", "alice",
                 "--users", server.users_path, "--mailroot", server.mailroot,
             ],
-            env={**os.environ, "PYTHONPATH": os.getcwd() + "/.."},
+            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(popserv.__file__))},
         )  # fmt: skip
         self.assertEqual(ran.code, 0, ran.err)
         out = ran.out.decode()

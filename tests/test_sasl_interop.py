@@ -260,7 +260,8 @@ class FetchmailCramMD5Tests(SASLTestCase):
             f.write(f'#!/bin/sh\nexec cat > "$(mktemp {out}/msg.XXXXXX)"\n')
         os.chmod(mda, 0o755)
         argv = [
-            fetchmail, "-N", "-f", rc, "--idfile", os.path.join(self.work, "ids"),
+            fetchmail, "-N", "--pidfile", os.path.join(self.work, "fetchmail.pid"),
+            "-f", rc, "--idfile", os.path.join(self.work, "ids"),
             "--mda", mda, "--norewrite", "--auth", "cram-md5", "--keep",
         ]  # fmt: skip
         ran = yield live.run_program(argv, env=self.env(), timeout=20)

@@ -412,7 +412,8 @@ class FetchmailTests(TLSTestCase):
             f.write(f'poll localhost protocol pop3 port {port}\n  user "alice" password "secret"\n')
         os.chmod(rc, 0o600)
         argv = [
-            fetchmail, "-N", "-f", rc, "--idfile", os.path.join(self.work, "ids"),
+            fetchmail, "-N", "--pidfile", os.path.join(self.work, "fetchmail.pid"),
+            "-f", rc, "--idfile", os.path.join(self.work, "ids"),
             "--mda", self.mda, "--nokeep", "--sslcertck", "--sslcertfile", self.ca, *options,
         ]  # fmt: skip
         return live.run_program(argv, env=self.env())
