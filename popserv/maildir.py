@@ -42,6 +42,7 @@ from popserv.interfaces import (
     MailboxPolicy,
     MaildropLocked,
 )
+from popserv.logsafe import untrusted
 from popserv.uidlist import (
     COURIER_SIZELIST,
     DEFAULT_DOVECOT_FORMAT,
@@ -834,7 +835,7 @@ def _expire(
         remove_messages(path, doomed)
     except CommitFailed as e:
         log.warn(  # noqa: G010 (twisted.logger has no warning())
-            "Cannot expire {failed} messages of {user}", failed=e.failed, user=user
+            "Cannot expire {failed} messages of {user}", failed=e.failed, user=untrusted(user)
         )
     gone = {e.key for e in doomed if not os.path.lexists(e.path)}
     for key in gone:
@@ -842,7 +843,7 @@ def _expire(
     retention.write(path, times)
     log.info(
         "maildir.expired: user={user} messages={count} days={days}",
-        user=user,
+        user=untrusted(user),
         count=len(gone),
         days=days,
     )
