@@ -226,33 +226,61 @@ def check_config(config: Config, source: str = "") -> Config:
     return config
 
 
-def config_from_string(text: str, source: str = "<string>") -> Config:
-    """Parse INI text; unknown sections or keys and bad values are errors naming them."""
+def parse_config(text: str, source: str = "<string>") -> tuple[Config, list[str]]:
+    """The settings of INI text and every problem in it, each naming source, section and key.
+
+    A bad value or unknown key is left out (its default stays), so one reading finds all
+    the mistakes of a file instead of stopping at the first.
+    """
     parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
     try:
         parser.read_string(text, source=source)
     except configparser.Error as e:
-        raise ConfigError(f"{source}: {e}") from None
+        return Config(), [f"{source}: {e}"]
     known_sections = {section for section, _ in _KEYS}
     values = {}
+    problems = []
     for section in parser.sections():
         if section not in known_sections:
-            raise ConfigError(f"{source}: unknown section [{section}]")
+            problems.append(f"{source}: unknown section [{section}]")
+            continue
         for key, raw in parser.items(section):
             if (section, key) not in _KEYS:
-                raise ConfigError(f"{source}: unknown key {key!r} in section [{section}]")
+                problems.append(f"{source}: unknown key {key!r} in section [{section}]")
+                continue
             try:
                 name, values[name] = parse_value(section, key, raw)
             except ConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
-    return check_config(Config(**values), source)
+                problems.append(f"{source}: {e}")
+    config = Config(**values)
+    try:
+        check_config(config, source)
+    except ConfigError as e:
+        problems.append(str(e))
+    return config, problems
 
 
-def read_config(path: str) -> Config:
-    """Read a configuration file; a missing or unreadable file is a ConfigError."""
+def config_from_string(text: str, source: str = "<string>") -> Config:
+    """Parse INI text; unknown sections or keys and bad values are one error naming them all."""
+    config, problems = parse_config(text, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def parse_config_file(path: str) -> tuple[Config, list[str]]:
+    """``parse_config`` of a file; a missing or unreadable file is the one problem."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from None
-    return config_from_string(text, source=path)
+        return Config(), [f"{path}: cannot read configuration: {e.strerror}"]
+    return parse_config(text, source=path)
+
+
+def read_config(path: str) -> Config:
+    """Read a configuration file; any problem in it is one ConfigError listing them all."""
+    config, problems = parse_config_file(path)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
