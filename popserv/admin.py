@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
 from popserv import __version__, auth, usernames
-from popserv.config import Config, ConfigError, read_config
+from popserv.config import Config, ConfigError, config_to_string, parse_config_file, read_config
 from popserv.preflight import Account, owner_for_new_files
 
 SCHEMES = auth.MAKEABLE
@@ -265,6 +265,29 @@ def gencert(args: argparse.Namespace) -> None:
     print(f"SHA-256 fingerprint: {tls.fingerprint(cert_path)}")
 
 
+def check(args: argparse.Namespace) -> int:
+    """Validate what the server would read; print every problem, or the effective settings.
+
+    Like ``doveconf -n`` and ``postfix check``: nothing is bound or changed, so it runs
+    beside a live server.
+    """
+    from popserv.preflight import server_problems
+
+    if args.config:
+        config, problems = parse_config_file(args.config)
+    else:
+        config, problems = Config(), []
+    problems += server_problems(config, args.user)
+    for problem in problems:
+        print(f"popserv: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    source = args.config or "built-in defaults"
+    print(f"# popserv {__version__}: {source}, no problems found")
+    print(config_to_string(config, only_changed=args.n), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per action, each with the path options."""
     paths = argparse.ArgumentParser(add_help=False)
@@ -315,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--dir", metavar="DIR", help="where to write cert.pem and key.pem")
     cert.add_argument("--force", action="store_true", help="replace an existing pair")
     cert.set_defaults(run=gencert)
+    verify = commands.add_parser(
+        "check", help="check a configuration and the files it names, then print its settings"
+    )
+    verify.add_argument("--config", metavar="FILE", help="the configuration to check")
+    verify.add_argument(
+        "-n", action="store_true", help="print only the settings that differ from the defaults"
+    )
+    verify.add_argument(
+        "--user",
+        metavar="NAME",
+        help="check file access as NAME (e.g. the unit's User=) instead of [server] user",
+    )
+    verify.set_defaults(run=check)
     return parser
 
 
@@ -326,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed the usage error or the help
         return e.code if isinstance(e.code, int) else 2
     try:
-        args.run(args)
+        status = args.run(args)
     except (AdminError, ConfigError) as e:
         print(f"popserv: {e}", file=sys.stderr)
         return 1
@@ -337,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

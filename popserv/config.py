@@ -284,3 +284,31 @@ def read_config(path: str) -> Config:
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def _format_value(value: object, parse) -> str:
+    """A value as the INI file writes it, so that parsing it gives the value back."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple):
+        if parse is _listeners:
+            return "".join(f"\n    {item}" for item in value)
+        return " ".join(value)
+    return str(value)
+
+
+def config_to_string(config: Config, only_changed: bool = False) -> str:
+    """The settings as INI text (``popserv check``); ``only_changed``: only those not at
+    their default, as ``doveconf -n`` shows them."""
+    defaults = Config() if only_changed else None
+    sections: dict[str, list[str]] = {}
+    for (section, key), (name, parse) in _KEYS.items():
+        value = getattr(config, name)
+        if defaults is not None and value == getattr(defaults, name):
+            continue
+        text = _format_value(value, parse)
+        separator = "" if not text or text.startswith("\n") else " "
+        sections.setdefault(section, []).append(f"{key} ={separator}{text}\n")
+    return "\n".join(f"[{section}]\n" + "".join(lines) for section, lines in sections.items())

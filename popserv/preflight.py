@@ -35,10 +35,15 @@ class Account:
         return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, frozenset(groups))
 
     @classmethod
+    def with_name(cls, name: str) -> Account:
+        """The account called ``name``; KeyError if this machine has none."""
+        return cls.of(pwd.getpwnam(name))
+
+    @classmethod
     def named(cls, name: str) -> Account:
-        """The account called ``name``; ConfigError if this machine has none."""
+        """The account ``[server] user`` names; ConfigError if this machine has none."""
         try:
-            return cls.of(pwd.getpwnam(name))
+            return cls.with_name(name)
         except KeyError:
             raise ConfigError(
                 f"[server] user = {name}: no such user on this machine "
@@ -245,3 +250,137 @@ def check_start(config: Config, twistd_uid: int | None = None) -> None:
     problems = access_problems(config, start_of(config, twistd_uid))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _listener_problems(config: Config) -> list[str]:
+    """Listener strings that make no endpoint (parsed only, nothing is bound)."""
+    from twisted.internet import endpoints
+
+    problems = []
+    if not config.pop3_listen:
+        problems.append("[pop3] listen: no POP3 listener; give at least one, such as tcp:110")
+    for section, descriptions in (
+        ("pop3", config.pop3_listen),
+        ("pop3s", config.pop3s_listen),
+        ("smtp", config.smtp_listen),
+    ):
+        for description in descriptions:
+            if section == "pop3s" and description.split(":", 1)[0].lower() in ("ssl", "tls"):
+                problems.append(
+                    f"[pop3s] listen = {description}: already TLS; give a plain endpoint "
+                    "such as tcp:995, and popserv adds TLS with its certificate"
+                )
+                continue
+            if "systemd:" in description.lower():
+                continue  # its sockets exist only in the unit systemd starts
+            try:
+                # Parsing needs no reactor: the endpoint keeps it for listen(), never called.
+                endpoints.serverFromString(None, description)
+            except Exception as e:  # endpoint parsers raise ValueError, TypeError, ...
+                problems.append(f"[{section}] listen = {description}: not an endpoint: {e}")
+    return problems
+
+
+def _readable(path: str, what: str) -> str | None:
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"{path}: cannot read the {what}: {e.strerror}"
+
+
+def _tls_problems(config: Config) -> list[str]:
+    """The certificate and key: readable, PEM, a pair; a self-signed pair yet to be made is fine."""
+    from popserv.tls import CertificateError, load_options, self_signed_paths
+
+    if config.tls_cert and config.tls_key:
+        cert, key = os.path.abspath(config.tls_cert), os.path.abspath(config.tls_key)
+    elif not config.tls_cert and not config.tls_key:
+        cert, key = self_signed_paths(os.path.abspath(config.tls_self_signed_dir))
+        if not (os.path.exists(cert) and os.path.exists(key)):
+            return []  # made at the first start
+    else:
+        return []  # check_config has named the missing half
+    problems = [
+        problem
+        for problem in (_readable(cert, "TLS certificate"), _readable(key, "TLS key"))
+        if problem is not None
+    ]
+    if problems:
+        return problems
+    try:
+        load_options(cert, key)
+    except CertificateError as e:
+        return [str(e)]
+    return []
+
+
+def _private_file_problems(config: Config) -> list[str]:
+    """Secret files (users, TLS key, server secret) that other users may read or change."""
+    from popserv.process import secret_files
+
+    problems = []
+    for what, path in secret_files(config):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if mode & 0o007:
+            problems.append(
+                f"{path}: the {what} has mode {mode:04o}, open to every user of this "
+                f"machine, and popserv refuses to start; fix: chmod o-rwx {path}"
+            )
+    return problems
+
+
+def _users_file_problems(config: Config) -> list[str]:
+    """A users file that cannot be read, or names the server would refuse."""
+    from popserv.auth import Entry, UsersFile
+    from popserv.usernames import find_collisions
+
+    path = os.path.abspath(config.users)
+    if not os.path.exists(path):
+        return []  # created empty at the first start
+    try:
+        users = UsersFile.read(path)
+    except OSError as e:
+        return [f"{path}: cannot read the users file: {e.strerror}"]
+    problems = []
+    seen = set()
+    for number, line in enumerate(users.lines, 1):
+        if isinstance(line, Entry):
+            if line.user in seen:
+                problems.append(f"{path}:{number}: a second entry for {line.user!r}, ignored")
+            seen.add(line.user)
+        elif line.strip() and not line.lstrip().startswith("#"):
+            problems.append(f"{path}:{number}: a line without 'user:password', ignored")
+    for user, other, nested in find_collisions(seen):
+        relation = "lies inside" if nested else "is"
+        problems.append(
+            f"{path}: the Maildir of {user!r} {relation} that of {other!r}; the server "
+            "refuses both until one is renamed or removed"
+        )
+    return problems
+
+
+def server_problems(config: Config, user: str | None = None) -> list[str]:
+    """Everything ``twistd popserv`` with ``config`` would stop at or fail on, one line each.
+
+    ``user``: check access as that user (for example a systemd unit's ``User=``), instead
+    of the one the server would become (``[server] user``, or whoever runs this).
+    """
+    from popserv.process import check_user
+
+    problems = _listener_problems(config) + _tls_problems(config)
+    problems += _private_file_problems(config) + _users_file_problems(config)
+    try:
+        check_user(config)
+    except ConfigError as e:
+        return [*problems, str(e)]
+    if not user:
+        return problems + access_problems(config, start_of(config))
+    try:
+        account = Account.with_name(user)
+    except KeyError:
+        return [*problems, f"--user {user}: no such user on this machine"]
+    return problems + access_problems(config, Start(account, account, gives_created=False))
