@@ -1,10 +1,12 @@
-"""What must be true before the server starts: its user can use the mail root and users file.
+"""What must be true before the server starts, checked without starting it.
 
-``twistd popserv`` asks before it starts (and before twistd daemonizes), ``popserv check``
-asks on demand, and the admin commands ask whom to give what they create.  A path the
-server's user cannot use is one line naming the path and the fix, found before the
-first login answers ``-ERR [SYS/TEMP]``.  Permissions are read from the mode bits (an
-ACL counts as allowing), so no process has to switch users to find out.
+Above all: the user the server runs as can use the mail root, its Maildirs and the users
+file.  ``twistd popserv`` asks that before it starts (and before twistd daemonizes), the
+admin commands ask whom to give what they create, and ``popserv check`` asks it along
+with the rest (listeners, certificate and key, the users file's mode and names).  Each
+problem is one line naming the path or key and the fix, found before the first login
+answers ``-ERR [SYS/TEMP]``.  Permissions are read from the mode bits (an ACL counts as
+allowing), so no process has to switch users to find out.
 """
 
 from __future__ import annotations
