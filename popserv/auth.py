@@ -353,6 +353,33 @@ class Entry:
         password, colon, rest = tail.partition(":")
         return cls(user, password, rest if colon else None)
 
+    @property
+    def fields(self) -> dict[str, str]:
+        """The extra fields (the eighth field on), Dovecot's ``userdb_`` prefix taken off.
+
+        ``user:pass:uid:gid:gecos:home:shell:userdb_quota_rule=*:storage=1G nopassword``
+        -> ``{"quota_rule": "*:storage=1G", "nopassword": ""}``.
+        """
+        parts = (self.rest or "").split(":", 5)
+        if len(parts) < 6:
+            return {}
+        fields = {}
+        for word in parts[5].split():
+            key, _, value = word.partition("=")
+            fields[key.removeprefix("userdb_")] = value
+        return fields
+
+    def with_field(self, key: str, value: str | None) -> Entry:
+        """The entry with extra field ``userdb_<key>`` set to ``value`` (None: removed)."""
+        parts = (self.rest or "").split(":", 5)
+        parts += [""] * (6 - len(parts))
+        words = [w for w in parts[5].split() if w.partition("=")[0].removeprefix("userdb_") != key]
+        if value is not None:
+            words.append(f"userdb_{key}={value}")
+        parts[5] = " ".join(words)
+        rest = ":".join(parts)
+        return Entry(self.user, self.password, rest if rest.strip(":") else None)
+
     def format(self) -> str:
         """The line for the file, without its newline."""
         fields = [self.user, self.password]
@@ -555,6 +582,7 @@ class PasswdFile:
         self._dummy: tuple[argon2.PasswordHasher, str] | None = None
         self._warned_schemes: set[str] = set()
         self._unavailable_logged = False
+        self._field_values: dict[str, tuple[dict, set[str]]] = {}
         # Keys the salts of SCRAM keys derived from clear passwords: stable per user.
         self._secret = secret if secret is not None else os.urandom(32)
 
@@ -653,6 +681,20 @@ class PasswdFile:
     def exists(self, user: str) -> bool:
         """Whether ``user`` has a line in the file; raises ``UserDBUnavailable``."""
         return self._entry(user) is not None
+
+    def fields(self, user: str) -> dict[str, str]:
+        """``user``'s extra fields (``Entry.fields``); empty for an unknown user."""
+        entry = self._entry(user)
+        return entry.fields if entry is not None else {}
+
+    def field_values(self, name: str) -> set[str]:
+        """The distinct values of one extra field over all users, kept until the file changes."""
+        users = self._entries()
+        cached = self._field_values.get(name)
+        if cached is None or cached[0] is not users:
+            values = {e.fields[name] for e in users.values() if name in e.fields}
+            cached = self._field_values[name] = (users, values)
+        return cached[1]
 
     def check(self, user: str, password: bytes) -> defer.Deferred[bool]:
         """Verify through ``run``; an unknown user costs a dummy Argon2 verify."""

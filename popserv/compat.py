@@ -18,7 +18,12 @@ from popserv.interfaces import CommitFailed, IMaildrop
 
 @implementer(IMaildrop)
 class MailboxMaildrop:
-    """An ``IMaildrop`` over an ``IMailbox``; the snapshot is taken when adapted."""
+    """An ``IMaildrop`` over an ``IMailbox``; the snapshot is taken when adapted.
+
+    ``IMailbox`` has no flags and no retention: retrieved messages are left as they are.
+    """
+
+    expire_days = None
 
     def __init__(self, mailbox: IMailbox):
         self.mailbox = mailbox
@@ -43,7 +48,7 @@ class MailboxMaildrop:
             source = open(name, "rb")
         return source
 
-    def commit(self, deleted):
+    def commit(self, deleted, retrieved=frozenset()):
         failed = 0
         for index in sorted(set(deleted)):
             try:

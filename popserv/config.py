@@ -40,6 +40,8 @@ class Config:
     pop3_max_failures: int = 10
     pop3_dovecot_uidl_format: str = "%08Xu%08Xv"
     pop3_dovecot_reuse_xuidl: bool = False
+    pop3_mark_seen: bool = True
+    pop3_expire: int | None = None  # RFC 2449 EXPIRE in days; None: NEVER
 
     pop3s_listen: tuple[str, ...] = ("tcp:995",)
 
@@ -65,6 +67,10 @@ class Config:
     smtp_max_bad_commands: int = 20
     smtp_max_rejected_recipients: int = 20
     smtp_postmaster: str = "postmaster"
+
+    quota_storage: int = 0  # octets; 0: no limit
+    quota_messages: int = 0  # 0: no limit
+    quota_full_tempfail: bool = False
 
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
@@ -163,6 +169,18 @@ def _uidl_format(text: str) -> str:
     return UidlFormat(text.strip()).text
 
 
+def _expire(text: str) -> int | None:
+    from popserv.policy import parse_expire
+
+    return parse_expire(text)
+
+
+def _size(text: str) -> int:
+    from popserv.quota import parse_size
+
+    return parse_size(text)
+
+
 _KEYS = {
     ("server", "hostname"): ("hostname", _text),
     ("server", "mailroot"): ("mailroot", _text),
@@ -182,6 +200,8 @@ _KEYS = {
     ("pop3", "max_failures"): ("pop3_max_failures", _positive_int),
     ("pop3", "dovecot_uidl_format"): ("pop3_dovecot_uidl_format", _uidl_format),
     ("pop3", "dovecot_reuse_xuidl"): ("pop3_dovecot_reuse_xuidl", _boolean),
+    ("pop3", "mark_seen"): ("pop3_mark_seen", _boolean),
+    ("pop3", "expire"): ("pop3_expire", _expire),
     ("pop3s", "listen"): ("pop3s_listen", _listeners),
     ("tls", "cert"): ("tls_cert", _optional_text),
     ("tls", "key"): ("tls_key", _optional_text),
@@ -203,6 +223,9 @@ _KEYS = {
     ("smtp", "max_bad_commands"): ("smtp_max_bad_commands", _positive_int),
     ("smtp", "max_rejected_recipients"): ("smtp_max_rejected_recipients", _positive_int),
     ("smtp", "postmaster"): ("smtp_postmaster", _text),
+    ("quota", "storage"): ("quota_storage", _size),
+    ("quota", "messages"): ("quota_messages", _non_negative_int),
+    ("quota", "full_tempfail"): ("quota_full_tempfail", _boolean),
 }
 
 

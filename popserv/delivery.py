@@ -35,7 +35,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.interfaces import DeliveryFailed, IDeliverer, IDelivery, IMaildropStore
+from popserv import quota
+from popserv.interfaces import (
+    Delivered,
+    DeliveryFailed,
+    IDeliverer,
+    IDelivery,
+    IMaildropStore,
+    MailboxFull,
+    QuotaLimits,
+)
 from popserv.maildir import fsync_dir
 
 log = Logger()
@@ -129,31 +138,82 @@ class MaildirDelivery:
             self._after_cr = data[-1:] == b"\r"
 
     def finish(self) -> Deferred:
-        """Fsync and link into every ``new/`` in a thread; fires with the final file name."""
+        """Fsync and link into every ``new/`` in a thread; fires with ``Delivered``."""
         if self._file is None:
             raise DeliveryFailed("delivery already finished or aborted")
         f, self._file = self._file, None
-        return self._deliverer.run(self._finish_blocking, f)
+        limits = [self._deliverer.limits(user) for user in self.users]
+        return self._deliverer.run(self._finish_blocking, f, limits)
 
-    def _finish_blocking(self, f: BinaryIO) -> str:
+    def _finish_blocking(self, f: BinaryIO, limits: list[QuotaLimits] | None = None) -> Delivered:
         name = f"{self.id},S={self.size},W={self.crlf_size}"
-        placed: list[str] = []
-        temp_left = True
-        journal: Journal | None = None
+        if limits is None:
+            limits = [QuotaLimits()] * len(self.users)
         try:
             try:
                 f.flush()
                 os.fsync(f.fileno())
             finally:
                 f.close()
-            if len(self._maildirs) == 1:
-                target = os.path.join(self._maildirs[0], "new", name)
-                temp_left = not self._remaking(self.users[0], self._move, self._maildirs[0], target)
+        except OSError as e:
+            _unlink_quietly(self._temp)
+            raise DeliveryFailed(f"cannot deliver {self.id}: {e.strerror}", e) from None
+        counted = [
+            maildir
+            for maildir, limit in zip(self._maildirs, limits, strict=True)
+            if limit or quota.keeps_usage(maildir)
+        ]
+        if not counted:
+            return Delivered(self._place_all(name, self.users, self._maildirs))
+        with contextlib.ExitStack() as locks:
+            # Room is checked and taken under each mailbox's quota lock, in one order.
+            try:
+                for maildir in sorted(counted):
+                    locks.enter_context(quota.locked(maildir))
+                full = [
+                    user
+                    for user, maildir, limit in zip(self.users, self._maildirs, limits, strict=True)
+                    if maildir in counted and not quota.usage(maildir, limit).room_for(self.size)
+                ]
+            except OSError as e:
+                _unlink_quietly(self._temp)
+                raise DeliveryFailed(f"cannot read quota of {self.id}: {e.strerror}", e) from None
+            chosen = [
+                (user, maildir)
+                for user, maildir in zip(self.users, self._maildirs, strict=True)
+                if user not in full
+            ]
+            if not chosen:
+                _unlink_quietly(self._temp)
+                raise MailboxFull(full)
+            users, maildirs = [u for u, _ in chosen], [m for _, m in chosen]
+            stored = self._place_all(name, users, maildirs)
+            for maildir in maildirs:
+                if maildir in counted:
+                    try:
+                        quota.add(maildir, self.size, 1)
+                    except OSError as e:  # delivered all the same: recalculated later
+                        log.warn(  # noqa: G010 (twisted.logger has no warning())
+                            "Cannot update quota file in {path}: {reason}",
+                            path=maildir,
+                            reason=str(e),
+                        )
+        return Delivered(stored, tuple(full))
+
+    def _place_all(self, name: str, users: Sequence[str], maildirs: Sequence[str]) -> str:
+        """Rename or link the fsynced temporary file into each ``new/``; all or none."""
+        placed: list[str] = []
+        temp_left = True
+        journal: Journal | None = None
+        try:
+            if len(maildirs) == 1:
+                target = os.path.join(maildirs[0], "new", name)
+                temp_left = not self._remaking(users[0], self._move, maildirs[0], target)
                 placed.append(target)
             else:
-                targets = [os.path.join(maildir, "new", name) for maildir in self._maildirs]
+                targets = [os.path.join(maildir, "new", name) for maildir in maildirs]
                 journal = self._deliverer.open_journal(self.id, self._temp, targets)
-                for user, maildir, target in zip(self.users, self._maildirs, targets, strict=True):
+                for user, maildir, target in zip(users, maildirs, targets, strict=True):
                     self._remaking(user, self._place, maildir, target)
                     placed.append(target)
             # The new names must survive a crash; the temporary name leaving tmp/ need not.
@@ -285,12 +345,15 @@ class MaildirDeliverer:
         hostname: str,
         run: Callable[..., Deferred],
         journal_dir: str | None = None,
+        policies=None,
     ):
         """``run``: a ``Workers.run`` of ``DELIVERY_THREADS`` of the deliveries' own, so
         deliveries never wait behind logins.  ``journal_dir``: where multi-recipient
         deliveries keep their journals (``<mailroot>/.popserv-deliveries`` by default;
-        ``DeliveryRecovery`` reads it)."""
+        ``DeliveryRecovery`` reads it).  ``policies``: a ``popserv.policy.MailboxPolicies``
+        with each user's quota (no quotas without it, beyond what ``maildirsize`` says)."""
         self.store = store
+        self.policies = policies
         self.hostname = hostname
         #: Runs each delivery's fsync-and-link step off the reactor thread.
         self.run = run
@@ -313,6 +376,12 @@ class MaildirDeliverer:
                 os.mkdir(directory, 0o700)
             fsync_dir(os.path.dirname(directory))
             return Journal.create(directory, id, temp, targets)
+
+    def limits(self, user: str) -> QuotaLimits:
+        """The user's quota limits (none without policies)."""
+        if self.policies is None:
+            return QuotaLimits()
+        return self.policies.for_user(user).quota
 
     def maildir(self, user: str, known: bool = True) -> str:
         """The user's Maildir, made (if missing) on the first delivery, or when not ``known``."""

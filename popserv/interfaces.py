@@ -32,11 +32,44 @@ class UserDBUnavailable(Exception):
     """The user database cannot be read (POP3 answers ``-ERR [SYS/TEMP]``)."""
 
 
+class QuotaLimits(NamedTuple):
+    """A mailbox's limits: octets (physical sizes) and messages; 0 is no limit."""
+
+    storage: int = 0
+    messages: int = 0
+
+    def __bool__(self) -> bool:
+        """Whether there is any limit at all."""
+        return bool(self.storage or self.messages)
+
+
+#: EXPIRE (RFC 2449 section 6.7) that never removes anything: ``expire_days`` None.
+NEVER = None
+
+
+@dataclass(frozen=True)
+class MailboxPolicy:
+    """What the server does with one user's mail besides what the client asks.
+
+    ``mark_seen``: a message retrieved in full gets the seen flag at QUIT.
+    ``expire_days``: RFC 2449 EXPIRE, days a retrieved message is kept (0: removed at
+    the QUIT of the session that retrieved it; ``NEVER``: kept).  ``quota``: the limits.
+    """
+
+    mark_seen: bool = True
+    expire_days: int | None = NEVER
+    quota: QuotaLimits = QuotaLimits()
+
+
 class IMaildrop(Interface):
     """One user's mailbox as a POP3 session sees it: a snapshot fixed at login.
 
     Message numbers of the protocol are ``index + 1``; indexes are 0-based here.
     """
+
+    expire_days = Attribute(
+        "The user's EXPIRE policy (``MailboxPolicy.expire_days``), for CAPA after login."
+    )
 
     def messages():
         """The snapshot: a sequence of ``(uidl, size)`` in message-number order.
@@ -52,13 +85,15 @@ class IMaildrop(Interface):
         Raises ``OSError`` when the message cannot be read.
         """
 
-    def commit(deleted):
+    def commit(deleted, retrieved=frozenset()):
         """Remove the messages at the ``deleted`` indexes (the UPDATE state, at QUIT).
 
         The session keeps the DELE marks itself; storage sees them only here, once.
-        Returns a Deferred that fires with ``None``, or fails with ``CommitFailed``
-        when some of them could not be removed.  Raises ``IndexError`` for an index
-        outside the snapshot.
+        ``retrieved``: the indexes sent in full by RETR, which the maildrop's policy
+        marks seen, records for EXPIRE, or (EXPIRE 0) removes as well.  Returns a
+        Deferred that fires with ``None``, or fails with ``CommitFailed`` when some
+        messages could not be removed.  Raises ``IndexError`` for an index outside the
+        snapshot.
         """
 
     def close():
@@ -68,9 +103,11 @@ class IMaildrop(Interface):
 class IMaildropStore(Interface):
     """Where users' maildrops live; opens and locks them."""
 
-    def open_maildrop(user):
+    def open_maildrop(user, policy=None):
         """Lock ``user``'s maildrop and take its snapshot.
 
+        ``policy`` (a ``MailboxPolicy``; the defaults without it) governs the session:
+        with EXPIRE of some days, messages retrieved longer ago are removed first.
         Returns a Deferred firing with an ``IMaildrop``, or failing with
         ``MaildropLocked`` when another session holds it.
         """
@@ -111,6 +148,16 @@ class IUserDB(Interface):
         Stored keys, or keys derived from a password stored in clear.  ``None`` for an
         unknown user or one whose stored scheme cannot serve the mechanism.
         """
+
+    def fields(user):
+        """``user``'s extra settings (``dict[str, str]``), empty for an unknown user.
+
+        From the passwd-file's extra fields (``userdb_quota_rule=*:storage=100M``),
+        with Dovecot's ``userdb_`` prefix taken off.
+        """
+
+    def field_values(name):
+        """The distinct values (``set[str]``) users have for the extra field ``name``."""
 
     def mechanisms(user=None):
         """The mechanisms (``set[bytes]``, e.g. ``b"APOP"``) ``user``'s stored scheme can verify.
@@ -207,6 +254,33 @@ class DeliveryFailed(Exception):
         return self.error is not None and self.error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+class MailboxFull(DeliveryFailed):
+    """The message would take every recipient's mailbox over its quota (SMTP 552 5.2.2)."""
+
+    def __init__(self, users):
+        super().__init__("mailbox full: " + ", ".join(users))
+        self.users = tuple(users)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Where a finished delivery went: its file name, and the users whose mailbox was full."""
+
+    name: str
+    full: tuple[str, ...] = ()
+
+
+class IQuota(Interface):
+    """How full users' mailboxes are, for refusing mail early (at RCPT)."""
+
+    def usage(user):
+        """A Deferred firing with ``popserv.quota.Usage`` of ``user``'s mailbox."""
+
+    def admits(user, size):
+        """A Deferred firing ``True`` when a message of ``size`` octets (0: not known)
+        still fits; ``False`` when the mailbox is full or ``size`` would overfill it."""
+
+
 class IDelivery(Interface):
     """One message being stored for some users; nothing is visible before ``finish``.
 
@@ -220,8 +294,11 @@ class IDelivery(Interface):
     def finish():
         """Make the message durable and visible to every recipient at once.
 
-        Returns a Deferred that fires once it is in each recipient's mailbox, or fails
-        with ``DeliveryFailed`` having left it in none.
+        Each recipient's quota is checked as the message goes in; a recipient it would
+        take over quota does not get it.  Returns a Deferred that fires with
+        ``Delivered`` once it is in each other recipient's mailbox, or fails with
+        ``DeliveryFailed`` (``MailboxFull`` when every mailbox was full) having left
+        it in none.
         """
 
     def abort():
@@ -267,6 +344,8 @@ class Envelope:
     recipients: list[bytes] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
     size: int = 0
+    #: The SIZE the client declared at MAIL FROM (RFC 1870), None when it gave none.
+    declared_size: int | None = None
     failure: tuple[int, bytes] | None = None
     delivery: IDelivery | None = None
     #: Recipients over ``[smtp] max_recipients`` were refused (and logged once).

@@ -34,7 +34,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
+from popserv import quota, retention
+from popserv.interfaces import (
+    CommitFailed,
+    IMaildrop,
+    IMaildropStore,
+    MailboxPolicy,
+    MaildropLocked,
+)
 from popserv.uidlist import (
     COURIER_SIZELIST,
     DEFAULT_DOVECOT_FORMAT,
@@ -146,6 +153,21 @@ def uidl_for(name: str) -> str:
         return unique
     basis = unique or name.split(":", 1)[0]
     return hashlib.sha256(os.fsencode(basis)).hexdigest()
+
+
+def seen_name(name: str) -> str | None:
+    """The name with the Maildir ``S`` (seen) flag: ``<unique>:2,<flags>``, flags in order.
+
+    Other flags and the ``,S=``/``,W=`` fields are kept; None for a name whose info part
+    is not Maildir's ``2,`` kind, which is left as it is.
+    """
+    at = name.find(":2,")
+    if at < 0:
+        return None if ":" in name else name + ":2,S"
+    flags = name[at + 3 :]
+    if "S" in flags:
+        return name
+    return name[: at + 3] + "".join(sorted(flags + "S"))
 
 
 def wire_size_from_name(name: str) -> int | None:
@@ -521,10 +543,14 @@ class MaildirMaildrop:
         entries: list[_Entry],
         run: Callable[..., Deferred],
         snapshot: tuple | None = None,
+        policy: MailboxPolicy | None = None,
     ):
-        """``run``: runs the commit off the reactor thread (the store's)."""
+        """``run``: runs the commit off the reactor thread (the store's); ``policy``:
+        what the commit does with retrieved messages (the defaults without it)."""
         self.user = user
         self.path = path
+        self.policy = policy or MailboxPolicy()
+        self.expire_days = self.policy.expire_days
         self._lock_file: BinaryIO | None = lock_file
         self._entries = entries
         if snapshot is None:
@@ -553,48 +579,128 @@ class MaildirMaildrop:
             entry.path = moved
             return _open_nofollow(moved)
 
-    def commit(self, deleted: Iterable[int]) -> Deferred:
-        """Unlink those messages in a thread; fails with CommitFailed(n) if n remain."""
-        entries = [self._entry(i) for i in sorted(set(deleted))]
-        return self._run(self._remove, entries)
+    def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> Deferred:
+        """In a thread: unlink the deleted messages, then mark and record the retrieved.
 
-    def _remove(self, entries: list[_Entry]) -> None:
-        failed = 0
-        touched = set()
-        for entry in entries:
-            path = entry.path
+        With EXPIRE 0 the retrieved go too.  Fails with CommitFailed(n) if n messages
+        that should be gone remain; a seen flag that cannot be set is only logged.
+        """
+        deleted = set(deleted)
+        retrieved = set(retrieved)
+        if self.policy.expire_days == 0:
+            deleted |= retrieved
+        doomed = [self._entry(i) for i in sorted(deleted)]
+        kept = [self._entry(i) for i in sorted(retrieved - deleted)]
+        return self._run(self._commit_blocking, doomed, kept)
+
+    def _commit_blocking(self, doomed: list[_Entry], retrieved: list[_Entry]) -> None:
+        try:
+            remove_messages(self.path, doomed)
+        finally:
+            if retrieved or doomed:
+                self._record_retrieved(doomed, retrieved)
+
+    def _record_retrieved(self, doomed: list[_Entry], retrieved: list[_Entry]) -> None:
+        """Seen flags (unless ``mark_seen`` is off) and first retrieval times."""
+        if retrieved and self.policy.mark_seen:
+            for entry in retrieved:
+                _mark_seen(self.path, entry)
+        try:
+            times = retention.read(self.path)
+        except OSError as e:
+            _warn_retention(self.path, e)
+            return
+        now = int(time.time())
+        live = {e.key for e in self._entries}
+        updated = {key: when for key, when in times.items() if key in live}
+        for entry in doomed:
+            updated.pop(entry.key, None)
+        for entry in retrieved:
+            updated.setdefault(entry.key, now)
+        if updated != times:
             try:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    path = _find_by_key(self.path, entry.key)
-                    if path is not None:
-                        os.unlink(path)
-            except FileNotFoundError:
-                pass
+                retention.write(self.path, updated)
             except OSError as e:
-                failed += 1
-                log.warn(  # noqa: G010 (twisted.logger has no warning())
-                    "Cannot remove deleted message {path}: {reason}", path=path, reason=str(e)
-                )
-                continue
-            if path is not None:
-                touched.add(os.path.dirname(path))
-        for directory in sorted(touched):
-            try:
-                fsync_dir(directory)
-            except OSError as e:
-                log.warn(  # noqa: G010 (twisted.logger has no warning())
-                    "Cannot fsync {path}: {reason}", path=directory, reason=str(e)
-                )
-        if failed:
-            raise CommitFailed(failed)
+                _warn_retention(self.path, e)
 
     def close(self) -> None:
         """Release the lock (closing its file descriptor); safe to call twice."""
         lock_file, self._lock_file = self._lock_file, None
         if lock_file is not None:
             lock_file.close()
+
+
+def _warn_retention(path: str, error: OSError) -> None:
+    log.warn(  # noqa: G010 (twisted.logger has no warning())
+        "Cannot keep retrieval times in {path}: {reason}", path=path, reason=str(error)
+    )
+
+
+def _mark_seen(maildir: str, entry: _Entry) -> None:
+    """Give the message the seen flag, moving it from ``new/`` to ``cur/``."""
+    for _ in range(2):
+        flagged = seen_name(os.path.basename(entry.path))
+        if flagged is None:
+            return
+        target = os.path.join(maildir, "cur", flagged)
+        if target == entry.path:
+            return
+        try:
+            os.rename(entry.path, target)
+        except FileNotFoundError:
+            moved = _find_by_key(maildir, entry.key)
+            if moved is None:
+                return  # removed by another agent: nothing to mark
+            entry.path = moved
+            continue
+        except OSError as e:
+            log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "Cannot mark {path} seen: {reason}", path=entry.path, reason=str(e)
+            )
+            return
+        entry.path = target
+        return
+
+
+def remove_messages(maildir: str, entries: list[_Entry]) -> None:
+    """Unlink the messages, make that durable, and take them off the quota usage."""
+    failed = 0
+    touched = set()
+    freed = []
+    for entry in entries:
+        path = entry.path
+        size = None
+        try:
+            try:
+                size = quota.physical_size(os.path.basename(path), path)
+                os.unlink(path)
+            except FileNotFoundError:
+                path = _find_by_key(maildir, entry.key)
+                if path is not None:
+                    size = quota.physical_size(os.path.basename(path), path)
+                    os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            failed += 1
+            log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "Cannot remove deleted message {path}: {reason}", path=path, reason=str(e)
+            )
+            continue
+        if path is not None:
+            touched.add(os.path.dirname(path))
+            if size is not None:
+                freed.append(size)
+    for directory in sorted(touched):
+        try:
+            fsync_dir(directory)
+        except OSError as e:
+            log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "Cannot fsync {path}: {reason}", path=directory, reason=str(e)
+            )
+    quota.record_removed(maildir, freed)
+    if failed:
+        raise CommitFailed(failed)
 
 
 @implementer(IMaildropStore)
@@ -646,13 +752,17 @@ class MaildirStore:
             _mkdir(os.path.join(path, sub))
         return path
 
-    def open_maildrop(self, user: str) -> Deferred:
-        """Lock and snapshot ``user``'s Maildir in a thread; fails with MaildropLocked."""
+    def open_maildrop(self, user: str, policy: MailboxPolicy | None = None) -> Deferred:
+        """Lock and snapshot ``user``'s Maildir in a thread; fails with MaildropLocked.
+
+        With EXPIRE of some days in ``policy``, messages retrieved longer ago than that
+        are removed first (RFC 2449: at login, never during a session).
+        """
         if self._run is None:
             raise TypeError(
                 "MaildirStore needs run= (a popserv.workers.Workers.run) to open maildrops"
             )
-        return self._run(self._open_blocking, user)
+        return self._run(self._open_blocking, user, policy or MailboxPolicy())
 
     def _listing(self, path: str) -> tuple[list[_Entry], tuple]:
         """The snapshot entries of a Maildir: the last listing while nothing changed.
@@ -687,7 +797,7 @@ class MaildirStore:
                 self._listings.pop(path, None)
         return entries, snapshot
 
-    def _open_blocking(self, user: str) -> MaildirMaildrop:
+    def _open_blocking(self, user: str, policy: MailboxPolicy) -> MaildirMaildrop:
         path = self.create(user)
         lock_path = os.path.join(path, LOCK_NAME)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE)
@@ -701,7 +811,40 @@ class MaildirStore:
                     raise MaildropLocked(user) from None
                 raise
             entries, snapshot = self._listing(path)
+            if policy.expire_days:
+                entries, snapshot = _expire(user, path, entries, snapshot, policy.expire_days)
         except BaseException:
             lock_file.close()
             raise
-        return MaildirMaildrop(user, path, lock_file, entries, self._run, snapshot)
+        return MaildirMaildrop(user, path, lock_file, entries, self._run, snapshot, policy)
+
+
+def _expire(
+    user: str, path: str, entries: list[_Entry], snapshot: tuple, days: int
+) -> tuple[list[_Entry], tuple]:
+    """Remove the messages retrieved more than ``days`` ago; the listing without them."""
+    times = retention.read(path)
+    if not times:
+        return entries, snapshot
+    old = retention.expired(times, days, time.time())
+    doomed = [e for e in entries if e.key in old]
+    if not doomed:
+        return entries, snapshot
+    try:
+        remove_messages(path, doomed)
+    except CommitFailed as e:
+        log.warn(  # noqa: G010 (twisted.logger has no warning())
+            "Cannot expire {failed} messages of {user}", failed=e.failed, user=user
+        )
+    gone = {e.key for e in doomed if not os.path.lexists(e.path)}
+    for key in gone:
+        times.pop(key, None)
+    retention.write(path, times)
+    log.info(
+        "maildir.expired: user={user} messages={count} days={days}",
+        user=user,
+        count=len(gone),
+        days=days,
+    )
+    entries = [e for e in entries if e.key not in gone]
+    return entries, tuple((e.uidl, e.size) for e in entries)

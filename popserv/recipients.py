@@ -5,6 +5,8 @@ map to users of the ``IUserDB``: ``alice@<local domain>`` is the user ``alice@<d
 when the users file has that entry, else the user ``alice`` (each tried as given, then in
 lower case).  A quoted local part that needs no quotes is the same address (``"bob"`` is
 ``bob``), a domain with an empty label is refused, and postmaster is always accepted.
+A recipient whose mailbox is full, or would be with the SIZE the client declared, is
+refused here (552 5.2.2, or 452 4.2.2 with ``[quota] full_tempfail``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from popserv.smtpreplies import (
     UNKNOWN_USER,
     USERDB_DOWN,
     error_args,
+    mailbox_full,
 )
 
 _UNSAFE_IN_HEADER = re.compile(rb"[^!-'*-[\]-~]")  # printable, minus "(", ")", "\"
@@ -98,8 +101,14 @@ class LocalRecipients:
         hostname: str,
         clock,
         postmaster: str = "postmaster",
+        *,
+        quota=None,
+        full_tempfail: bool = False,
     ):
+        """``quota``: an ``IQuota``, or None to leave quotas to the delivery."""
         self.userdb = userdb
+        self.quota = quota
+        self.full_tempfail = full_tempfail
         self.domains = frozenset(d.lower() for d in domains)
         self.hostname = hostname.encode("ascii", "replace")
         self.clock = clock
@@ -108,9 +117,21 @@ class LocalRecipients:
     def check_sender(self, session: Session, envelope: Envelope) -> None:
         """Any sender is accepted, the null sender too."""
 
-    def check_recipient(self, session: Session, envelope: Envelope, address: smtp.Address) -> str:
-        """Local domain and known user, else ``SMTPBadRcpt``: 550 5.7.1 or 550 5.1.1."""
-        return self.resolve(address)
+    def check_recipient(self, session: Session, envelope: Envelope, address: smtp.Address):
+        """Local domain and known user, else ``SMTPBadRcpt``: 550 5.7.1 or 550 5.1.1.
+
+        Then, with a quota, room for the message: a Deferred firing with the user.
+        """
+        user = self.resolve(address)
+        if self.quota is None:
+            return user
+        d = self.quota.admits(user, envelope.declared_size or 0)
+        return d.addCallback(self._room, user, address)
+
+    def _room(self, admitted: bool, user: str, address: smtp.Address) -> str:
+        if not admitted:
+            raise smtp.SMTPServerError(*error_args(mailbox_full(self.full_tempfail)))
+        return user
 
     def resolve(self, address: smtp.Address) -> str:
         """The user an address delivers to; raises ``SMTPServerError`` with the reply."""

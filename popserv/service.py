@@ -30,6 +30,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from popserv.auth import PasswdFile, checkers
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
     from popserv.maildir import MAILDROP_THREADS, MaildirStore
+    from popserv.policy import MailboxPolicies
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
@@ -59,7 +60,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
         dovecot_uidl_format=config.pop3_dovecot_uidl_format,
         dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
     )
-    realm = MaildropRealm(store)
+    policies = MailboxPolicies(userdb, config)
+    realm = MaildropRealm(store, policies)
     # USER/PASS, PLAIN and LOGIN; APOP and CRAM-MD5; SCRAM's verified outcome.
     portal = Portal(realm, checkers(userdb))
     # One TLS object for STLS and every POP3S listener, so SIGHUP reloads them all.
@@ -74,6 +76,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         tls=tls,
         run_in_thread=verify.run,
         secret=secret,
+        policies=policies,
     )
 
     top = MultiService()
@@ -100,7 +103,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
-        _add_smtp(top, config, store, userdb, tls, reactor)
+        _add_smtp(top, config, store, userdb, policies, tls, reactor)
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
@@ -114,9 +117,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
     return top
 
 
-def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) -> None:
+def _add_smtp(top: MultiService, config: Config, store, userdb, policies, tls, reactor) -> None:
     """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
     from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
+    from popserv.quota import MaildirQuota
     from popserv.smtp import SMTPFactory
     from popserv.workers import Workers, WorkersService
 
@@ -125,8 +129,11 @@ def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) ->
     threads = WorkersService(workers)
     threads.setName("delivery-threads")
     threads.setServiceParent(top)
-    deliverer = MaildirDeliverer(store, config.hostname, workers.run)
-    factory = SMTPFactory(deliverer, userdb, config, clock=reactor, context_factory=tls)
+    deliverer = MaildirDeliverer(store, config.hostname, workers.run, policies=policies)
+    quota = MaildirQuota(store, policies, workers.run)
+    factory = SMTPFactory(
+        deliverer, userdb, config, clock=reactor, context_factory=tls, quota=quota
+    )
     for index, description in enumerate(config.smtp_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"smtp-{index}")

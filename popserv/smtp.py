@@ -37,7 +37,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popserv.config import Config
-from popserv.interfaces import Envelope, IDeliverer, IRecipientPolicy, IUserDB, Session
+from popserv.interfaces import (
+    Delivered,
+    Envelope,
+    IDeliverer,
+    IRecipientPolicy,
+    IUserDB,
+    Session,
+)
 from popserv.limits import PER_PEER, ConnectionLimiter, transport_descriptor
 from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.logsafe import untrusted
@@ -76,6 +83,7 @@ from popserv.smtpreplies import (
     TOO_MANY_REJECTED,
     UNKNOWN_COMMAND,
     Reply,
+    partly_delivered,
     reply_for,
     with_enhanced_code,
 )
@@ -94,6 +102,15 @@ RCPT_RE = re.compile(rb"\s*TO:\s*(?P<path><%b>|%b)\s*(\s(?P<opts>.*))?$" % (_PAT
 def new_message_id() -> str:
     """An id for logs and the Received header, unguessable like a Postfix queue id."""
     return secrets.token_hex(6).upper()
+
+
+def declared_size(text: bytes | None) -> int | None:
+    """The SIZE of the MAIL FROM parameters (RFC 1870), None when not given (or bad)."""
+    for param in (text or b"").split():
+        key, _, value = param.partition(b"=")
+        if key.upper() == b"SIZE" and value.isdigit() and len(value) <= 20:
+            return int(value)
+    return None
 
 
 def mail_parameters_error(text: bytes | None, max_size: int) -> Reply | None:
@@ -315,7 +332,9 @@ class ESMTPReceiver(smtp.ESMTP):
         except smtp.AddressError:
             self._reject("MAIL", BAD_SENDER, sender=path)
             return self._bad_command(BAD_SENDER)
-        envelope = Envelope(id=new_message_id(), sender=sender)
+        envelope = Envelope(
+            id=new_message_id(), sender=sender, declared_size=declared_size(m.group("opts"))
+        )
         check = self.policy.check_sender
         return self._then(check, (self.session, envelope), self._sender_ok, self._sender_refused)
 
@@ -395,7 +414,7 @@ class ESMTPReceiver(smtp.ESMTP):
             return None
         return self._then(_finish, (envelope,), self._delivered, self._not_delivered)
 
-    def _delivered(self, stored: str, envelope: Envelope) -> None:
+    def _delivered(self, result: Delivered, envelope: Envelope) -> None:
         log.info(
             "smtp.accepted: peer={peer} id={id} from={sender} to={recipients} size={size} "
             "stored={stored}",
@@ -404,12 +423,17 @@ class ESMTPReceiver(smtp.ESMTP):
             sender=untrusted(bytes(envelope.sender)),
             recipients=untrusted(b",".join(envelope.recipients)),
             size=envelope.size,
-            stored=stored,
+            stored=result.name,
         )
+        if result.full:
+            reply = partly_delivered(result.full, self.config.quota_full_tempfail)
+            self._reject("DATA", reply, envelope=envelope, full=",".join(result.full))
+            self.sendCode(*reply)
+            return
         self.sendCode(250, b"2.0.0 Ok: queued as " + envelope.id.encode("ascii"))
 
     def _not_delivered(self, failure, envelope: Envelope) -> None:
-        reply = reply_for(failure, "delivery failed")
+        reply = reply_for(failure, "delivery failed", self.config.quota_full_tempfail)
         self._reject("DATA", reply, envelope=envelope)
         self.sendCode(*reply)
 
@@ -535,14 +559,25 @@ class SMTPFactory(ServerFactory):
         clock,
         context_factory=None,
         limiter=None,
+        quota=None,
     ):
-        """``clock``: the reactor (or a ``task.Clock``) that times sessions and headers."""
+        """``clock``: the reactor (or a ``task.Clock``) that times sessions and headers.
+
+        ``quota``: the ``IQuota`` that refuses mail for full mailboxes at RCPT (without
+        it, only the delivery itself checks).
+        """
         self.deliverer = deliverer
         self.config = config
         self.clock = clock
         self.context_factory = context_factory
         self.policy = LocalRecipients(
-            userdb, local_domains(config), config.hostname, clock, config.smtp_postmaster
+            userdb,
+            local_domains(config),
+            config.hostname,
+            clock,
+            config.smtp_postmaster,
+            quota=quota,
+            full_tempfail=config.quota_full_tempfail,
         )
         if limiter is None:
             # Besides its socket, a connection may open its message's temporary file.

@@ -11,7 +11,7 @@ import re
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from popserv.interfaces import DeliveryFailed
+from popserv.interfaces import DeliveryFailed, MailboxFull
 
 log = Logger()
 
@@ -34,6 +34,8 @@ BAD_SENDER = (553, b"5.1.7 Bad sender address syntax")
 TOO_MANY_RECIPIENTS = (452, b"4.5.3 Too many recipients")
 TOO_BIG = (552, b"5.3.4 Message size exceeds fixed limit")
 DISK_FULL = (452, b"4.3.1 Insufficient system storage")
+MAILBOX_FULL = (552, b"5.2.2 Mailbox full")
+MAILBOX_FULL_TEMPORARY = (452, b"4.2.2 Mailbox full, try again later")
 LOCAL_ERROR = (451, b"4.3.0 Local error in processing")
 USERDB_DOWN = (451, b"4.3.0 User database unavailable, try again later")
 BARE_LINE_END = (550, b"5.6.0 Bare CR or LF in message; lines must end with CRLF")
@@ -93,8 +95,26 @@ def error_args(reply: Reply) -> tuple[int, str]:
     return reply[0], reply[1].decode("ascii")
 
 
-def reply_for(failure, what: str) -> Reply:
+def mailbox_full(tempfail: bool) -> Reply:
+    """552 5.2.2, or 452 4.2.2 with ``[quota] full_tempfail`` for senders that should retry."""
+    return MAILBOX_FULL_TEMPORARY if tempfail else MAILBOX_FULL
+
+
+def partly_delivered(full: tuple[str, ...], tempfail: bool) -> Reply:
+    """The end of DATA when some recipients got the message and these (full) did not.
+
+    SMTP has one reply for all recipients and popserv sends no bounces: the sender hears
+    of the failure (and whom it hit), the others keep their copy.
+    """
+    code, text = mailbox_full(tempfail)
+    names = b", ".join(user.encode("utf-8", "replace") for user in full)
+    return code, text + b" for " + names + b"; delivered to the other recipients"
+
+
+def reply_for(failure, what: str, tempfail: bool = False) -> Reply:
     """The reply for a refusal or a failed delivery; unexpected errors are logged as ``what``."""
+    if failure.check(MailboxFull):
+        return mailbox_full(tempfail)
     if failure.check(DeliveryFailed):
         return DISK_FULL if failure.value.disk_full else LOCAL_ERROR
     if failure.check(smtp.SMTPServerError):

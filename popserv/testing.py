@@ -13,7 +13,13 @@ from collections.abc import Iterable, Sequence
 from twisted.internet import defer
 from zope.interface import implementer
 
-from popserv.interfaces import CommitFailed, IMaildrop, IMaildropStore, MaildropLocked
+from popserv.interfaces import (
+    CommitFailed,
+    IMaildrop,
+    IMaildropStore,
+    MailboxPolicy,
+    MaildropLocked,
+)
 from popserv.maildir import crlf_size, user_parts
 
 
@@ -40,8 +46,11 @@ class FakeMaildrop:
         user: str = "fake",
         uidls: Sequence[str] | None = None,
         store: FakeMaildropStore | None = None,
+        policy: MailboxPolicy | None = None,
     ):
         self.user = user
+        self.policy = policy or MailboxPolicy()
+        self.expire_days = self.policy.expire_days
         self.path = f"fake:{user}"
         if uidls is None:
             uidls = [f"fake-{number}" for number in range(1, len(messages) + 1)]
@@ -53,6 +62,8 @@ class FakeMaildrop:
         self.closed = False
         self.committed = False
         self.removed: list[str] = []
+        #: The indexes the last commit was told were retrieved in full.
+        self.retrieved: frozenset[int] = frozenset()
 
     def _check(self, index: int) -> None:
         if not 0 <= index < len(self._data):
@@ -69,10 +80,16 @@ class FakeMaildrop:
             raise PermissionError(f"fake message {index} is unreadable")
         return io.BytesIO(self._data[index])
 
-    def commit(self, deleted: Iterable[int]) -> defer.Deferred:
-        """Remove those messages (from the store too), except undeletable ones."""
+    def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> defer.Deferred:
+        """Remove those messages (from the store too), except undeletable ones.
+
+        As the real store: with EXPIRE 0 the retrieved ones are removed too.
+        """
         deleted = set(deleted)
-        for index in deleted:
+        self.retrieved = frozenset(retrieved)
+        if self.policy.expire_days == 0:
+            deleted |= self.retrieved
+        for index in deleted | self.retrieved:
             self._check(index)
         self.committed = True
         failed = deleted & self._undeletable
@@ -131,8 +148,11 @@ class FakeMaildropStore:
         self.mailboxes[user].append(message)
         self._sync_uidls(user)
 
-    def open_maildrop(self, user: str) -> defer.Deferred:
-        """Lock and snapshot ``user``'s mailbox; fails with MaildropLocked if held."""
+    def open_maildrop(self, user: str, policy: MailboxPolicy | None = None) -> defer.Deferred:
+        """Lock and snapshot ``user``'s mailbox; fails with MaildropLocked if held.
+
+        ``policy`` is kept on the maildrop (``opened`` shows it); no message is expired.
+        """
         try:
             self.create(user)
         except ValueError:
@@ -141,7 +161,11 @@ class FakeMaildropStore:
             return defer.fail(MaildropLocked(user))
         self._locked.add(user)
         maildrop = FakeMaildrop(
-            list(self.mailboxes[user]), user=user, uidls=list(self._sync_uidls(user)), store=self
+            list(self.mailboxes[user]),
+            user=user,
+            uidls=list(self._sync_uidls(user)),
+            store=self,
+            policy=policy,
         )
         self.opened.append(maildrop)
         return defer.succeed(maildrop)

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SkipTest
 from popserv.auth import PasswdFile, checkers, hash_password
 from popserv.config import Config
 from popserv.maildir import MAILDROP_THREADS, MaildirStore, crlf_size
+from popserv.policy import MailboxPolicies
 from popserv.pop3 import POP3Factory
 from popserv.realm import MaildropRealm
 from popserv.workers import Workers
@@ -137,6 +138,7 @@ class LiveServer:
     users_path: str
     store: MaildirStore
     factory: POP3Factory
+    policies: MailboxPolicies
     _tracker: _TrackingFactory = field(repr=False)
 
     @property
@@ -193,12 +195,14 @@ def start_server(
     *,
     argon2: bool = False,
     schemes: dict[str, str] | None = None,
+    fields: dict[str, str] | None = None,
     **config_overrides,
 ) -> defer.Deferred:
     """Start popserv on 127.0.0.1 port 0 for one test; fires with a ``LiveServer``.
 
     Passwords are stored ``{PLAIN}`` for speed, or as popserv's real Argon2id hashes
     with ``argon2=True``; ``schemes`` picks another scheme per user (user -> scheme name).
+    ``fields`` gives users extra fields of the users file (``userdb_quota_rule=...``).
     The portal has every popserv checker, so APOP and each SASL mechanism work.
     Cleanup stops listening and waits for open connections to close.
     """
@@ -212,7 +216,8 @@ def start_server(
     with open(users_path, "w", encoding="utf-8") as f:
         for user, password in users.items():
             entry = hash_password(password, (schemes or {}).get(user, default_scheme))
-            f.write(f"{user}:{entry}\n")
+            extra = (fields or {}).get(user)
+            f.write(f"{user}:{entry}::::::{extra}\n" if extra else f"{user}:{entry}\n")
     settings = {
         "hostname": HOST,
         "mailroot": mailroot,
@@ -226,8 +231,16 @@ def start_server(
     verify = workers(testcase, config.auth_max_verifications, "popserv-verify")
     store = MaildirStore(mailroot, workers(testcase, MAILDROP_THREADS, "popserv-maildrop").run)
     userdb = PasswdFile(users_path, verify.run)
-    portal = Portal(MaildropRealm(store), checkers(userdb))
-    factory = POP3Factory(portal, config, clock=reactor, userdb=userdb, run_in_thread=verify.run)
+    policies = MailboxPolicies(userdb, config)
+    portal = Portal(MaildropRealm(store, policies), checkers(userdb))
+    factory = POP3Factory(
+        portal,
+        config,
+        clock=reactor,
+        userdb=userdb,
+        run_in_thread=verify.run,
+        policies=policies,
+    )
     tracker = _TrackingFactory(factory)
     endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
 
@@ -239,6 +252,7 @@ def start_server(
             users_path=users_path,
             store=store,
             factory=factory,
+            policies=policies,
             _tracker=tracker,
         )
         testcase.addCleanup(_shut_down, port, tracker)

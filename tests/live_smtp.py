@@ -13,12 +13,16 @@ from twisted.internet import endpoints, reactor
 from popserv.auth import PasswdFile
 from popserv.config import Config
 from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer
+from popserv.quota import MaildirQuota
 from popserv.smtp import SMTPFactory
 from tests.live import HOST, LiveServer, _shut_down, _TrackingFactory, workers
 
 
 def start_smtp(testcase, server: LiveServer, **config_overrides):
-    """Listen for SMTP into ``server``'s Maildirs and users; fires with the port number."""
+    """Listen for SMTP into ``server``'s Maildirs and users; fires with the port number.
+
+    Quotas come from the POP3 server's ``policies``, as in ``popserv.service``.
+    """
     settings = {
         "hostname": HOST,
         "mailroot": server.mailroot,
@@ -28,8 +32,11 @@ def start_smtp(testcase, server: LiveServer, **config_overrides):
     settings.update(config_overrides)
     config = Config(**settings)
     delivery = workers(testcase, DELIVERY_THREADS, "popserv-delivery")
-    deliverer = MaildirDeliverer(server.store, HOST, delivery.run)
-    factory = SMTPFactory(deliverer, PasswdFile(server.users_path), config, clock=reactor)
+    deliverer = MaildirDeliverer(server.store, HOST, delivery.run, policies=server.policies)
+    quota = MaildirQuota(server.store, server.policies, delivery.run)
+    factory = SMTPFactory(
+        deliverer, PasswdFile(server.users_path), config, clock=reactor, quota=quota
+    )
     tracker = _TrackingFactory(factory)
     endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
 

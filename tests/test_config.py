@@ -41,6 +41,8 @@ max_bad_commands = 3
 max_failures = 4
 dovecot_uidl_format = %v.%u
 dovecot_reuse_xuidl = yes
+mark_seen = no
+expire = 30
 
 [pop3s]
 listen = tcp:9995:interface=127.0.0.1
@@ -72,6 +74,11 @@ max_connections_per_peer = 5
 max_bad_commands = 7
 max_rejected_recipients = 8
 postmaster = admin@example.org
+
+[quota]
+storage = 100M
+messages = 5000
+full_tempfail = yes
 """
 
 
@@ -103,6 +110,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 pop3_max_failures=4,
                 pop3_dovecot_uidl_format="%v.%u",
                 pop3_dovecot_reuse_xuidl=True,
+                pop3_mark_seen=False,
+                pop3_expire=30,
                 pop3s_listen=("tcp:9995:interface=127.0.0.1",),
                 tls_cert="/etc/ssl/pop.pem",
                 tls_key="/etc/ssl/pop.key",
@@ -124,6 +133,9 @@ class ConfigFromStringTests(SynchronousTestCase):
                 smtp_max_bad_commands=7,
                 smtp_max_rejected_recipients=8,
                 smtp_postmaster="admin@example.org",
+                quota_storage=100 * 1024 * 1024,
+                quota_messages=5000,
+                quota_full_tempfail=True,
             ),
         )
 

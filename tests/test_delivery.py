@@ -61,7 +61,7 @@ class DeliverTests(DeliveryTestCase):
     async def test_name_carries_sizes(self):
         """The name is <secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<crlf size>, as maildir reads."""
         before = int(time.time())
-        returned = await self.deliver(["alice"])
+        returned = (await self.deliver(["alice"])).name
         name, data = self.read_new("alice")
         self.assertEqual(returned, name)
         m = NAME_RE.match(name)
@@ -78,19 +78,19 @@ class DeliverTests(DeliveryTestCase):
         started = self.deliverer.begin(["alice"])
         for chunk in (b"a\r", b"\nb\n", b"c\r\n"):
             started.write(chunk)
-        name = await started.finish()
+        name = (await started.finish()).name
         self.assertEqual(wire_size_from_name(name), crlf_size(b"a\r\nb\nc\r\n"))
 
     async def test_host_escaped(self):
         """A '/' or ':' or ',' in the host name is escaped, so the name stays one Maildir name."""
         self.deliverer.hostname = "a/b:c,d"
-        name = await self.deliver(["alice"])
+        name = (await self.deliver(["alice"])).name
         self.assertIn(".a\\057b\\072c\\054d,S=", name)
 
     async def test_names_unique(self):
         """Two deliveries in a row get different names."""
-        first = await self.deliver(["alice"])
-        second = await self.deliver(["alice"])
+        first = (await self.deliver(["alice"])).name
+        second = (await self.deliver(["alice"])).name
         self.assertNotEqual(uidl_for(first), uidl_for(second))
 
     async def test_several_recipients_one_inode(self):
@@ -159,7 +159,7 @@ class DeliverTests(DeliveryTestCase):
         started = self.deliverer.begin(["alice"])
         started.write(MESSAGE)
         inode = os.stat(os.path.join(self.store.path_for("alice"), "tmp", started.id)).st_ino
-        name = await started.finish()
+        name = (await started.finish()).name
         path = os.path.join(self.store.path_for("alice"), "new", name)
         self.assertEqual(os.stat(path).st_ino, inode)
         self.assertEqual(os.stat(path).st_nlink, 1)

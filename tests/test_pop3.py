@@ -1116,7 +1116,9 @@ class TransactionTests(POP3TestCase):
 
     def test_commit_failure(self):
         """When deleted messages cannot be removed, QUIT answers -ERR (RFC 1939 section 6)."""
-        self.proto.maildrop.commit = lambda deleted: defer.fail(CommitFailed(len(deleted)))
+        self.proto.maildrop.commit = lambda deleted, _retrieved: defer.fail(
+            CommitFailed(len(deleted))
+        )
         self.send(b"DELE 1\r\n")
         self.assert_reply(b"QUIT\r\n", [Reply.COMMIT_FAILED])
         self.assertTrue(self.transport.disconnecting)

@@ -79,6 +79,10 @@ class Authorization:
             caps.append(b"STLS")
         return caps
 
+    def expire(self) -> bytes:
+        """EXPIRE before login: the server's, or the shortest of all tagged USER."""
+        return self.factory.policies.capability()
+
     def offered_mechanisms(self) -> list[bytes]:
         """SASL mechanisms enabled and allowed on this connection (no plaintext ones in clear)."""
         plaintext_ok = self.session.plaintext_allowed()

@@ -45,6 +45,7 @@ class POP3Factory(ServerFactory):
         verifications: VerificationScheduler | None = None,
         secret: bytes | None = None,
         limiter=None,
+        policies=None,
     ):
         """Wire a POP3 service.
 
@@ -59,6 +60,8 @@ class POP3Factory(ServerFactory):
         (default: one of ``[auth] max_verifications`` and ``max_waiting_per_peer``).
         ``secret``: the server secret (``popserv.state``) keying made-up SCRAM salts.
         ``limiter``: the ``IConnectionLimiter`` (default: one in memory, set from ``config``).
+        ``policies``: the ``popserv.policy.MailboxPolicies`` CAPA's EXPIRE comes from
+        (default: from ``config`` and ``userdb``).
         """
         self.portal = portal
         self.clock = clock
@@ -75,6 +78,11 @@ class POP3Factory(ServerFactory):
         self.tls = tls
         self.secret = secret
         self.userdb = userdb
+        if policies is None:
+            from popserv.policy import MailboxPolicies
+
+            policies = MailboxPolicies(userdb, self.config)
+        self.policies = policies
         #: Runs a blocking callable off the reactor thread, returning a Deferred.
         self.run_in_thread = run_in_thread
         if mechanisms is None:

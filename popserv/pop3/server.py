@@ -312,7 +312,7 @@ class POP3Server(Protocol, TimeoutMixin):
         no_arguments(rest)
         config = self.factory.config
         caps = [b"TOP", b"UIDL", *self.phase.capabilities()]
-        caps += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
+        caps += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", self.phase.expire()]
         if self.phase.state == AUTHORIZATION:
             # RFC 6856: UTF8 mode, with UTF-8 user names accepted by USER.
             caps.append(b"UTF8 USER")

@@ -51,10 +51,17 @@ class Transaction:
         self.octets = sum(size for _, size in self.messages)
         #: Indexes marked by DELE: the session's own, handed to storage only at QUIT.
         self.deleted: set[int] = set()
+        #: Indexes sent in full by RETR: marked seen (or expired) at QUIT, as policy says.
+        self.read: set[int] = set()
         self.retrieved = 0
 
     def capabilities(self) -> list[bytes]:
         return []
+
+    def expire(self) -> bytes:
+        """EXPIRE after login: this user's value (RFC 2449 section 6.7)."""
+        days = self.maildrop.expire_days
+        return b"EXPIRE NEVER" if days is None else b"EXPIRE %d" % days
 
     # -- arguments -------------------------------------------------------------------
 
@@ -124,7 +131,7 @@ class Transaction:
         (arg,) = _arguments(rest, 1, 1)
         index = self._message_index(arg)
         header = self.session.text(Reply.RETR, self.messages[index][1]) + b"\r\n"
-        sending = self._stream(index, header, None)
+        sending = self._stream(index, header, None, whole=True)
         self.retrieved += 1
         return sending
 
@@ -134,8 +141,13 @@ class Transaction:
         count = _number(lines, Reply.BAD_LINE_COUNT)
         return self._stream(index, b"+OK\r\n", TopLimiter(count))
 
-    def _stream(self, index: int, header: bytes, limiter) -> defer.Deferred | None:
-        """Send one message; the next command waits until its last octet is written."""
+    def _stream(
+        self, index: int, header: bytes, limiter, whole: bool = False
+    ) -> defer.Deferred | None:
+        """Send one message; the next command waits until its last octet is written.
+
+        ``whole``: a RETR, which once sent to the end counts the message as read.
+        """
         try:
             source = self.maildrop.open(index)
         except OSError as e:
@@ -150,14 +162,19 @@ class Transaction:
         except UnreadableMessage as e:
             self._unreadable(Failure(e), index)
             return None
+        read = index if whole else None
         if isinstance(sending, int):
-            self._sent(sending)
+            self._sent(sending, read)
             return None
-        sending.addCallbacks(self._sent, self._unreadable, errbackArgs=(index,))
+        sending.addCallbacks(
+            self._sent, self._unreadable, callbackArgs=(read,), errbackArgs=(index,)
+        )
         return sending
 
-    def _sent(self, octets: int) -> None:
+    def _sent(self, octets: int, read: int | None) -> None:
         self.session.bytes_sent += octets
+        if read is not None:
+            self.read.add(read)
 
     def _unreadable(self, failure: Failure, index: int) -> None:
         failure.trap(UnreadableMessage)
@@ -203,7 +220,7 @@ class Transaction:
     def quit(self) -> defer.Deferred:
         """TRANSACTION -> UPDATE: only here are deletions carried out (RFC 1939 section 6)."""
         self.session.enter(None)
-        d = defer.maybeDeferred(self.maildrop.commit, frozenset(self.deleted))
+        d = defer.maybeDeferred(self.maildrop.commit, frozenset(self.deleted), frozenset(self.read))
         d.addCallbacks(self._committed, self._commit_failed)
         d.addErrback(
             lambda f: log.failure("pop3.commit_error: peer={peer}", f, peer=self.session.peer)
