@@ -309,8 +309,26 @@ def read_config(path: str) -> Config:
     return config
 
 
+def _format_expire(days: int | None) -> str:
+    from popserv.policy import format_expire
+
+    return format_expire(days)
+
+
+def _format_size(octets: int) -> str:
+    from popserv.quota import format_size
+
+    return format_size(octets)
+
+
+#: Values whose text is not simply ``str(value)``, by the parser that reads them.
+_FORMATS = {_expire: _format_expire, _size: _format_size}
+
+
 def _format_value(value: object, parse) -> str:
     """A value as the INI file writes it, so that parsing it gives the value back."""
+    if parse in _FORMATS:
+        return _FORMATS[parse](value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):

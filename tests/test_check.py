@@ -11,7 +11,8 @@ from twisted.trial import unittest
 
 import popserv
 from popserv import admin, tls
-from popserv.config import Config, config_from_string
+from popserv.config import Config, config_from_string, config_to_string
+from tests.test_config import EVERY_KEY
 from tests.test_preflight import Files, let_in, require_root
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,14 @@ class CheckTests(unittest.TestCase):
         )
         self.assertEqual(printed, expected)
         self.assertIn("\n[smtp]\nlisten =\n    tcp:25\n", out)
+
+    def test_printed_settings_read_back_the_same(self):
+        """The INI text of any settings, every key set or all at defaults, parses to them."""
+        every = config_from_string(EVERY_KEY)
+        for config in (Config(), every):
+            self.assertEqual(config_from_string(config_to_string(config)), config)
+        self.assertEqual(config_from_string(config_to_string(every, only_changed=True)), every)
+        self.assertEqual(config_to_string(Config(), only_changed=True), "")
 
     def test_n_prints_only_what_differs(self):
         """-n prints only the settings that differ from the defaults, as doveconf -n."""
