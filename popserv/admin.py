@@ -6,17 +6,20 @@ It edits the users file that the server re-reads on change, so no restart is nee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import shutil
 import socket
+import stat
 import sys
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from popserv import auth, usernames
-from popserv.config import Config, ConfigError, read_config
+from popserv import __version__, auth, usernames
+from popserv.config import Config, ConfigError, config_to_string, parse_config_file, read_config
 from popserv.interfaces import QuotaLimits
+from popserv.preflight import Account, owner_for_new_files
 
 SCHEMES = auth.MAKEABLE
 
@@ -25,11 +28,58 @@ class AdminError(Exception):
     """An expected failure, shown as ``popserv: <message>`` with exit status 1."""
 
 
+def _config(args: argparse.Namespace) -> Config:
+    """The settings the command works with: --config or the defaults, then --users/--mailroot."""
+    # An explicit hostname spares Config the FQDN lookup; only paths and user matter here.
+    config = read_config(args.config) if args.config else Config(hostname="localhost")
+    return config.replace(
+        users=args.users or config.users, mailroot=args.mailroot or config.mailroot
+    )
+
+
 def _paths(args: argparse.Namespace) -> tuple[str, str]:
     """The users file and mail root: from --config or the defaults, then --users/--mailroot."""
-    # An explicit hostname spares Config the FQDN lookup; only the paths matter here.
-    config = read_config(args.config) if args.config else Config(hostname="localhost")
-    return args.users or config.users, args.mailroot or config.mailroot
+    config = _config(args)
+    return config.users, config.mailroot
+
+
+@contextlib.contextmanager
+def _edit(path: str) -> Iterator[auth.UsersFile]:
+    """The users file, read under its lock for one read-modify-write, and made private.
+
+    Like the server, which refuses to start while others may read or change the file,
+    the edit takes those permissions away, and says so.
+    """
+    with auth.UsersFile.locked(path) as users:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0
+        if mode & 0o007:
+            os.chmod(path, mode & ~0o007)
+            print(
+                f"{path}: the users file had mode {mode:04o}, open to every user of this"
+                f" machine; changed it to {mode & ~0o007:04o}"
+            )
+        yield users
+
+
+def _make_maildir(mailroot: str, user: str, owner: Account | None) -> str:
+    """Create ``user``'s Maildir; what is new goes to ``owner`` (the server's user), if any."""
+    store = _store(mailroot)
+    path = store.path_for(user)
+    missing = [path] if not os.path.isdir(path) else []
+    parent = os.path.dirname(path)
+    while missing and not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    subs = [os.path.join(path, sub) for sub in ("cur", "new", "tmp")]
+    missing += [sub for sub in subs if not os.path.isdir(sub)]
+    store.create(user)
+    if owner is not None:
+        for directory in missing:
+            os.chown(directory, owner.uid, owner.gid)
+    return path
 
 
 def _store(mailroot: str):
@@ -154,59 +204,78 @@ def _set_quota(users: auth.UsersFile, user: str, rule: str | None) -> None:
             users.lines[i] = line.with_field("quota_rule", rule)
 
 
-def adduser(args: argparse.Namespace) -> None:
-    """Add a user with a hashed password, and create the user's Maildir."""
-    users_path, mailroot = _paths(args)
-    users = auth.UsersFile.read(users_path)
-    check_user_name(args.user, mailroot)
-    if users.get(args.user) is not None:
-        raise AdminError(f"user {args.user!r} already exists in {users_path}")
-    clash = collision_of(args.user, users.users())
+def _check_new_user(users: auth.UsersFile, user: str) -> None:
+    if users.get(user) is not None:
+        raise AdminError(f"user {user!r} already exists in {users.path}")
+    clash = collision_of(user, users.users())
     if clash is not None:
         other, how = clash
-        raise AdminError(f"user {args.user!r} collides with user {other!r}: {how}")
+        raise AdminError(f"user {user!r} collides with user {other!r}: {how}")
+
+
+def adduser(args: argparse.Namespace) -> None:
+    """Add a user with a hashed password, and create the user's Maildir.
+
+    The checks run once before the password is asked and hashed, and again under the
+    lock, which is held only for the edit itself.
+    """
+    config = _config(args)
+    check_user_name(args.user, config.mailroot)
+    _check_new_user(auth.UsersFile.read(config.users), args.user)
     check_lower_case_domain(args.user)
     rule = _quota_rule(args, None)
+    owner = owner_for_new_files(config)
     field = _password_field(args)
-    _store(mailroot).create(args.user)
-    users.add(args.user, field)
-    if rule is not None:
-        _set_quota(users, args.user, rule)
-    users.write()
+    with _edit(config.users) as users:
+        _check_new_user(users, args.user)
+        path = _make_maildir(config.mailroot, args.user, owner)
+        users.add(args.user, field)
+        if rule is not None:
+            _set_quota(users, args.user, rule)
+        users.write(owner=(owner.uid, owner.gid) if owner is not None else None)
+    owned = f", owned by {owner.name}" if owner is not None else ""
+    quota = f", quota {rule}" if rule is not None else ""
+    print(f"added user {args.user} (Maildir {path}{owned}{quota})")
 
 
 def passwd(args: argparse.Namespace) -> None:
     """Replace a user's password hash, keeping the line's other fields."""
     users_path, _ = _paths(args)
-    users = auth.UsersFile.read(users_path)
-    _require_user(users, args.user)
-    rule = _quota_rule(args, users.get(args.user))
-    users.set_password(args.user, _password_field(args))
-    _set_quota(users, args.user, rule)
-    users.write()
+    _require_user(auth.UsersFile.read(users_path), args.user)
+    field = _password_field(args)
+    with _edit(users_path) as users:
+        _require_user(users, args.user)
+        rule = _quota_rule(args, users.get(args.user))
+        users.set_password(args.user, field)
+        _set_quota(users, args.user, rule)
+        users.write()
+    print(f"password changed for {args.user}")
 
 
 def deluser(args: argparse.Namespace) -> None:
     """Remove a user's line; the Maildir stays unless --remove-mail."""
     users_path, mailroot = _paths(args)
-    users = auth.UsersFile.read(users_path)
-    _require_user(users, args.user)
-    others = [user for user in users.users() if user != args.user]
-    clash = collision_of(args.user, others) if args.remove_mail else None
-    if clash is not None:
-        raise AdminError(
-            f"not removing the Maildir of {args.user!r}: user {clash[0]!r} reaches the same"
-            " files; remove the user without --remove-mail"
-        )
-    users.remove(args.user)
-    users.write()
-    if args.remove_mail:
-        try:
-            path = _store(mailroot).path_for(args.user)
-        except ValueError:
-            return  # a name the store refuses has no Maildir
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+    with _edit(users_path) as users:
+        _require_user(users, args.user)
+        others = [user for user in users.users() if user != args.user]
+        clash = collision_of(args.user, others) if args.remove_mail else None
+        if clash is not None:
+            raise AdminError(
+                f"not removing the Maildir of {args.user!r}: user {clash[0]!r} reaches the"
+                " same files; remove the user without --remove-mail"
+            )
+        users.remove(args.user)
+        users.write()
+    try:
+        path = _store(mailroot).path_for(args.user)
+    except ValueError:
+        path = None  # a name the store refuses has no Maildir
+    if not args.remove_mail or path is None or not os.path.isdir(path):
+        kept = f" (Maildir {path} kept)" if path is not None and os.path.isdir(path) else ""
+        print(f"removed user {args.user}{kept}")
+        return
+    shutil.rmtree(path)
+    print(f"removed user {args.user} and the Maildir {path}")
 
 
 def _usages(args: argparse.Namespace, names: Sequence[str] | None = None):
@@ -214,8 +283,8 @@ def _usages(args: argparse.Namespace, names: Sequence[str] | None = None):
     from popserv.policy import MailboxPolicies
     from popserv.quota import Usage, usage
 
-    config = read_config(args.config) if args.config else Config(hostname="localhost")
-    users_path, mailroot = _paths(args)
+    config = _config(args)
+    users_path, mailroot = config.users, config.mailroot
     policies = MailboxPolicies(auth.PasswdFile(users_path), config)
     store = _store(mailroot)
     for user in names if names is not None else auth.UsersFile.read(users_path).users():
@@ -235,7 +304,13 @@ def _limit_text(limit: int) -> str:
 
 
 def list_users(args: argparse.Namespace) -> None:
-    """Print each user, tab-separated with usage and limits: bytes, messages, both limits."""
+    """Print each user, tab-separated with usage and limits: bytes, messages, both limits.
+
+    A missing users file is an error.
+    """
+    users_path, _ = _paths(args)
+    if not os.path.exists(users_path):
+        raise AdminError(f"{users_path}: no such users file (popserv adduser creates it)")
     for user, used in _usages(args):
         storage, messages = used.limits
         print(
@@ -255,12 +330,14 @@ def show_quota(args: argparse.Namespace) -> None:
     """Print a user's usage and limits; with --quota/--quota-messages, set the limit first."""
     users_path, _ = _paths(args)
     if args.quota is not None or args.quota_messages is not None:
-        users = auth.UsersFile.read(users_path)
-        _require_user(users, args.user)
-        _set_quota(users, args.user, _quota_rule(args, users.get(args.user)))
-        users.write()
-    elif auth.UsersFile.read(users_path).get(args.user) is None:
-        raise AdminError(f"no such user: {args.user!r} in {users_path}")
+        with _edit(users_path) as users:
+            _require_user(users, args.user)
+            rule = _quota_rule(args, users.get(args.user))
+            _set_quota(users, args.user, rule)
+            users.write()
+        print(f"quota of {args.user} set to {rule or 'the default'}")
+    else:
+        _require_user(auth.UsersFile.read(users_path), args.user)
     ((user, used),) = _usages(args, [args.user])
     storage, messages = used.limits
     percent = f" ({100 * used.bytes // storage}%)" if storage else ""
@@ -287,6 +364,29 @@ def gencert(args: argparse.Namespace) -> None:
     print(f"SHA-256 fingerprint: {tls.fingerprint(cert_path)}")
 
 
+def check(args: argparse.Namespace) -> int:
+    """Validate what the server would read; print every problem, or the effective settings.
+
+    Like ``doveconf -n`` and ``postfix check``: nothing is bound or changed, so it runs
+    beside a live server.
+    """
+    from popserv.preflight import server_problems
+
+    if args.config:
+        config, problems = parse_config_file(args.config)
+    else:
+        config, problems = Config(), []
+    problems += server_problems(config, args.user)
+    for problem in problems:
+        print(f"popserv: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    source = args.config or "built-in defaults"
+    print(f"# popserv {__version__}: {source}, no problems found")
+    print(config_to_string(config, only_changed=args.n), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per action, each with the path options."""
     paths = argparse.ArgumentParser(add_help=False)
@@ -310,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="popserv", description="Manage popserv's users and TLS certificate."
     )
+    parser.add_argument("--version", action="version", version=f"popserv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     limits = argparse.ArgumentParser(add_help=False)
@@ -352,6 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--dir", metavar="DIR", help="where to write cert.pem and key.pem")
     cert.add_argument("--force", action="store_true", help="replace an existing pair")
     cert.set_defaults(run=gencert)
+    verify = commands.add_parser(
+        "check", help="check a configuration and the files it names, then print its settings"
+    )
+    verify.add_argument("--config", metavar="FILE", help="the configuration to check")
+    verify.add_argument(
+        "-n", action="store_true", help="print only the settings that differ from the defaults"
+    )
+    verify.add_argument(
+        "--user",
+        metavar="NAME",
+        help="check file access as NAME (e.g. the unit's User=) instead of [server] user",
+    )
+    verify.set_defaults(run=check)
     return parser
 
 
@@ -363,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed the usage error or the help
         return e.code if isinstance(e.code, int) else 2
     try:
-        args.run(args)
+        status = args.run(args)
     except (AdminError, ConfigError) as e:
         print(f"popserv: {e}", file=sys.stderr)
         return 1
@@ -374,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

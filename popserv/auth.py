@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import math
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import argon2
@@ -397,8 +398,63 @@ def _read_lines(path: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def lock_path(path: str) -> str:
+    """The lock file of a users file: the file itself is replaced by rename, so not it."""
+    return path + ".lock"
+
+
+def _same_owner(path: str, model: os.stat_result) -> None:
+    """Give ``path`` the owner of ``model`` where allowed, so the server can open both."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if (st.st_uid, st.st_gid) != (model.st_uid, model.st_gid):
+            os.chown(path, model.st_uid, model.st_gid)
+
+
+class _Busy(Exception):
+    """A writer holds the users file's lock."""
+
+
+def _shared_lock(path: str) -> int | None:
+    """A descriptor holding a shared lock on ``path``'s lock file, taken without waiting.
+
+    None when there is no lock file (no admin command ever wrote the file) or it cannot
+    be opened; ``_Busy`` while a writer holds it.
+    """
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _Busy() from None
+    return fd
+
+
 class UsersFile:
     """The users file as the admin tool edits it: entries in order, other lines kept."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, path: str) -> Iterator[UsersFile]:
+        """The file read under an exclusive lock held until the block ends: one edit at a time.
+
+        Every read-modify-write goes through here, so parallel ``popserv adduser`` runs
+        wait for each other instead of each writing back what it read and losing the rest.
+        The lock file (mode 0600) has the users file's owner, so the server can take it.
+        """
+        lock = lock_path(path)
+        os.makedirs(os.path.dirname(os.path.abspath(lock)), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                _same_owner(lock, os.stat(path))
+            yield cls.read(path)
+        finally:
+            os.close(fd)
 
     def __init__(self, path: str, lines: list[str | Entry] | None = None):
         self.path = path
@@ -448,11 +504,12 @@ class UsersFile:
             raise KeyError(user)
         self.lines = kept
 
-    def write(self) -> None:
+    def write(self, owner: tuple[int, int] | None = None) -> None:
         """Replace the file atomically: a temporary file in the same directory, fsync, rename.
 
-        A new file is mode 0600; a rewritten one keeps its mode and, where allowed,
-        its owner, so a file root edits stays readable by the server's user.
+        A new file is mode 0600, owned by ``owner`` (uid, gid) if given; a rewritten one
+        keeps its mode and, where allowed, its owner, so a file root edits stays
+        readable by the server's user.  The lock file follows the file's owner.
         """
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
@@ -472,10 +529,14 @@ class UsersFile:
                         os.fchown(f.fileno(), old.st_uid, old.st_gid)
                 else:
                     os.fchmod(f.fileno(), 0o600)
+                    if owner is not None:
+                        os.fchown(f.fileno(), *owner)
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, self.path)
+            if os.path.exists(lock_path(self.path)):
+                _same_owner(lock_path(self.path), os.stat(self.path))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
@@ -526,17 +587,15 @@ class PasswdFile:
         self._secret = secret if secret is not None else os.urandom(32)
 
     def _entries(self) -> dict[str, Entry]:
-        """The users, re-read if the file's mtime, size or inode changed since the last look."""
+        """The users, re-read if the file's mtime, size or inode changed since the last look.
+
+        Never while an admin command holds the lock (``UsersFile.locked``): the last copy
+        serves meanwhile, and the next lookup tries again; there is no waiting.
+        """
         try:
             st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if stamp != self._stamp:
-                self._users, self._refused = self._parse(_read_lines(self.path))
-                self._stamp = stamp
-                self._unavailable_logged = False
-                self.log.info(
-                    "read {count} users from {path}", count=len(self._users), path=self.path
-                )
+            if (st.st_mtime_ns, st.st_size, st.st_ino) != self._stamp:
+                self._reload()
         except OSError as e:
             self._stamp = None
             self._users = {}
@@ -548,6 +607,25 @@ class PasswdFile:
                 )
             raise UserDBUnavailable(f"{self.path}: {e.strerror}") from None
         return self._users
+
+    def _reload(self) -> None:
+        """Read the file under a shared lock; if a writer holds it, keep the last copy."""
+        try:
+            fd = _shared_lock(self.path)
+        except _Busy:
+            if self._stamp is None:  # no copy to serve yet: a temporary failure
+                raise UserDBUnavailable(f"{self.path}: being edited") from None
+            return
+        try:
+            st = os.stat(self.path)
+            lines = _read_lines(self.path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._users, self._refused = self._parse(lines)
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        self._unavailable_logged = False
+        self.log.info("read {count} users from {path}", count=len(self._users), path=self.path)
 
     def _parse(self, lines: list[str]) -> tuple[dict[str, Entry], dict[str, str]]:
         """The users to serve, and the refused names whose Maildirs collide (one warning a pair)."""

@@ -249,33 +249,107 @@ def check_config(config: Config, source: str = "") -> Config:
     return config
 
 
-def config_from_string(text: str, source: str = "<string>") -> Config:
-    """Parse INI text; unknown sections or keys and bad values are errors naming them."""
+def parse_config(text: str, source: str = "<string>") -> tuple[Config, list[str]]:
+    """The settings of INI text and every problem in it, each naming source, section and key.
+
+    A bad value or unknown key is left out (its default stays), so one reading finds all
+    the mistakes of a file instead of stopping at the first.
+    """
     parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
     try:
         parser.read_string(text, source=source)
     except configparser.Error as e:
-        raise ConfigError(f"{source}: {e}") from None
+        return Config(), [f"{source}: {e}"]
     known_sections = {section for section, _ in _KEYS}
     values = {}
+    problems = []
     for section in parser.sections():
         if section not in known_sections:
-            raise ConfigError(f"{source}: unknown section [{section}]")
+            problems.append(f"{source}: unknown section [{section}]")
+            continue
         for key, raw in parser.items(section):
             if (section, key) not in _KEYS:
-                raise ConfigError(f"{source}: unknown key {key!r} in section [{section}]")
+                problems.append(f"{source}: unknown key {key!r} in section [{section}]")
+                continue
             try:
                 name, values[name] = parse_value(section, key, raw)
             except ConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
-    return check_config(Config(**values), source)
+                problems.append(f"{source}: {e}")
+    config = Config(**values)
+    try:
+        check_config(config, source)
+    except ConfigError as e:
+        problems.append(str(e))
+    return config, problems
 
 
-def read_config(path: str) -> Config:
-    """Read a configuration file; a missing or unreadable file is a ConfigError."""
+def config_from_string(text: str, source: str = "<string>") -> Config:
+    """Parse INI text; unknown sections or keys and bad values are one error naming them all."""
+    config, problems = parse_config(text, source)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def parse_config_file(path: str) -> tuple[Config, list[str]]:
+    """``parse_config`` of a file; a missing or unreadable file is the one problem."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from None
-    return config_from_string(text, source=path)
+        return Config(), [f"{path}: cannot read configuration: {e.strerror}"]
+    return parse_config(text, source=path)
+
+
+def read_config(path: str) -> Config:
+    """Read a configuration file; any problem in it is one ConfigError listing them all."""
+    config, problems = parse_config_file(path)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def _format_expire(days: int | None) -> str:
+    from popserv.policy import format_expire
+
+    return format_expire(days)
+
+
+def _format_size(octets: int) -> str:
+    from popserv.quota import format_size
+
+    return format_size(octets)
+
+
+#: Values whose text is not simply ``str(value)``, by the parser that reads them.
+_FORMATS = {_expire: _format_expire, _size: _format_size}
+
+
+def _format_value(value: object, parse) -> str:
+    """A value as the INI file writes it, so that parsing it gives the value back."""
+    if parse in _FORMATS:
+        return _FORMATS[parse](value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple):
+        if parse is _listeners:
+            return "".join(f"\n    {item}" for item in value)
+        return " ".join(value)
+    return str(value)
+
+
+def config_to_string(config: Config, only_changed: bool = False) -> str:
+    """The settings as INI text (``popserv check``); ``only_changed``: only those not at
+    their default, as ``doveconf -n`` shows them."""
+    defaults = Config() if only_changed else None
+    sections: dict[str, list[str]] = {}
+    for (section, key), (name, parse) in _KEYS.items():
+        value = getattr(config, name)
+        if defaults is not None and value == getattr(defaults, name):
+            continue
+        text = _format_value(value, parse)
+        separator = "" if not text or text.startswith("\n") else " "
+        sections.setdefault(section, []).append(f"{key} ={separator}{text}\n")
+    return "\n".join(f"[{section}]\n" + "".join(lines) for section, lines in sections.items())

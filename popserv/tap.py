@@ -163,7 +163,7 @@ class Options(usage.Options):
             _check_endpoint(description, "POP3S")
         for description in config.smtp_listen:
             _check_endpoint(description, "SMTP")
-        _check_process(config)
+        _check_process(config, self.parent.get("uid") if self.parent is not None else None)
         self["popserv_config"] = config
 
     def _read_config(self) -> Config:
@@ -192,13 +192,15 @@ def _check_endpoint(description: str, kind: str = "POP3") -> None:
         ) from None
 
 
-def _check_process(config: Config) -> None:
+def _check_process(config: Config, twistd_uid: int | None = None) -> None:
     """Refuse, before twistd daemonizes, an exposed secret file or an unknown server user."""
+    from popserv.preflight import check_start
     from popserv.process import check_secret_files, check_user
 
     try:
         check_secret_files(config)
         check_user(config)
+        check_start(config, twistd_uid)  # files the server's user (--uid, [server] user) can use
     except ConfigError as e:
         raise usage.UsageError(str(e)) from None
 

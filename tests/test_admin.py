@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import io
 import os
@@ -12,9 +13,12 @@ import sys
 import argon2
 from twisted.trial import unittest
 
+import popserv
 from popserv import admin, auth
+from popserv.interfaces import UserDBUnavailable
 from popserv.testing import run_at_once
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
@@ -282,20 +286,75 @@ class AdminTests(unittest.TestCase):
         status = self.run_admin("deluser", "bob", *self.paths())
         self.assert_error(status, f"no such user: 'bob' in {self.users}")
 
+    def output(self) -> str:
+        """What the command printed on stdout since the last call."""
+        text = self.stdout.getvalue()
+        self.stdout.seek(0)
+        self.stdout.truncate()
+        return text
+
     def test_list(self):
         """list prints the users in file order, each with usage and limits (none here)."""
         for user in ["carol", "alice", "bob@example.org"]:
             self.add(user)
+        self.output()
         self.assertEqual(self.run_admin("list", *self.paths()), 0)
         self.assertEqual(
-            self.stdout.getvalue(),
+            self.output(),
             "carol\t0\t0\t-\t-\nalice\t0\t0\t-\t-\nbob@example.org\t0\t0\t-\t-\n",
         )
 
     def test_list_no_file(self):
-        """list on a missing users file prints nothing."""
+        """list on a missing users file is an error naming it, not an empty list."""
+        status = self.run_admin("list", *self.paths())
+        self.assert_error(status, f"{self.users}: no such users file (popserv adduser creates it)")
+        self.assertEqual(self.output(), "")
+
+    def test_list_empty_file(self):
+        """list on an empty users file prints nothing and succeeds."""
+        os.makedirs(os.path.dirname(self.users))
+        open(self.users, "w").close()
         self.assertEqual(self.run_admin("list", *self.paths()), 0)
-        self.assertEqual(self.stdout.getvalue(), "")
+        self.assertEqual(self.output(), "")
+
+    def test_commands_say_what_they_did(self):
+        """adduser, passwd and deluser each print one line saying what changed."""
+        self.add("alice")
+        maildir = os.path.join(self.mailroot, "alice")
+        self.assertEqual(self.output(), f"added user alice (Maildir {maildir})\n")
+        self.run_admin("passwd", "alice", "--password-stdin", *self.paths(), stdin="new\n")
+        self.assertEqual(self.output(), "password changed for alice\n")
+        self.run_admin("deluser", "alice", *self.paths())
+        self.assertEqual(self.output(), f"removed user alice (Maildir {maildir} kept)\n")
+        self.add("alice")
+        self.output()
+        self.run_admin("deluser", "alice", "--remove-mail", *self.paths())
+        self.assertEqual(self.output(), f"removed user alice and the Maildir {maildir}\n")
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_writers_make_a_readable_users_file_private(self):
+        """A users file others may read loses those bits at the next edit, which says so."""
+        self.add("alice")
+        for argv, stdin in [
+            (("adduser", "bob", "--password-stdin"), "pw\n"),
+            (("passwd", "alice", "--password-stdin"), "pw\n"),
+            (("deluser", "bob"), ""),
+        ]:
+            os.chmod(self.users, 0o644)
+            self.output()
+            self.assertEqual(self.run_admin(*argv, *self.paths(), stdin=stdin), 0, argv)
+            self.assertEqual(stat.S_IMODE(os.stat(self.users).st_mode), 0o640, argv)
+            self.assertEqual(
+                self.output().splitlines()[0],
+                f"{self.users}: the users file had mode 0644, open to every user of this"
+                " machine; changed it to 0640",
+            )
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_version(self):
+        """--version prints the version and exits 0."""
+        self.assertEqual(self.run_admin("--version"), 0)
+        self.assertEqual(self.output(), f"popserv {popserv.__version__}\n")
 
     def test_config_file(self):
         """--config supplies the users file and mail root; --users overrides it."""
@@ -309,11 +368,13 @@ class AdminTests(unittest.TestCase):
         self.assertTrue(self.check("alice", b"p"))
         self.assertTrue(os.path.isdir(os.path.join(self.mailroot, "alice", "cur")))
 
+        self.output()
         other = os.path.join(self.root, "other-users")
+        open(other, "w").close()
         self.run_admin("list", "--config", config, "--users", other)
-        self.assertEqual(self.stdout.getvalue(), "")
+        self.assertEqual(self.output(), "")
         self.run_admin("list", "--config", config)
-        self.assertEqual(self.stdout.getvalue().split("\t")[0], "alice")
+        self.assertEqual(self.output().split("\t")[0], "alice")
 
     def test_defaults(self):
         """Without --config or paths, the Config defaults under the current directory are used."""
@@ -390,3 +451,101 @@ class ModuleEntryTests(unittest.TestCase):
             timeout=60,
         )
         self.assertEqual(listed.stdout.split(b"\t")[0], b"carol")
+
+
+def admin_command(*argv: str, **kwargs) -> subprocess.Popen:
+    """The real ``popserv`` command of this checkout, in a process of its own."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "popserv", *argv],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
+
+
+class ParallelEditTests(unittest.TestCase):
+    def test_twenty_parallel_addusers_keep_twenty_users(self):
+        """Twenty adduser processes at once all succeed, and all twenty users can log in."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        users = os.path.join(root, "users")
+        paths = ["--users", users, "--mailroot", os.path.join(root, "mail")]
+        names = [f"user{n:02}" for n in range(20)]
+        processes = [admin_command("adduser", name, "--password-stdin", *paths) for name in names]
+        for name, process in zip(names, processes, strict=True):
+            process.stdin.write(f"pw-{name}\n".encode())
+            process.stdin.close()
+        for name, process in zip(names, processes, strict=True):
+            out, err = process.stdout.read(), process.stderr.read()
+            self.assertEqual((process.wait(120), err), (0, b""), name)
+            self.assertTrue(out.startswith(f"added user {name} ".encode()), out)
+        self.assertEqual(sorted(auth.UsersFile.read(users).users()), names)
+        db = auth.PasswdFile(users, run_at_once)
+        for name in names:
+            self.assertTrue(self.successResultOf(db.check(name, f"pw-{name}".encode())), name)
+
+
+class UsersFileLockTests(unittest.TestCase):
+    """The server's re-read honours the lock the admin commands hold while they edit."""
+
+    def setUp(self):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        self.users = os.path.join(root, "users")
+        with auth.UsersFile.locked(self.users) as users:
+            users.add("alice", "{PLAIN}a")
+            users.write()
+
+    def hold_lock(self) -> int:
+        """Take the writers' exclusive lock from another open file, as a second process would."""
+        fd = os.open(auth.lock_path(self.users), os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.addCleanup(os.close, fd)
+        return fd
+
+    def rewrite(self, *names: str) -> None:
+        users = auth.UsersFile(self.users)
+        for name in names:
+            users.add(name, "{PLAIN}x")
+        users.write()
+
+    def test_lock_file_beside_the_users_file(self):
+        """The lock is users.lock, mode 0600: the users file itself is replaced by rename."""
+        lock = self.users + ".lock"
+        self.assertEqual(auth.lock_path(self.users), lock)
+        self.assertEqual(stat.S_IMODE(os.stat(lock).st_mode), 0o600)
+
+    def test_keeps_its_copy_while_a_writer_holds_the_lock(self):
+        """A change seen while the lock is held is read at the first lookup after it is free."""
+        db = auth.PasswdFile(self.users)
+        self.assertTrue(db.exists("alice"))
+        fd = self.hold_lock()
+        self.rewrite("bob")
+        self.assertTrue(db.exists("alice"))
+        self.assertFalse(db.exists("bob"))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        self.assertFalse(db.exists("alice"))
+        self.assertTrue(db.exists("bob"))
+
+    def test_first_read_while_locked_is_a_temporary_failure(self):
+        """With no copy yet, a lookup during an edit is UserDBUnavailable, never "no such user"."""
+        db = auth.PasswdFile(self.users)
+        fd = self.hold_lock()
+        self.assertRaises(UserDBUnavailable, db.exists, "alice")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        self.assertTrue(db.exists("alice"))
+
+    def test_no_lock_file(self):
+        """A users file written by hand, with no lock file beside it, is read as it is."""
+        os.unlink(auth.lock_path(self.users))
+        self.assertTrue(auth.PasswdFile(self.users).exists("alice"))
+
+    def test_readers_do_not_block_each_other(self):
+        """Another reader's shared lock does not keep the server from re-reading."""
+        fd = os.open(auth.lock_path(self.users), os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        self.assertTrue(auth.PasswdFile(self.users).exists("alice"))

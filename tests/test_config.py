@@ -5,7 +5,14 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.config import _KEYS, Config, ConfigError, config_from_string, read_config
+from popserv.config import (
+    _KEYS,
+    Config,
+    ConfigError,
+    config_from_string,
+    parse_config,
+    read_config,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "etc", "popserv.ini")
@@ -230,6 +237,27 @@ class ConfigFromStringTests(SynchronousTestCase):
                 self.fail(f"[{section}] {key} = {value!r} was accepted")
             for part in ("site.ini", f"[{section}]", key, repr(value)):
                 self.assertIn(part, message)
+
+    def test_every_problem_at_once(self):
+        """Three mistakes in one file are one error with a line for each, not the first alone."""
+        text = "[pop3]\ntimout = 5\n[auth]\napop = maybe\n[smtpd]\nlisten = tcp:25\n"
+        with self.assertRaises(ConfigError) as cm:
+            config_from_string(text, source="site.ini")
+        self.assertEqual(
+            str(cm.exception).splitlines(),
+            [
+                "site.ini: unknown key 'timout' in section [pop3]",
+                "site.ini: [auth] apop = 'maybe': must be yes or no",
+                "site.ini: unknown section [smtpd]",
+            ],
+        )
+
+    def test_parse_config_keeps_the_good_values(self):
+        """parse_config gives the valid settings and the list of problems, for popserv check."""
+        config, problems = parse_config("[pop3]\ntimeout = 5\nlogin_timeout = never\n", "a.ini")
+        self.assertEqual(config, Config(pop3_timeout=5.0))
+        self.assertEqual(len(problems), 1)
+        self.assertIn("login_timeout", problems[0])
 
     def test_syntax_error(self):
         """Text that is not INI is an error naming the source."""
