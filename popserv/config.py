@@ -66,6 +66,8 @@ class Config:
     smtp_max_rejected_recipients: int = 20
     smtp_postmaster: str = "postmaster"
 
+    metrics_listen: str = ""  # empty: no metrics kept or served
+
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
         return dataclasses.replace(self, **changes)
@@ -203,6 +205,7 @@ _KEYS = {
     ("smtp", "max_bad_commands"): ("smtp_max_bad_commands", _positive_int),
     ("smtp", "max_rejected_recipients"): ("smtp_max_rejected_recipients", _positive_int),
     ("smtp", "postmaster"): ("smtp_postmaster", _text),
+    ("metrics", "listen"): ("metrics_listen", _optional_text),
 }
 
 

@@ -33,6 +33,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
+    from popserv.sessions import WHO_DIR, MemorySessionRegistry
     from popserv.state import load_or_create_secret
     from popserv.tls import load_or_create
     from popserv.workers import Workers, WorkersService
@@ -43,6 +44,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     created = _make_private_dir(mailroot) + _make_private_file(users)
     state_dir = os.path.abspath(config.state_dir)
     created += _make_private_dir(state_dir)
+    who_dir = os.path.join(state_dir, WHO_DIR)
+    created += _make_private_dir(who_dir)
     secret, made = load_or_create_secret(state_dir)
     created += made
     tls_dir = os.path.abspath(config.tls_self_signed_dir)
@@ -66,6 +69,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
+    metrics = _metrics(config)
+    sessions = MemorySessionRegistry(reactor)
     factory = POP3Factory(
         portal,
         config,
@@ -74,6 +79,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
         tls=tls,
         run_in_thread=verify.run,
         secret=secret,
+        metrics=metrics,
+        sessions=sessions,
     )
 
     top = MultiService()
@@ -100,7 +107,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
-        _add_smtp(top, config, store, userdb, tls, reactor)
+        _add_smtp(top, config, store, userdb, tls, reactor, metrics=metrics)
+    _add_watching(top, config, metrics, sessions, who_dir, reactor)
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
@@ -114,7 +122,33 @@ def make_service(config: Config, reactor=None) -> MultiService:
     return top
 
 
-def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) -> None:
+def _metrics(config: Config):
+    """The server's metrics (``IMetrics``), or None to keep none: no [metrics] listen."""
+    if not config.metrics_listen:
+        return None
+    from popserv.metrics import Metrics
+
+    return Metrics()
+
+
+def _add_watching(top: MultiService, config: Config, metrics, sessions, who_dir, reactor) -> None:
+    """What admins watch the server with: the metrics page, and the socket of popserv who."""
+    from popserv.sessions import WhoSocketService
+
+    if metrics is not None:
+        from popserv.metrics import metrics_site
+
+        site = metrics_site(metrics.registry, reactor)
+        listener = strports.service(config.metrics_listen, site, reactor=reactor)
+        listener.setName("metrics")
+        listener.setServiceParent(top)
+        log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
+    who = WhoSocketService(sessions, who_dir, reactor)
+    who.setName("who")
+    who.setServiceParent(top)
+
+
+def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor, metrics=None) -> None:
     """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
     from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
     from popserv.smtp import SMTPFactory
@@ -126,7 +160,9 @@ def _add_smtp(top: MultiService, config: Config, store, userdb, tls, reactor) ->
     threads.setName("delivery-threads")
     threads.setServiceParent(top)
     deliverer = MaildirDeliverer(store, config.hostname, workers.run)
-    factory = SMTPFactory(deliverer, userdb, config, clock=reactor, context_factory=tls)
+    factory = SMTPFactory(
+        deliverer, userdb, config, clock=reactor, context_factory=tls, metrics=metrics
+    )
     for index, description in enumerate(config.smtp_listen):
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"smtp-{index}")

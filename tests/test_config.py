@@ -65,6 +65,9 @@ max_connections_per_peer = 5
 max_bad_commands = 7
 max_rejected_recipients = 8
 postmaster = admin@example.org
+
+[metrics]
+listen = tcp:9110:interface=127.0.0.1
 """
 
 
@@ -117,6 +120,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 smtp_max_bad_commands=7,
                 smtp_max_rejected_recipients=8,
                 smtp_postmaster="admin@example.org",
+                metrics_listen="tcp:9110:interface=127.0.0.1",
             ),
         )
 
