@@ -11,12 +11,17 @@ from OpenSSL import SSL
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import task
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
+from popserv import service, tap
+from popserv.config import Config
 from popserv.interfaces import NO_METRICS, IMetrics
-from popserv.metrics import Metrics
+from popserv.metrics import Metrics, MetricsPage
 from popserv.pop3 import POP3Factory
 from popserv.realm import MaildropRealm
 from tests.live import require_client
@@ -295,3 +300,87 @@ class TwistdMetricsTests(unittest.TestCase):
             check=False,
         )
         self.assertEqual(result.stdout, b"404")
+
+
+class PageTests(unittest.TestCase):
+    def render(self, accept: bytes | None = None) -> tuple[bytes, bytes]:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        metrics = Metrics()
+        metrics.pop3_login(False, 0.5)
+        request = DummyRequest([b""])
+        if accept is not None:
+            request.requestHeaders.setRawHeaders(b"accept", [accept])
+        body = MetricsPage(metrics.registry).render_GET(request)
+        return body, request.responseHeaders.getRawHeaders(b"content-type")[0]
+
+    def test_text_format(self):
+        """The page is Prometheus' text format, with every metric's HELP and TYPE."""
+        body, content_type = self.render()
+        self.assertTrue(content_type.startswith(b"text/plain"))
+        self.assertIn(b'popserv_pop3_logins_total{result="failed"} 1.0\n', body)
+        for name in (
+            b"popserv_pop3_logins_total",
+            b"popserv_pop3_sessions",
+            b"popserv_pop3_bytes_sent_total",
+            b"popserv_pop3_commands_total",
+            b"popserv_pop3_login_duration_seconds",
+            b"popserv_smtp_messages_total",
+            b"popserv_smtp_bytes_received_total",
+            b"popserv_tls_handshakes_total",
+        ):
+            self.assertIn(b"# HELP " + name + b" ", body)
+
+    def test_openmetrics_when_asked(self):
+        """A scraper that asks for OpenMetrics gets it."""
+        body, content_type = self.render(b"application/openmetrics-text; version=1.0.0")
+        self.assertTrue(content_type.startswith(b"application/openmetrics-text"))
+        self.assertTrue(body.endswith(b"# EOF\n"))
+
+
+class OptionAndServiceTests(unittest.TestCase):
+    def setUp(self):
+        root = os.path.abspath(self.mktemp())
+        self.config = Config(
+            mailroot=os.path.join(root, "mail"),
+            users=os.path.join(root, "users"),
+            state_dir=os.path.join(root, "state"),
+            pop3_listen=("tcp:0:interface=127.0.0.1",),
+            pop3s_listen=(),
+            smtp_listen=("tcp:0:interface=127.0.0.1",),
+            tls_self_signed_dir=os.path.join(root, "tls"),
+        )
+
+    def test_option_sets_the_key(self):
+        """--metrics ENDPOINT overrides [metrics] listen."""
+        options = tap.Options()
+        options.parseOptions(["--pop3", "tcp:1110", "--metrics", "tcp:9110:interface=127.0.0.2"])
+        self.assertEqual(options["popserv_config"].metrics_listen, "tcp:9110:interface=127.0.0.2")
+
+    def test_bad_endpoint_refused(self):
+        """A --metrics string that makes no endpoint is a UsageError naming it."""
+        with self.assertRaises(usage.UsageError) as cm:
+            tap.Options().parseOptions(["--pop3", "tcp:1110", "--metrics", "tcp:metrics"])
+        self.assertIn("'tcp:metrics'", str(cm.exception))
+
+    def test_off_by_default(self):
+        """Without [metrics] listen nothing is served and the protocols count nothing."""
+        top = service.make_service(self.config, reactor=MemoryReactorClock())
+        self.assertNotIn("metrics", [child.name for child in top])
+        self.assertIs(top.getServiceNamed("pop3-0").factory.metrics, NO_METRICS)
+        self.assertIs(top.getServiceNamed("smtp-0").factory.metrics, NO_METRICS)
+
+    def test_served_on_its_endpoint(self):
+        """[metrics] listen binds a site at privilegedStartService; POP3 and SMTP share one."""
+        reactor = MemoryReactorClock()
+        config = self.config.replace(metrics_listen="tcp:9110:interface=127.0.0.1")
+        top = service.make_service(config, reactor=reactor)
+        listener = top.getServiceNamed("metrics")
+        self.assertIsInstance(listener.factory, Site)
+        pop3_metrics = top.getServiceNamed("pop3-0").factory.metrics
+        self.assertIsInstance(pop3_metrics, Metrics)
+        self.assertIs(top.getServiceNamed("smtp-0").factory.metrics, pop3_metrics)
+        top.privilegedStartService()
+        self.addCleanup(top.stopService)
+        bound = {port: factory for port, factory, _, _ in reactor.tcpServers}
+        self.assertIs(bound[9110], listener.factory)
