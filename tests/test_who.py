@@ -212,3 +212,28 @@ class TwistdWhoTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.who_dir), [f"{self.server.process.pid}.sock"])
         self.server.stop()
         self.assertEqual(os.listdir(self.who_dir), [])
+
+
+class ServiceTests(unittest.TestCase):
+    def test_who_socket_service_and_private_directory(self):
+        """The server has a who socket service, over <state_dir>/who made with mode 0700."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from popserv import service
+        from popserv.config import Config
+
+        root = os.path.abspath(self.mktemp())
+        config = Config(
+            mailroot=os.path.join(root, "mail"),
+            users=os.path.join(root, "users"),
+            state_dir=os.path.join(root, "state"),
+            pop3_listen=("tcp:0:interface=127.0.0.1",),
+            pop3s_listen=(),
+            smtp_listen=(),
+            tls_self_signed_dir=os.path.join(root, "tls"),
+        )
+        top = service.make_service(config, reactor=MemoryReactorClock())
+        who = top.getServiceNamed("who")
+        self.assertIsInstance(who, WhoSocketService)
+        self.assertIs(who.registry, top.getServiceNamed("pop3-0").factory.sessions)
+        self.assertEqual(os.stat(os.path.join(root, "state", WHO_DIR)).st_mode & 0o777, 0o700)
