@@ -209,7 +209,13 @@ def who(args: argparse.Namespace) -> None:
 
     config = read_config(args.config) if args.config else Config(hostname="localhost")
     state_dir = args.state_dir or config.state_dir
-    sessions, problems = read_sessions(os.path.join(state_dir, WHO_DIR))
+    directory = os.path.join(state_dir, WHO_DIR)
+    if not os.path.isdir(directory):
+        raise AdminError(
+            f"no {directory}: no server has run with the state directory {state_dir}"
+            " (give the server's --config, or --state-dir)"
+        )
+    sessions, problems = read_sessions(directory)
     rows = [
         {
             "user": s.user,

@@ -237,3 +237,28 @@ class ServiceTests(unittest.TestCase):
         self.assertIsInstance(who, WhoSocketService)
         self.assertIs(who.registry, top.getServiceNamed("pop3-0").factory.sessions)
         self.assertEqual(os.stat(os.path.join(root, "state", WHO_DIR)).st_mode & 0o777, 0o700)
+
+
+class WhoCommandTests(unittest.TestCase):
+    def test_state_directory_no_server_used(self):
+        """A state directory no server has used is an error naming it, not an empty list."""
+        state_dir = os.path.abspath(self.mktemp())
+        ran = run_who("--state-dir", state_dir)
+        self.assertEqual(ran.returncode, 1)
+        self.assertIn(os.path.join(state_dir, WHO_DIR), ran.stderr)
+        self.assertEqual(ran.stdout, "")
+
+    def test_unanswering_socket_is_reported(self):
+        """A socket that accepts but never answers is reported after the others, status 1."""
+        state_dir = os.path.abspath(self.mktemp())
+        directory = os.path.join(state_dir, WHO_DIR)
+        os.makedirs(directory)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            self.addCleanup(os.close, fd)
+            s.bind(f"/proc/self/fd/{fd}/1.sock")
+            s.listen()
+            sessions, problems = read_sessions(directory, timeout=0.1)
+        self.assertEqual(sessions, [])
+        self.assertEqual(len(problems), 1)
+        self.assertIn("1.sock", problems[0])
