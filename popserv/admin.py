@@ -1,4 +1,5 @@
-"""The ``popserv`` admin command: add and remove users, set passwords, make a certificate.
+"""The ``popserv`` admin command: add and remove users, set passwords, make a certificate,
+see who is logged in.
 
 It edits the users file that the server re-reads on change, so no restart is needed.
 """
@@ -387,6 +388,54 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def who(args: argparse.Namespace) -> None:
+    """List the logged-in POP3 sessions of the servers that use the state directory.
+
+    Each running server answers on its own socket in ``<state_dir>/who``; those of
+    servers that are gone are removed.  A server that does not answer is reported
+    after the others are listed, and the exit status is 1.
+    """
+    from datetime import datetime
+
+    from popserv.sessions import WHO_DIR, read_sessions
+
+    config = read_config(args.config) if args.config else Config(hostname="localhost")
+    state_dir = args.state_dir or config.state_dir
+    directory = os.path.join(state_dir, WHO_DIR)
+    if not os.path.isdir(directory):
+        raise AdminError(
+            f"no {directory}: no server has run with the state directory {state_dir}"
+            " (give the server's --config, or --state-dir)"
+        )
+    sessions, problems = read_sessions(directory)
+    rows = [
+        {
+            "user": s.user,
+            "address": s.peer,
+            "since": datetime.fromtimestamp(s.since).astimezone().isoformat(timespec="seconds"),
+            "pid": s.pid,
+            "node": s.node,
+        }
+        for s in sorted(sessions, key=lambda s: (s.since, s.user))
+    ]
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        columns = ["user", "address", "since", "pid", "node"]
+        table = [[c.upper() for c in columns]] + [[str(r[c]) for c in columns] for r in rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+        for line in table:
+            print(
+                "  ".join(
+                    cell.ljust(width) for cell, width in zip(line, widths, strict=True)
+                ).rstrip()
+            )
+    if problems:
+        raise AdminError("; ".join(problems))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per action, each with the path options."""
     paths = argparse.ArgumentParser(add_help=False)
@@ -466,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="check file access as NAME (e.g. the unit's User=) instead of [server] user",
     )
     verify.set_defaults(run=check)
+
+    sessions = commands.add_parser(
+        "who", parents=[paths], help="list the logged-in POP3 sessions of running servers"
+    )
+    sessions.add_argument(
+        "--state-dir", metavar="DIR", help="the server's state directory (overrides --config)"
+    )
+    sessions.add_argument("--json", action="store_true", help="print a JSON list instead")
+    sessions.set_defaults(run=who)
     return parser
 
 

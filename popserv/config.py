@@ -71,6 +71,7 @@ class Config:
     quota_storage: int = 0  # octets; 0: no limit
     quota_messages: int = 0  # 0: no limit
     quota_full_tempfail: bool = False
+    metrics_listen: str = ""  # empty: no metrics kept or served
 
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
@@ -226,6 +227,7 @@ _KEYS = {
     ("quota", "storage"): ("quota_storage", _size),
     ("quota", "messages"): ("quota_messages", _non_negative_int),
     ("quota", "full_tempfail"): ("quota_full_tempfail", _boolean),
+    ("metrics", "listen"): ("metrics_listen", _optional_text),
 }
 
 

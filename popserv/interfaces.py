@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.cred.credentials import ICredentials
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 if TYPE_CHECKING:
     from twisted.mail.smtp import Address
@@ -372,3 +372,97 @@ class IRecipientPolicy(Interface):
 
     def trace_headers(session, envelope):
         """The ``Return-Path`` and ``Received`` lines of the message (``bytes``, LF-ended)."""
+
+
+class IMetrics(Interface):
+    """What the protocols tell the server's counters; they never see how those are kept.
+
+    Each call is cheap and answers nothing, so the protocols call it directly on their
+    paths; the default (``NO_METRICS``) does nothing at all.
+    """
+
+    def pop3_command(name):
+        """A POP3 command line arrived; ``name`` (``bytes``, upper case) may be anything."""
+
+    def pop3_sent(octets):
+        """``octets`` more were sent to POP3 clients."""
+
+    def pop3_login(ok, seconds):
+        """A POP3 login ended: succeeded (``ok``) or failed, ``seconds`` after its command."""
+
+    def pop3_session_opened():
+        """A POP3 session logged in (TRANSACTION)."""
+
+    def pop3_session_closed():
+        """A logged-in POP3 session ended, however it ended."""
+
+    def smtp_message(result, octets):
+        """An SMTP message's DATA ended: ``"accepted"``, ``"rejected"`` (5xx) or ``"failed"``
+        (4xx), with the ``octets`` of it received."""
+
+    def tls_handshake(ok):
+        """A TLS handshake (POP3S, STLS, SMTP STARTTLS) completed or failed."""
+
+
+@implementer(IMetrics)
+class _NoMetrics:
+    """Counts nothing: metrics are off."""
+
+    def pop3_command(self, name):
+        pass
+
+    def pop3_sent(self, octets):
+        pass
+
+    def pop3_login(self, ok, seconds):
+        pass
+
+    def pop3_session_opened(self):
+        pass
+
+    def pop3_session_closed(self):
+        pass
+
+    def smtp_message(self, result, octets):
+        pass
+
+    def tls_handshake(self, ok):
+        pass
+
+
+#: The metrics of a server that keeps none.
+NO_METRICS = _NoMetrics()
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """One logged-in POP3 session as ``popserv who`` shows it.
+
+    ``since`` is when it logged in (seconds since the epoch), ``pid`` and ``node`` the
+    process and host that serve it.
+    """
+
+    user: str
+    peer: str
+    since: float
+    pid: int
+    node: str
+
+
+class ISessionRegistry(Interface):
+    """The logged-in POP3 sessions, for ``popserv who``.
+
+    The in-memory one knows its own process; shared ones (a database) know them all.
+    """
+
+    def opened(user, peer):
+        """A session of ``user`` (``str``) from ``peer`` (an address, ``str``) logged in.
+
+        Returns a key for ``closed``.
+        """
+
+    def closed(key):
+        """The session ``opened`` returned ``key`` for has ended; idempotent."""
+
+    def snapshot():
+        """The open sessions now: a list of ``OpenSession``."""

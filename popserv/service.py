@@ -34,6 +34,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
+    from popserv.sessions import WHO_DIR, MemorySessionRegistry
     from popserv.state import load_or_create_secret
     from popserv.tls import load_or_create
     from popserv.workers import Workers, WorkersService
@@ -44,6 +45,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     created = _make_private_dir(mailroot) + _make_private_file(users)
     state_dir = os.path.abspath(config.state_dir)
     created += _make_private_dir(state_dir)
+    who_dir = os.path.join(state_dir, WHO_DIR)
+    created += _make_private_dir(who_dir)
     secret, made = load_or_create_secret(state_dir)
     created += made
     tls_dir = os.path.abspath(config.tls_self_signed_dir)
@@ -68,6 +71,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
+    metrics = _metrics(config)
+    sessions = MemorySessionRegistry(reactor)
     factory = POP3Factory(
         portal,
         config,
@@ -77,6 +82,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
         run_in_thread=verify.run,
         secret=secret,
         policies=policies,
+        metrics=metrics,
+        sessions=sessions,
     )
 
     top = MultiService()
@@ -103,7 +110,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
-        _add_smtp(top, config, store, userdb, policies, tls, reactor)
+        _add_smtp(top, config, store, userdb, policies, tls, reactor, metrics=metrics)
+    _add_watching(top, config, metrics, sessions, who_dir, reactor)
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
@@ -117,7 +125,35 @@ def make_service(config: Config, reactor=None) -> MultiService:
     return top
 
 
-def _add_smtp(top: MultiService, config: Config, store, userdb, policies, tls, reactor) -> None:
+def _metrics(config: Config):
+    """The server's metrics (``IMetrics``), or None to keep none: no [metrics] listen."""
+    if not config.metrics_listen:
+        return None
+    from popserv.metrics import Metrics
+
+    return Metrics()
+
+
+def _add_watching(top: MultiService, config: Config, metrics, sessions, who_dir, reactor) -> None:
+    """What admins watch the server with: the metrics page, and the socket of popserv who."""
+    from popserv.sessions import WhoSocketService
+
+    if metrics is not None:
+        from popserv.metrics import metrics_site
+
+        site = metrics_site(metrics.registry, reactor)
+        listener = strports.service(config.metrics_listen, site, reactor=reactor)
+        listener.setName("metrics")
+        listener.setServiceParent(top)
+        log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
+    who = WhoSocketService(sessions, who_dir, reactor)
+    who.setName("who")
+    who.setServiceParent(top)
+
+
+def _add_smtp(
+    top: MultiService, config: Config, store, userdb, policies, tls, reactor, metrics=None
+) -> None:
     """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
     from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
     from popserv.quota import MaildirQuota
@@ -132,7 +168,13 @@ def _add_smtp(top: MultiService, config: Config, store, userdb, policies, tls, r
     deliverer = MaildirDeliverer(store, config.hostname, workers.run, policies=policies)
     quota = MaildirQuota(store, policies, workers.run)
     factory = SMTPFactory(
-        deliverer, userdb, config, clock=reactor, context_factory=tls, quota=quota
+        deliverer,
+        userdb,
+        config,
+        clock=reactor,
+        context_factory=tls,
+        quota=quota,
+        metrics=metrics,
     )
     for index, description in enumerate(config.smtp_listen):
         listener = strports.service(description, factory, reactor=reactor)

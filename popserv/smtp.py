@@ -29,7 +29,7 @@ import re
 import secrets
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from popserv.config import Config
 from popserv.interfaces import (
+    NO_METRICS,
     Delivered,
     Envelope,
     IDeliverer,
@@ -131,7 +132,7 @@ def mail_parameters_error(text: bytes | None, max_size: int) -> Reply | None:
     return None
 
 
-@implementer(ILineReceiver)
+@implementer(ILineReceiver, IHandshakeListener)
 class ESMTPReceiver(smtp.ESMTP):
     """One SMTP connection: its commands, its ``Session`` and its ``Envelope``."""
 
@@ -155,6 +156,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self._counted = False
         self._bad_commands = 0
         self._rejected_recipients = 0
+        self._handshake_done = False
 
     # Connection
 
@@ -184,7 +186,14 @@ class ESMTPReceiver(smtp.ESMTP):
         if self._counted:
             self._counted = False
             self.factory.limiter.closed(self.session.peer)
+        if self.session.tls and not self._handshake_done and _is_tls_error(reason):
+            self.factory.metrics.tls_handshake(False)
         super().connectionLost(reason)
+
+    def handshakeCompleted(self) -> None:
+        """STARTTLS: the TLS handshake is done."""
+        self._handshake_done = True
+        self.factory.metrics.tls_handshake(True)
 
     def dataReceived(self, data: bytes) -> None:
         self.flow.data_received(data)
@@ -397,6 +406,7 @@ class ESMTPReceiver(smtp.ESMTP):
             abort(envelope)
             self.envelope = None
             self._reject("DATA", reply)
+            self._count_message(reply, envelope)
             self.sendCode(*reply)
             return
         self._reader = MessageReader(
@@ -410,6 +420,7 @@ class ESMTPReceiver(smtp.ESMTP):
         self._reader = self.flow.take = None
         if envelope.failure is not None:
             self._reject("DATA", envelope.failure, envelope=envelope)
+            self._count_message(envelope.failure, envelope)
             self.sendCode(*envelope.failure)
             return None
         return self._then(_finish, (envelope,), self._delivered, self._not_delivered)
@@ -425,6 +436,8 @@ class ESMTPReceiver(smtp.ESMTP):
             size=envelope.size,
             stored=result.name,
         )
+        # Stored for at least one recipient: accepted, even when some mailboxes were full.
+        self.factory.metrics.smtp_message("accepted", envelope.size)
         if result.full:
             reply = partly_delivered(result.full, self.config.quota_full_tempfail)
             self._reject("DATA", reply, envelope=envelope, full=",".join(result.full))
@@ -435,7 +448,13 @@ class ESMTPReceiver(smtp.ESMTP):
     def _not_delivered(self, failure, envelope: Envelope) -> None:
         reply = reply_for(failure, "delivery failed", self.config.quota_full_tempfail)
         self._reject("DATA", reply, envelope=envelope)
+        self._count_message(reply, envelope)
         self.sendCode(*reply)
+
+    def _count_message(self, reply: Reply, envelope: Envelope) -> None:
+        """A message not stored: refused for good (5xx), or failed for now (4xx)."""
+        result = "rejected" if reply[0] >= 500 else "failed"
+        self.factory.metrics.smtp_message(result, envelope.size)
 
     def do_RSET(self, rest: bytes) -> None:
         self.envelope = None
@@ -531,6 +550,12 @@ class ESMTPReceiver(smtp.ESMTP):
         )
 
 
+def _is_tls_error(reason: Failure) -> bool:
+    from OpenSSL.SSL import Error
+
+    return reason is not None and reason.check(Error) is not None
+
+
 def _finish(envelope: Envelope) -> defer.Deferred:
     """Make the envelope's message durable in every recipient's mailbox."""
     return envelope.delivery.finish()
@@ -560,12 +585,15 @@ class SMTPFactory(ServerFactory):
         context_factory=None,
         limiter=None,
         quota=None,
+        metrics=None,
     ):
         """``clock``: the reactor (or a ``task.Clock``) that times sessions and headers.
 
         ``quota``: the ``IQuota`` that refuses mail for full mailboxes at RCPT (without
-        it, only the delivery itself checks).
+        it, only the delivery itself checks).  ``metrics``: the ``IMetrics`` connections
+        report to (default: none kept).
         """
+        self.metrics = NO_METRICS if metrics is None else metrics
         self.deliverer = deliverer
         self.config = config
         self.clock = clock

@@ -24,6 +24,7 @@ _OVERRIDES = {
     "hostname": ("server", "hostname"),
     "tls-cert": ("tls", "cert"),
     "tls-key": ("tls", "key"),
+    "metrics": ("metrics", "listen"),
 }
 
 
@@ -81,6 +82,13 @@ class Options(usage.Options):
             None,
             None,
             "PEM private key of the certificate (overrides [tls] key of the config file).",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint, such as "
+            "tcp:9110:interface=127.0.0.1 (overrides [metrics] listen of the config file).",
         ],
     ]
 
@@ -163,6 +171,8 @@ class Options(usage.Options):
             _check_endpoint(description, "POP3S")
         for description in config.smtp_listen:
             _check_endpoint(description, "SMTP")
+        if config.metrics_listen:
+            _check_endpoint(config.metrics_listen, "metrics")
         _check_process(config, self.parent.get("uid") if self.parent is not None else None)
         self["popserv_config"] = config
 

@@ -79,6 +79,8 @@ postmaster = admin@example.org
 storage = 100M
 messages = 5000
 full_tempfail = yes
+[metrics]
+listen = tcp:9110:interface=127.0.0.1
 """
 
 
@@ -136,6 +138,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 quota_storage=100 * 1024 * 1024,
                 quota_messages=5000,
                 quota_full_tempfail=True,
+                metrics_listen="tcp:9110:interface=127.0.0.1",
             ),
         )
 

@@ -13,9 +13,11 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import ServerFactory
 
 from popserv.config import Config
+from popserv.interfaces import NO_METRICS
 from popserv.limits import ConnectionLimiter
 from popserv.pop3.server import POP3Server
 from popserv.scheduler import VerificationScheduler
+from popserv.sessions import MemorySessionRegistry
 from popserv.throttle import MemoryLoginThrottle, ThrottleSettings
 
 #: Share of the descriptor limit POP3 leaves free (SMTP leaves more, so an SMTP flood
@@ -46,6 +48,8 @@ class POP3Factory(ServerFactory):
         secret: bytes | None = None,
         limiter=None,
         policies=None,
+        metrics=None,
+        sessions=None,
     ):
         """Wire a POP3 service.
 
@@ -62,6 +66,8 @@ class POP3Factory(ServerFactory):
         ``limiter``: the ``IConnectionLimiter`` (default: one in memory, set from ``config``).
         ``policies``: the ``popserv.policy.MailboxPolicies`` CAPA's EXPIRE comes from
         (default: from ``config`` and ``userdb``).
+        ``metrics``: the ``IMetrics`` sessions report to (default: ``NO_METRICS``, none kept).
+        ``sessions``: the ``ISessionRegistry`` of logged-in sessions (default: one in memory).
         """
         self.portal = portal
         self.clock = clock
@@ -75,6 +81,8 @@ class POP3Factory(ServerFactory):
             limiter = ConnectionLimiter(0, 0, reserve=DESCRIPTOR_RESERVE, files_per_connection=2)
         self.limiter = limiter
         self.config = config if config is not None else Config()
+        self.metrics = NO_METRICS if metrics is None else metrics
+        self.sessions = MemorySessionRegistry(clock) if sessions is None else sessions
         self.tls = tls
         self.secret = secret
         self.userdb = userdb

@@ -171,6 +171,7 @@ class LoginAttempts:
         transaction = Transaction(self.session, user, maildrop, logout)
         self.session.user = user
         self.session.enter(transaction)
+        self.factory.metrics.pop3_login(True, self.factory.clock.seconds() - self.arrived)
         count, octets = len(transaction.messages), transaction.octets
         log.info(
             "pop3.login: peer={peer} user={user} messages={count} octets={octets}",
@@ -212,6 +213,7 @@ class LoginAttempts:
         ``reason`` is one of a fixed set of words; the user name and any detail are the
         client's text, quoted so they cannot end the line or move the address.
         """
+        self.factory.metrics.pop3_login(False, self.factory.clock.seconds() - self.arrived)
         fields = {"peer": self.session.peer, "user": untrusted(user), "reason": reason}
         text = "pop3.login_failed: peer={peer} user={user} reason={reason}"
         if detail is not None:

@@ -9,7 +9,7 @@ connection's ``ConnectionFlow`` holds the following lines until it fires.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -41,7 +41,7 @@ _MASKED = {b"PASS": 0, b"APOP": 1, b"AUTH": 1}
 log = Logger(namespace=LOG_NAMESPACE)
 
 
-@implementer(ILineReceiver)
+@implementer(ILineReceiver, IHandshakeListener)
 class POP3Server(Protocol, TimeoutMixin):
     """One POP3 session: the connection, and the phase that owns its commands now."""
 
@@ -62,6 +62,9 @@ class POP3Server(Protocol, TimeoutMixin):
         self._counted = False
         self.connected = False
         self.bytes_sent = 0
+        #: Of ``bytes_sent``, those already given to the metrics.
+        self._sent_counted = 0
+        self._handshake_done = False
         #: The status ("+" or "-") of the first reply to the command being answered.
         self.reply_status: bytes | None = None
         self.apop_stamp: bytes | None = None
@@ -128,7 +131,10 @@ class POP3Server(Protocol, TimeoutMixin):
         if self._counted:
             self._counted = False
             self.factory.limiter.closed(self.peer)
+        self._count_sent()
         if reason is not None and self.secure and _is_tls_error(reason):
+            if not self._handshake_done:
+                self.factory.metrics.tls_handshake(False)
             log.info(
                 "pop3.tls_failed: peer={peer} error={error}",
                 peer=self.peer,
@@ -139,6 +145,11 @@ class POP3Server(Protocol, TimeoutMixin):
         if phase is not None:
             # A dropped session deletes nothing (a QUIT already in UPDATE finishes).
             phase.connection_lost()
+
+    def handshakeCompleted(self) -> None:
+        """POP3S or STLS: the TLS handshake is done."""
+        self._handshake_done = True
+        self.factory.metrics.tls_handshake(True)
 
     def timeoutConnection(self) -> None:
         log.info("pop3.timeout: peer={peer} user={user}", peer=self.peer, user=untrusted(self.user))
@@ -188,6 +199,8 @@ class POP3Server(Protocol, TimeoutMixin):
             name, _, rest = line.partition(b" ")
             name = name.upper()
             result = self._run(phase, name, rest)
+        self.factory.metrics.pop3_command(name)
+        self._count_sent()
         if logging:
             if result is None:
                 self._command_done(None, name, rest, len(line), started, sent)
@@ -267,6 +280,13 @@ class POP3Server(Protocol, TimeoutMixin):
         return result if isinstance(result, Failure) else None
 
     # -- output ------------------------------------------------------------------
+
+    def _count_sent(self) -> None:
+        """Give the metrics what was sent since last time (a command's reply may stream on)."""
+        sent = self.bytes_sent - self._sent_counted
+        if sent:
+            self._sent_counted = self.bytes_sent
+            self.factory.metrics.pop3_sent(sent)
 
     def _count(self, data: bytes) -> None:
         self.bytes_sent += len(data)

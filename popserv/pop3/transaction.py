@@ -54,6 +54,10 @@ class Transaction:
         #: Indexes sent in full by RETR: marked seen (or expired) at QUIT, as policy says.
         self.read: set[int] = set()
         self.retrieved = 0
+        factory = session.factory
+        #: Listed by ``popserv who`` until ``_end``.
+        self._listed = factory.sessions.opened(user, session.peer)
+        factory.metrics.pop3_session_opened()
 
     def capabilities(self) -> list[bytes]:
         return []
@@ -258,6 +262,9 @@ class Transaction:
         if logout is None:
             return
         logout()
+        factory = self.session.factory
+        factory.sessions.closed(self._listed)
+        factory.metrics.pop3_session_closed()
         log.info(
             "pop3.logout: peer={peer} user={user} how={how} retrieved={retrieved} "
             "deleted={deleted} bytes_sent={bytes_sent}",
