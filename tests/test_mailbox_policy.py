@@ -211,10 +211,11 @@ class MaildropPolicyTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_deleted_frees_quota(self):
-        """Deletions at QUIT take their size off ``maildirsize`` at once."""
+        """Over quota, the user still logs in and deletes; that frees the space at once."""
         with open(os.path.join(self.maildir, "maildirsize"), "w") as f:
-            f.write(f"1000S\n{3 * len(MSG % 1)} 3\n")
-        yield self.session(deleted=[0])
+            f.write(f"10S\n{3 * len(MSG % 1)} 3\n")
+        policy = MailboxPolicy(quota=QuotaLimits(10, 0))
+        yield self.session(deleted=[0], policy=policy)
         with open(os.path.join(self.maildir, "maildirsize")) as f:
             self.assertEqual(f.read().splitlines()[-1], f"-{len(MSG % 1)} -1")
 
