@@ -55,6 +55,8 @@ class Config:
     auth_apop: bool = False
     auth_max_verifications: int = 4
     auth_max_waiting_per_peer: int = 50
+    auth_cache_ttl: float = 3600.0  # 0: no cache of verified passwords
+    auth_cache_size: int = 10000
 
     smtp_listen: tuple[str, ...] = ("tcp:25",)
     smtp_domains: tuple[str, ...] = ()  # empty: the hostname and localhost
@@ -213,6 +215,8 @@ _KEYS = {
     ("auth", "apop"): ("auth_apop", _boolean),
     ("auth", "max_verifications"): ("auth_max_verifications", _positive_int),
     ("auth", "max_waiting_per_peer"): ("auth_max_waiting_per_peer", _non_negative_int),
+    ("auth", "cache_ttl"): ("auth_cache_ttl", _non_negative_float),
+    ("auth", "cache_size"): ("auth_cache_size", _positive_int),
     ("smtp", "listen"): ("smtp_listen", _listeners),
     ("smtp", "domains"): ("smtp_domains", parse_domains),
     ("smtp", "max_message_size"): ("smtp_max_message_size", _positive_int),

@@ -28,7 +28,9 @@ def make_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from popserv.auth import PasswdFile, checkers
+    from popserv.credcache import VerifiedPasswords
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
+    from popserv.interfaces import NO_METRICS
     from popserv.maildir import MAILDROP_THREADS, MaildirStore
     from popserv.policy import MailboxPolicies
     from popserv.pop3 import POP3Factory
@@ -56,7 +58,15 @@ def make_service(config: Config, reactor=None) -> MultiService:
     # than may verify at once: each Argon2id verification holds 64 MiB.
     verify = Workers(reactor, config.auth_max_verifications, "popserv-verify")
     maildrops = Workers(reactor, MAILDROP_THREADS, "popserv-maildrop")
-    userdb = PasswdFile(users, verify.run, secret=secret)
+    metrics = _metrics(config)
+    # A password that passed a slow hash is accepted at the user's next poll with one HMAC.
+    cache = VerifiedPasswords(
+        reactor,
+        config.auth_cache_ttl,
+        config.auth_cache_size,
+        metrics=NO_METRICS if metrics is None else metrics,
+    )
+    userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
     store = MaildirStore(
         mailroot,
         maildrops.run,
@@ -71,7 +81,6 @@ def make_service(config: Config, reactor=None) -> MultiService:
     tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
-    metrics = _metrics(config)
     sessions = MemorySessionRegistry(reactor)
     factory = POP3Factory(
         portal,

@@ -59,6 +59,8 @@ mechanisms = plain, SCRAM-SHA-256
 apop = yes
 max_verifications = 2
 max_waiting_per_peer = 30
+cache_ttl = 600.5
+cache_size = 50
 
 [smtp]
 listen =
@@ -124,6 +126,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 auth_apop=True,
                 auth_max_verifications=2,
                 auth_max_waiting_per_peer=30,
+                auth_cache_ttl=600.5,
+                auth_cache_size=50,
                 smtp_listen=("tcp:25", "tcp:2525:interface=::1"),
                 smtp_domains=("example.org", "mail.example.org", "localhost"),
                 smtp_max_message_size=1048576,
@@ -230,6 +234,9 @@ class ConfigFromStringTests(SynchronousTestCase):
             ("pop3", "login_delay", "-1"),
             ("server", "mailroot", ""),
             ("server", "users", ""),
+            ("auth", "cache_ttl", "-1"),
+            ("auth", "cache_ttl", "1h"),
+            ("auth", "cache_size", "0"),
         ]
         for section, key, value in cases:
             try:
