@@ -5,23 +5,20 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
-import socket
 from dataclasses import dataclass, field
+
+from popserv.hostname import fqdn
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a message naming the file, section and key."""
 
 
-def _default_hostname() -> str:
-    return socket.getfqdn() or "localhost"
-
-
 @dataclass(frozen=True)
 class Config:
     """Every setting popserv has; ``etc/popserv.ini`` documents each with its default."""
 
-    hostname: str = field(default_factory=_default_hostname)
+    hostname: str = field(default_factory=fqdn)
     mailroot: str = "popserv-data/mail"
     users: str = "popserv-data/users"
     user: str = ""  # empty: keep the user the server starts as
