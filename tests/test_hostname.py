@@ -115,7 +115,7 @@ class HostnameCommandTests(SynchronousTestCase):
     def test_timeout(self):
         """A program that hangs is given up after the timeout."""
         self.patch(hostname, "HOSTNAME_TIMEOUT", 0.2)
-        self.fake_hostname("sleep 30")
+        self.fake_hostname("exec sleep 30")
         self.assertEqual(hostname.hostname_f_output(), "")
 
     def test_missing(self):
