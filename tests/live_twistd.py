@@ -32,7 +32,8 @@ def write_private(path: str, text: str) -> str:
 class TwistdServer:
     """One popserv child process over a directory of its own: config, users, Maildirs, log.
 
-    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``;
+    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``
+    (a value of None leaves the key out, at its default);
     ``backlog`` is the POP3 listener's queue of connections not yet accepted.
     ``start`` may be called again after ``kill`` or ``stop``: same files, same ports.
     ``program`` is the Python code the child runs: twistd, after any setup a test puts
@@ -77,7 +78,9 @@ class TwistdServer:
         with open(self.config_path, "w", encoding="utf-8") as f:
             for section, keys in sections.items():
                 f.write(f"[{section}]\n")
-                f.writelines(f"{key} = {value}\n" for key, value in keys.items())
+                f.writelines(
+                    f"{key} = {value}\n" for key, value in keys.items() if value is not None
+                )
         self.process: subprocess.Popen | None = None
         testcase.addCleanup(self.kill)
 

@@ -83,6 +83,12 @@ messages = 5000
 full_tempfail = yes
 [metrics]
 listen = tcp:9110:interface=127.0.0.1
+
+[log]
+format = JSON
+file = /var/log/popserv/popserv.log
+max_size = 1M
+keep = 3
 """
 
 
@@ -143,6 +149,10 @@ class ConfigFromStringTests(SynchronousTestCase):
                 quota_messages=5000,
                 quota_full_tempfail=True,
                 metrics_listen="tcp:9110:interface=127.0.0.1",
+                log_format="json",
+                log_file="/var/log/popserv/popserv.log",
+                log_max_size=1024 * 1024,
+                log_keep=3,
             ),
         )
 
@@ -154,6 +164,17 @@ class ConfigFromStringTests(SynchronousTestCase):
             if re.search(rf"^{key} =", EVERY_KEY.split(f"[{section}]")[1], re.M)
         }
         self.assertEqual(parsed, set(_KEYS))
+
+    def test_bad_log_values(self):
+        """An unknown log format, a size that is none, or keeping no file is an error."""
+        for text, key in [
+            ("[log]\nformat = xml\n", "format"),
+            ("[log]\nmax_size = big\n", "max_size"),
+            ("[log]\nkeep = 0\n", "keep"),
+        ]:
+            with self.assertRaises(ConfigError) as cm:
+                config_from_string(text, "popserv.ini")
+            self.assertIn(f"[log] {key}", str(cm.exception))
 
     def test_bad_smtp_values(self):
         """A zero size limit or a domain with an '@' is an error naming the key."""
