@@ -37,14 +37,23 @@ class TwistdServer:
     ``backlog`` is the POP3 listener's queue of connections not yet accepted.
     ``start`` may be called again after ``kill`` or ``stop``: same files, same ports.
     ``program`` is the Python code the child runs: twistd, after any setup a test puts
-    before it (a lower descriptor limit, say).
+    before it (a lower descriptor limit, say).  ``stdout_log`` logs as etc/popserv.service
+    does, with ``--logfile=-``; the child's standard output then goes to ``log_path``.
     """
 
     program = TWISTD
 
     def __init__(
-        self, testcase, users: dict[str, str], *, smtp: bool = False, settings=None, backlog=50
+        self,
+        testcase,
+        users: dict[str, str],
+        *,
+        smtp: bool = False,
+        settings=None,
+        backlog=50,
+        stdout_log: bool = False,
     ):
+        self.stdout_log = stdout_log
         self.root = os.path.abspath(testcase.mktemp())
         os.makedirs(self.root)
         self.mailroot = os.path.join(self.root, "mail")
@@ -84,22 +93,29 @@ class TwistdServer:
         self.process: subprocess.Popen | None = None
         testcase.addCleanup(self.kill)
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start twistd and wait until POP3 answers with a greeting."""
+    def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start twistd without waiting for it; ``env`` replaces the environment."""
         argv = [
             sys.executable,
             "-c",
             self.program,
             "-n",
             "--pidfile=",
-            f"--logfile={self.log_path}",
+            "--logfile=-" if self.stdout_log else f"--logfile={self.log_path}",
         ]
-        self.process = subprocess.Popen(
-            [*argv, "popserv", "--config", self.config_path],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(self.log_path, "ab") if self.stdout_log else open(os.devnull, "wb") as out:
+            self.process = subprocess.Popen(
+                [*argv, "popserv", "--config", self.config_path],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+            )
+        return self.process
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start twistd and wait until POP3 answers with a greeting."""
+        self.spawn()
         deadline = time.monotonic() + timeout
         while True:
             try:
