@@ -11,7 +11,6 @@ import contextlib
 import getpass
 import os
 import shutil
-import socket
 import stat
 import sys
 import unicodedata
@@ -19,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from popserv import __version__, auth, usernames
 from popserv.config import Config, ConfigError, config_to_string, parse_config_file, read_config
+from popserv.hostname import fqdn
 from popserv.interfaces import QuotaLimits
 from popserv.preflight import Account, owner_for_new_files
 
@@ -352,7 +352,7 @@ def gencert(args: argparse.Namespace) -> None:
     from popserv import tls
 
     config = read_config(args.config) if args.config else None
-    hostname = args.hostname or (config.hostname if config else socket.getfqdn())
+    hostname = args.hostname or (config.hostname if config else fqdn())
     directory = os.path.abspath(
         args.dir or (config or Config(hostname=hostname)).tls_self_signed_dir
     )
@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         "gencert", help="make a self-signed TLS certificate for the host name"
     )
     cert.add_argument("--config", metavar="FILE", help="take host name and directory from FILE")
-    cert.add_argument("--hostname", metavar="NAME", help="name the certificate is for")
+    cert.add_argument(
+        "--hostname", metavar="NAME", help="name the certificate is for (default: hostname -f)"
+    )
     cert.add_argument("--dir", metavar="DIR", help="where to write cert.pem and key.pem")
     cert.add_argument("--force", action="store_true", help="replace an existing pair")
     cert.set_defaults(run=gencert)

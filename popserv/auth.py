@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials
 from zope.interface import implementer
 
+from popserv.credcache import VerifiedPasswords
 from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
 from popserv.logsafe import untrusted
 from popserv.state import scram_salt
@@ -267,6 +268,7 @@ class _Scheme:
     make: Callable[[bytes], str] | None = None
     plaintext: bool = False  # the stored text is the password itself (APOP, CRAM-MD5, SCRAM)
     mechanisms: frozenset[bytes] = _PASSWORD  # the SASL mechanisms (and APOP) it can verify
+    slow: bool = False  # costly to verify: a success is worth remembering (popserv.credcache)
 
 
 _PLAIN = _Scheme(_verify_plain, _make_plain, plaintext=True, mechanisms=_CLEAR)
@@ -290,19 +292,21 @@ _CRYPT_IDS = {
 
 # Adding a scheme is one entry here.
 _SCHEMES: dict[str, _Scheme] = {
-    "ARGON2ID": _Scheme(_argon2_verifier("$argon2id$"), _make_argon2id),
-    "ARGON2I": _Scheme(_argon2_verifier("$argon2i$")),
-    "BLF-CRYPT": _Scheme(_verify_bcrypt, _make_bcrypt),
-    "SHA512-CRYPT": _Scheme(*_sha_crypt_scheme(sha512_crypt)),
-    "SHA256-CRYPT": _Scheme(*_sha_crypt_scheme(sha256_crypt)),
-    "CRYPT": _Scheme(_verify_crypt),
+    "ARGON2ID": _Scheme(_argon2_verifier("$argon2id$"), _make_argon2id, slow=True),
+    "ARGON2I": _Scheme(_argon2_verifier("$argon2i$"), slow=True),
+    "BLF-CRYPT": _Scheme(_verify_bcrypt, _make_bcrypt, slow=True),
+    "SHA512-CRYPT": _Scheme(*_sha_crypt_scheme(sha512_crypt), slow=True),
+    "SHA256-CRYPT": _Scheme(*_sha_crypt_scheme(sha256_crypt), slow=True),
+    "CRYPT": _Scheme(_verify_crypt, slow=True),  # what it accepts is one of the four above
     "SSHA512": _Scheme(_ssha_verifier("sha512")),
     "SSHA256": _Scheme(_ssha_verifier("sha256")),
     "CRAM-MD5": _Scheme(_verify_cram_md5, _make_cram_md5, mechanisms=_PASSWORD | {b"CRAM-MD5"}),
     "SCRAM-SHA-256": _Scheme(
-        *_scram_scheme("SCRAM-SHA-256"), mechanisms=_PASSWORD | {b"SCRAM-SHA-256"}
+        *_scram_scheme("SCRAM-SHA-256"), mechanisms=_PASSWORD | {b"SCRAM-SHA-256"}, slow=True
     ),
-    "SCRAM-SHA-1": _Scheme(*_scram_scheme("SCRAM-SHA-1"), mechanisms=_PASSWORD | {b"SCRAM-SHA-1"}),
+    "SCRAM-SHA-1": _Scheme(
+        *_scram_scheme("SCRAM-SHA-1"), mechanisms=_PASSWORD | {b"SCRAM-SHA-1"}, slow=True
+    ),
     "PLAIN": _PLAIN,
     "CLEARTEXT": _PLAIN,
 }
@@ -565,6 +569,7 @@ class PasswdFile:
         path: str,
         run: Callable[..., defer.Deferred] | None = None,
         secret: bytes | None = None,
+        cache: VerifiedPasswords | None = None,
     ):
         """``run`` verifies hashes off the reactor thread (a ``Workers.run`` of no more
         threads than may verify at once: each Argon2id verification holds 64 MiB);
@@ -573,9 +578,13 @@ class PasswdFile:
         ``secret``: the server secret (``popserv.state``) that keys the salts of SCRAM
         keys derived from clear passwords, so they stay the same across restarts;
         without it they are keyed by a random value of this object.
+
+        ``cache``: where passwords that passed a slow scheme are remembered, so the
+        next login with the same one skips the hash; None: every check hashes.
         """
         self.path = path
         self._run = run
+        self._cache = cache
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, Entry] = {}
         self._refused: dict[str, str] = {}  # a colliding name -> a name it collides with
@@ -622,8 +631,14 @@ class PasswdFile:
         finally:
             if fd is not None:
                 os.close(fd)
-        self._users, self._refused = self._parse(lines)
+        old, (self._users, self._refused) = self._users, self._parse(lines)
         self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._cache is not None:
+            # A changed or removed password would never match again: forget it now.
+            for user, entry in old.items():
+                new = self._users.get(user)
+                if new is None or new.password != entry.password:
+                    self._cache.forget(user)
         self._unavailable_logged = False
         self.log.info("read {count} users from {path}", count=len(self._users), path=self.path)
 
@@ -697,7 +712,8 @@ class PasswdFile:
         return cached[1]
 
     def check(self, user: str, password: bytes) -> defer.Deferred[bool]:
-        """Verify through ``run``; an unknown user costs a dummy Argon2 verify."""
+        """Verify through ``run`` (or the cache, for slow schemes); an unknown user costs a
+        dummy Argon2 verify."""
         if self._run is None:
             raise TypeError(
                 "PasswdFile needs run= (a popserv.workers.Workers.run) to check passwords"
@@ -708,11 +724,12 @@ class PasswdFile:
             return defer.fail()
         verify = self._against_dummy
         stored = ""
+        slow = False
         if entry is not None:
             name, stored = split_scheme(entry.password)
             scheme = _SCHEMES.get(name)
             if scheme is not None and stored:
-                verify = scheme.verify
+                verify, slow = scheme.verify, scheme.slow
             elif scheme is None and name not in self._warned_schemes:
                 self._warned_schemes.add(name)
                 self.log.warn(  # noqa: G010 (twisted.logger has no warning())
@@ -720,6 +737,10 @@ class PasswdFile:
                     scheme=name,
                     user=user,
                 )
+        if slow and self._cache is not None:
+            return self._cache.check(
+                user, entry.password, password, lambda: self._run(verify, stored, password)
+            )
         return self._run(verify, stored, password)
 
     def _against_dummy(self, stored: str, password: bytes) -> bool:

@@ -5,23 +5,20 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
-import socket
 from dataclasses import dataclass, field
+
+from popserv.hostname import fqdn
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a message naming the file, section and key."""
 
 
-def _default_hostname() -> str:
-    return socket.getfqdn() or "localhost"
-
-
 @dataclass(frozen=True)
 class Config:
     """Every setting popserv has; ``etc/popserv.ini`` documents each with its default."""
 
-    hostname: str = field(default_factory=_default_hostname)
+    hostname: str = field(default_factory=fqdn)
     mailroot: str = "popserv-data/mail"
     users: str = "popserv-data/users"
     user: str = ""  # empty: keep the user the server starts as
@@ -56,6 +53,8 @@ class Config:
     auth_apop: bool = False
     auth_max_verifications: int = 4
     auth_max_waiting_per_peer: int = 50
+    auth_cache_ttl: float = 3600.0  # 0: no cache of verified passwords
+    auth_cache_size: int = 10000
 
     smtp_listen: tuple[str, ...] = ("tcp6:25",)
     smtp_domains: tuple[str, ...] = ()  # empty: the hostname and localhost
@@ -73,6 +72,11 @@ class Config:
     quota_messages: int = 0  # 0: no limit
     quota_full_tempfail: bool = False
     metrics_listen: str = ""  # empty: no metrics kept or served
+
+    log_format: str = "text"  # or json: one JSON object per line
+    log_file: str = ""  # empty: twistd's own log (text), or where twistd would log (json)
+    log_max_size: int = 10 * 1024 * 1024  # octets before a [log] file is rotated; 0: never
+    log_keep: int = 10  # rotated files kept
 
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
@@ -159,6 +163,13 @@ def _log_level(text: str) -> str:
     return value
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -214,6 +225,8 @@ _KEYS = {
     ("auth", "apop"): ("auth_apop", _boolean),
     ("auth", "max_verifications"): ("auth_max_verifications", _positive_int),
     ("auth", "max_waiting_per_peer"): ("auth_max_waiting_per_peer", _non_negative_int),
+    ("auth", "cache_ttl"): ("auth_cache_ttl", _non_negative_float),
+    ("auth", "cache_size"): ("auth_cache_size", _positive_int),
     ("smtp", "listen"): ("smtp_listen", _listeners),
     ("smtp", "domains"): ("smtp_domains", parse_domains),
     ("smtp", "max_message_size"): ("smtp_max_message_size", _positive_int),
@@ -229,6 +242,10 @@ _KEYS = {
     ("quota", "messages"): ("quota_messages", _non_negative_int),
     ("quota", "full_tempfail"): ("quota_full_tempfail", _boolean),
     ("metrics", "listen"): ("metrics_listen", _optional_text),
+    ("log", "format"): ("log_format", _log_format),
+    ("log", "file"): ("log_file", _optional_text),
+    ("log", "max_size"): ("log_max_size", _size),
+    ("log", "keep"): ("log_keep", _positive_int),
 }
 
 

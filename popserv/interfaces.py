@@ -403,6 +403,10 @@ class IMetrics(Interface):
     def tls_handshake(ok):
         """A TLS handshake (POP3S, STLS, SMTP STARTTLS) completed or failed."""
 
+    def auth_cache(hit):
+        """A password for a slow hash was checked: found in the verified-password cache
+        (``hit``), or verified the slow way."""
+
 
 @implementer(IMetrics)
 class _NoMetrics:
@@ -427,6 +431,9 @@ class _NoMetrics:
         pass
 
     def tls_handshake(self, ok):
+        pass
+
+    def auth_cache(self, hit):
         pass
 
 

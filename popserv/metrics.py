@@ -91,6 +91,19 @@ class Metrics:
             True: handshakes.labels(result="ok"),
             False: handshakes.labels(result="failed"),
         }
+        self._cache = {
+            True: Counter(
+                "popserv_auth_cache_hits",
+                "Passwords of slow-hash users accepted from the verified-password cache.",
+                registry=r,
+            ),
+            False: Counter(
+                "popserv_auth_cache_misses",
+                "Passwords of slow-hash users verified against the hash (the cache did not "
+                "hold them): wrong passwords, first logins, expired or changed entries.",
+                registry=r,
+            ),
+        }
 
     def pop3_command(self, name: bytes) -> None:
         self._commands.get(name, self._unknown_command).inc()
@@ -114,6 +127,9 @@ class Metrics:
 
     def tls_handshake(self, ok: bool) -> None:
         self._handshakes[ok].inc()
+
+    def auth_cache(self, hit: bool) -> None:
+        self._cache[hit].inc()
 
 
 class MetricsPage(Resource):

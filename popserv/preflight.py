@@ -244,6 +244,19 @@ def access_problems(config: Config, start: Start) -> list[str]:
         problems.append(
             _path_problem(start, lock, _READ, "users file's lock", f"chown {name}: {lock}")
         )
+    if config.log_file and config.log_max_size:
+        # The file is opened before root is dropped, but each rotation renames it and
+        # opens a new one as the server's user; Twisted skips a rotation it cannot do.
+        folder = os.path.dirname(os.path.abspath(config.log_file))
+        problems.append(
+            _path_problem(
+                start,
+                folder,
+                _WRITE | _ENTER,
+                "[log] file's directory",
+                f"chown {name}: {folder}, or set [log] max_size = 0 and rotate with logrotate",
+            )
+        )
     return [problem for problem in problems if problem is not None]
 
 

@@ -28,8 +28,11 @@ def make_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from popserv.auth import PasswdFile, checkers
+    from popserv.credcache import VerifiedPasswords
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
+    from popserv.interfaces import NO_METRICS
     from popserv.maildir import MAILDROP_THREADS, MaildirStore
+    from popserv.notify import Notifier, NotifyService
     from popserv.policy import MailboxPolicies
     from popserv.pop3 import POP3Factory
     from popserv.process import ProcessSetup
@@ -56,7 +59,15 @@ def make_service(config: Config, reactor=None) -> MultiService:
     # than may verify at once: each Argon2id verification holds 64 MiB.
     verify = Workers(reactor, config.auth_max_verifications, "popserv-verify")
     maildrops = Workers(reactor, MAILDROP_THREADS, "popserv-maildrop")
-    userdb = PasswdFile(users, verify.run, secret=secret)
+    metrics = _metrics(config)
+    # A password that passed a slow hash is accepted at the user's next poll with one HMAC.
+    cache = VerifiedPasswords(
+        reactor,
+        config.auth_cache_ttl,
+        config.auth_cache_size,
+        metrics=NO_METRICS if metrics is None else metrics,
+    )
+    userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
     store = MaildirStore(
         mailroot,
         maildrops.run,
@@ -71,7 +82,6 @@ def make_service(config: Config, reactor=None) -> MultiService:
     tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
-    metrics = _metrics(config)
     sessions = MemorySessionRegistry(reactor)
     factory = POP3Factory(
         portal,
@@ -106,12 +116,16 @@ def make_service(config: Config, reactor=None) -> MultiService:
         listener = listener_service(description, tls_factory, reactor)
         listener.setName(f"pop3s-{index}")
         listener.setServiceParent(top)
-    reload_service = ReloadOnSIGHUP(tls.reload, reactor)
+    # systemd hears READY=1 once all is bound and root dropped, and of reloads and stops.
+    notify = NotifyService(Notifier(), _status(config), reactor)
+    reload_service = ReloadOnSIGHUP(tls.reload, reactor, notify=notify)
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
         _add_smtp(top, config, store, userdb, policies, tls, reactor, metrics=metrics)
     _add_watching(top, config, metrics, sessions, who_dir, reactor)
+    # Last: started after every other part, stopped before them.
+    notify.setServiceParent(top)
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
@@ -123,6 +137,15 @@ def make_service(config: Config, reactor=None) -> MultiService:
         users=users,
     )
     return top
+
+
+def _status(config: Config) -> str:
+    """The one line systemd shows for the running server (systemctl status)."""
+    return (
+        f"Serving POP3 on {', '.join(config.pop3_listen) or 'none'}, "
+        f"POP3S on {', '.join(config.pop3s_listen) or 'none'}, "
+        f"SMTP on {', '.join(config.smtp_listen) or 'none'}"
+    )
 
 
 def _metrics(config: Config):
@@ -186,12 +209,15 @@ class ReloadOnSIGHUP(Service):
     """Calls ``reload`` in the reactor thread on each SIGHUP, while the service runs.
 
     Any handler installed before is still called, and is put back on stop.  Outside
-    the main thread (where signals cannot be caught) it does nothing.
+    the main thread (where signals cannot be caught) it does nothing.  ``notify`` (a
+    ``popserv.notify.NotifyService``) tells systemd when a reload begins and ends;
+    ``reload`` returning False means it failed.
     """
 
-    def __init__(self, reload, reactor):
+    def __init__(self, reload, reactor, notify=None):
         self._reload = reload
         self._reactor = reactor
+        self._notify = notify
         self._installed = False
         self._previous = None
 
@@ -216,7 +242,16 @@ class ReloadOnSIGHUP(Service):
 
     def _reload_now(self) -> None:
         log.info("popserv.sighup: re-reading the TLS certificate and key")
-        self._reload()
+        if self._notify is None:
+            self._reload()
+            return
+        self._notify.reloading()
+        succeeded = False
+        try:
+            succeeded = self._reload() is not False
+        finally:
+            # Even when the reload raised: systemd would otherwise wait for its end.
+            self._notify.reloaded(succeeded)
 
 
 def _make_private_dir(path: str) -> list[str]:

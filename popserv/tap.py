@@ -174,6 +174,7 @@ class Options(usage.Options):
         if config.metrics_listen:
             _check_endpoint(config.metrics_listen, "metrics")
         _check_process(config, self.parent.get("uid") if self.parent is not None else None)
+        _check_log(config, self.parent)
         self["popserv_config"] = config
 
     def _read_config(self) -> Config:
@@ -215,8 +216,24 @@ def _check_process(config: Config, twistd_uid: int | None = None) -> None:
         raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> IService:
-    """The popserv service for parsed ``twistd popserv`` options."""
-    from popserv import service
+def _check_log(config: Config, twistd_options) -> None:
+    """Refuse a [log] section that cannot be written, before twistd starts logging."""
+    from popserv.logs import LogSettings, check_settings
 
-    return service.make_service(options["popserv_config"])
+    try:
+        check_settings(LogSettings.from_config(config), twistd_options or {})
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    """The popserv service for parsed ``twistd popserv`` options, with the log observer
+    of its [log] section for twistd to use (see popserv.logs)."""
+    from popserv import logs, service
+
+    config = options["popserv_config"]
+    server = service.make_service(config)
+    observer = logs.observer_for(logs.LogSettings.from_config(config), options.parent or {})
+    if observer is None:
+        return server
+    return logs.ApplicationLog(server, observer)

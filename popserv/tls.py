@@ -171,16 +171,47 @@ def _san(hostname: str) -> list[x509.GeneralName]:
     return names
 
 
+def names_host(cert_path: str, hostname: str) -> bool:
+    """Whether the file's first certificate names ``hostname`` in its subjectAltName."""
+    try:
+        cert = x509.load_pem_x509_certificates(_read(cert_path))[0]
+    except ValueError:
+        raise CertificateError(f"{cert_path}: no PEM certificate in the file") from None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    wanted = _san(hostname)[0]
+    if isinstance(wanted, x509.IPAddress):
+        return wanted.value in san.get_values_for_type(x509.IPAddress)
+    return wanted.value.lower() in (name.lower() for name in san.get_values_for_type(x509.DNSName))
+
+
 def _write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path``; a file it replaces keeps its owner (the server user's, say)."""
     temp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)
+        _keep_owner(fd, path)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temp, path)
+
+
+def _keep_owner(fd: int, path: str) -> None:
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        return
+    new = os.fstat(fd)
+    if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except PermissionError:
+            pass
 
 
 def generate_self_signed(hostname: str, directory: str) -> tuple[str, str]:
@@ -225,8 +256,10 @@ def generate_self_signed(hostname: str, directory: str) -> tuple[str, str]:
 def load_or_create(config: Config) -> ReloadableTLS:
     """The configured certificate and key, or a self-signed pair made on first use.
 
-    A self-signed certificate is announced with a warning giving its SHA-256
-    fingerprint, which users can compare with what their mail client shows.
+    The self-signed pair is made again when it no longer names ``config.hostname``
+    (the host was renamed since).  A self-signed certificate is announced with a
+    warning giving its SHA-256 fingerprint, which users can compare with what their
+    mail client shows.
     """
     check_config(config)
     if config.tls_cert:
@@ -234,6 +267,17 @@ def load_or_create(config: Config) -> ReloadableTLS:
     directory = os.path.abspath(config.tls_self_signed_dir)
     cert_path, key_path = self_signed_paths(directory)
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        generate_self_signed(config.hostname, directory)
+    elif not names_host(cert_path, config.hostname):
+        # Ours, made at an earlier start under another host name: clients that connect
+        # by this name would refuse it, so it is made again.
+        log.warn(
+            "tls.self_signed_renewed: {cert} (SHA-256 fingerprint {old_fingerprint}) "
+            "does not name the host {hostname}; a new self-signed certificate replaces it",
+            cert=cert_path,
+            old_fingerprint=fingerprint(cert_path),
+            hostname=config.hostname,
+        )
         generate_self_signed(config.hostname, directory)
     tls = ReloadableTLS(cert_path, key_path, self_signed=True)
     log.warn(

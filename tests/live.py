@@ -279,9 +279,12 @@ def _shut_down(port, tracker: _TrackingFactory):
         timer.cancel()
 
 
-def require_client(name: str) -> str:
-    """The path of an installed client program; skips the test without it, fails it in CI."""
-    path = shutil.which(name)
+def require_client(name: str, search: str | None = None) -> str:
+    """The path of an installed client program; skips the test without it, fails it in CI.
+
+    ``search`` is a PATH-style list of directories to look in instead of ``$PATH``.
+    """
+    path = shutil.which(name, path=search)
     if path is None:
         if os.environ.get("CI") == "true":
             raise AssertionError(f"the {name} client is missing (CI=true: install it)")

@@ -32,18 +32,28 @@ def write_private(path: str, text: str) -> str:
 class TwistdServer:
     """One popserv child process over a directory of its own: config, users, Maildirs, log.
 
-    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``;
+    ``settings`` adds or replaces keys of the config file: ``{"pop3": {"timeout": "5"}}``
+    (a value of None leaves the key out, at its default);
     ``backlog`` is the POP3 listener's queue of connections not yet accepted.
     ``start`` may be called again after ``kill`` or ``stop``: same files, same ports.
     ``program`` is the Python code the child runs: twistd, after any setup a test puts
-    before it (a lower descriptor limit, say).
+    before it (a lower descriptor limit, say).  ``stdout_log`` logs as etc/popserv.service
+    does, with ``--logfile=-``; the child's standard output then goes to ``log_path``.
     """
 
     program = TWISTD
 
     def __init__(
-        self, testcase, users: dict[str, str], *, smtp: bool = False, settings=None, backlog=50
+        self,
+        testcase,
+        users: dict[str, str],
+        *,
+        smtp: bool = False,
+        settings=None,
+        backlog=50,
+        stdout_log: bool = False,
     ):
+        self.stdout_log = stdout_log
         self.root = os.path.abspath(testcase.mktemp())
         os.makedirs(self.root)
         self.mailroot = os.path.join(self.root, "mail")
@@ -77,26 +87,35 @@ class TwistdServer:
         with open(self.config_path, "w", encoding="utf-8") as f:
             for section, keys in sections.items():
                 f.write(f"[{section}]\n")
-                f.writelines(f"{key} = {value}\n" for key, value in keys.items())
+                f.writelines(
+                    f"{key} = {value}\n" for key, value in keys.items() if value is not None
+                )
         self.process: subprocess.Popen | None = None
         testcase.addCleanup(self.kill)
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start twistd and wait until POP3 answers with a greeting."""
+    def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start twistd without waiting for it; ``env`` replaces the environment."""
         argv = [
             sys.executable,
             "-c",
             self.program,
             "-n",
             "--pidfile=",
-            f"--logfile={self.log_path}",
+            "--logfile=-" if self.stdout_log else f"--logfile={self.log_path}",
         ]
-        self.process = subprocess.Popen(
-            [*argv, "popserv", "--config", self.config_path],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(self.log_path, "ab") if self.stdout_log else open(os.devnull, "wb") as out:
+            self.process = subprocess.Popen(
+                [*argv, "popserv", "--config", self.config_path],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+            )
+        return self.process
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start twistd and wait until POP3 answers with a greeting."""
+        self.spawn()
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -59,6 +59,8 @@ mechanisms = plain, SCRAM-SHA-256
 apop = yes
 max_verifications = 2
 max_waiting_per_peer = 30
+cache_ttl = 600.5
+cache_size = 50
 
 [smtp]
 listen =
@@ -81,6 +83,12 @@ messages = 5000
 full_tempfail = yes
 [metrics]
 listen = tcp:9110:interface=127.0.0.1
+
+[log]
+format = JSON
+file = /var/log/popserv/popserv.log
+max_size = 1M
+keep = 3
 """
 
 
@@ -124,6 +132,8 @@ class ConfigFromStringTests(SynchronousTestCase):
                 auth_apop=True,
                 auth_max_verifications=2,
                 auth_max_waiting_per_peer=30,
+                auth_cache_ttl=600.5,
+                auth_cache_size=50,
                 smtp_listen=("tcp:25", "tcp:2525:interface=::1"),
                 smtp_domains=("example.org", "mail.example.org", "localhost"),
                 smtp_max_message_size=1048576,
@@ -139,6 +149,10 @@ class ConfigFromStringTests(SynchronousTestCase):
                 quota_messages=5000,
                 quota_full_tempfail=True,
                 metrics_listen="tcp:9110:interface=127.0.0.1",
+                log_format="json",
+                log_file="/var/log/popserv/popserv.log",
+                log_max_size=1024 * 1024,
+                log_keep=3,
             ),
         )
 
@@ -150,6 +164,17 @@ class ConfigFromStringTests(SynchronousTestCase):
             if re.search(rf"^{key} =", EVERY_KEY.split(f"[{section}]")[1], re.M)
         }
         self.assertEqual(parsed, set(_KEYS))
+
+    def test_bad_log_values(self):
+        """An unknown log format, a size that is none, or keeping no file is an error."""
+        for text, key in [
+            ("[log]\nformat = xml\n", "format"),
+            ("[log]\nmax_size = big\n", "max_size"),
+            ("[log]\nkeep = 0\n", "keep"),
+        ]:
+            with self.assertRaises(ConfigError) as cm:
+                config_from_string(text, "popserv.ini")
+            self.assertIn(f"[log] {key}", str(cm.exception))
 
     def test_bad_smtp_values(self):
         """A zero size limit or a domain with an '@' is an error naming the key."""
@@ -230,6 +255,9 @@ class ConfigFromStringTests(SynchronousTestCase):
             ("pop3", "login_delay", "-1"),
             ("server", "mailroot", ""),
             ("server", "users", ""),
+            ("auth", "cache_ttl", "-1"),
+            ("auth", "cache_ttl", "1h"),
+            ("auth", "cache_size", "0"),
         ]
         for section, key, value in cases:
             try:

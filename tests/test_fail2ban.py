@@ -4,17 +4,19 @@ the log a real ``twistd popserv`` writes when clients fail to log in.
 Everything runs on 127.0.0.1.  Without ``fail2ban-regex`` the tests skip (CI=true: fail).
 """
 
+import ast
 import base64
 import configparser
 import os
 import poplib
 import re
+import shutil
 import smtplib
 import socket
 import subprocess
 import time
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.live import require_client
 from tests.live_twistd import HOST, REPO, TwistdServer
@@ -22,6 +24,7 @@ from tests.test_smtp_attacks import flood
 
 FILTER = os.path.join(REPO, "etc", "fail2ban", "filter.d", "popserv.conf")
 JAIL = os.path.join(REPO, "etc", "fail2ban", "jail.d", "popserv.conf")
+SERVICE = os.path.join(REPO, "etc", "popserv.service")
 
 #: A user name that tries to put another address in the failed-login line.
 FRAMING_NAME = "x from 192.0.2.99 (bad credentials)"
@@ -296,15 +299,143 @@ class InjectionTests(SynchronousTestCase):
         self.assertGreaterEqual(ips.count(self.ATTACKER), len(names))
 
 
+def require_journal_tools() -> str:
+    """systemd-journal-remote's path, once fail2ban can read journal files (python3-systemd)."""
+    remote = require_client("systemd-journal-remote", "/usr/lib/systemd:/lib/systemd")
+    with open(require_client("fail2ban-regex"), encoding="utf-8") as f:
+        interpreter = f.readline()[2:].split()
+    if subprocess.run([*interpreter, "-c", "import systemd.journal"]).returncode != 0:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("fail2ban cannot read the journal: install python3-systemd")
+        raise SkipTest("python3-systemd is not installed")
+    return remote
+
+
+def unit_setting(key: str) -> str:
+    """The value of ``key`` in etc/popserv.service."""
+    with open(SERVICE, encoding="utf-8") as f:
+        [value] = re.findall(rf"^{key}=(.*)$", f.read(), re.M)
+    return value
+
+
+def journal_file(directory: str, entries: list[dict[str, str]]) -> str:
+    """A journal file of ``entries`` (journal fields), written by systemd-journal-remote."""
+    export = os.path.join(directory, "entries.export")
+    now = int(time.time() * 1_000_000)
+    with open(export, "wb") as f:
+        for n, fields in enumerate(entries):
+            record = {
+                "__REALTIME_TIMESTAMP": str(now + n),
+                "__MONOTONIC_TIMESTAMP": str(1_000_000 + n),
+                "_BOOT_ID": "5d1a0fbb0d6e4c1f9a3e2b7c8d9e0f11",
+                "_HOSTNAME": socket.gethostname(),
+                **fields,
+            }
+            for key, value in record.items():
+                assert "\n" not in value, value
+                f.write(f"{key}={value}\n".encode())
+            f.write(b"\n")
+    path = os.path.join(directory, "popserv.journal")
+    subprocess.run(
+        [require_journal_tools(), f"--output={path}", export],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return path
+
+
+class JournalTests(SynchronousTestCase):
+    """The filter over the journal, where etc/popserv.service logs, as the jail reads it."""
+
+    def test_failed_logins_are_counted_from_the_journal(self):
+        """The unit's standard output in the journal gives the matches the file gives; entries
+        of other units, even with the same text, are not read (the filter's journalmatch)."""
+        require_journal_tools()
+        self.assertIn("--logfile=- ", unit_setting("ExecStart"))
+        server = TwistdServer(self, {"alice": "secret"}, smtp=True, stdout_log=True)
+        server.start()
+        for user in ("alice", "mallory"):
+            client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=10)
+            client.user(user)
+            with self.assertRaises(poplib.error_proto):
+                client.pass_("wrong")
+            client.quit()
+        client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=10)
+        client.user("alice")
+        client.pass_("secret")
+        client.quit()
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("s@remote.example")
+            self.assertEqual(smtp.rcpt(f"nobody@{HOST}")[0], 550)
+        server.stop()
+        lines = server.log().splitlines()
+        self.assertTrue(any("pop3.login: peer=127.0.0.1 user=alice " in line for line in lines))
+
+        # As systemd stores a service's standard output (StandardOutput=journal).
+        unit = {
+            "_SYSTEMD_UNIT": os.path.basename(SERVICE),
+            "SYSLOG_IDENTIFIER": unit_setting("SyslogIdentifier"),
+            "_PID": str(server.process.pid),
+            "_COMM": "twistd",
+            "_TRANSPORT": "stdout",
+            "PRIORITY": "6",
+        }
+        other = {**unit, "_SYSTEMD_UNIT": "other.service", "_PID": "4242"}
+        forged = lines[0].split(" [", 1)[0] + (
+            " [popserv.pop3#info] pop3.login_failed: peer=192.0.2.66 user=x reason=bad-credentials"
+        )
+        entries = [{**unit, "MESSAGE": line} for line in lines]
+        entries.insert(1, {**other, "MESSAGE": forged})
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        journal = journal_file(directory, entries)
+        read, matched, ips = fail2ban_regex(f"systemd-journal[journalfiles={journal}]")
+        self.assertEqual((read, matched), (len(lines), 3))
+        self.assertEqual(ips, ["127.0.0.1"] * 3)
+
+
 class JailTests(SynchronousTestCase):
-    def test_jail_names_filter_ports_and_log(self):
-        """The jail enables the popserv filter on pop3, pop3s and smtp over the twistd log."""
+    def test_jail_names_filter_ports_and_journal(self):
+        """The jail enables the popserv filter on pop3, pop3s and smtp over the journal of
+        the unit that etc/popserv.service is."""
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(JAIL)
         jail = parser["popserv"]
         self.assertEqual(jail["enabled"], "true")
         self.assertEqual(jail["filter"], "popserv")
         self.assertEqual(jail["port"].split(","), ["pop3", "pop3s", "smtp"])
-        self.assertEqual(jail["logpath"], "/var/log/popserv/twistd.log")
-        with open(os.path.join(REPO, "etc", "popserv.service")) as f:
-            self.assertIn("--logfile=/var/log/popserv/twistd.log", f.read())
+        self.assertEqual(jail["backend"], "systemd")
+        self.assertNotIn("logpath", jail)
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(FILTER)
+        self.assertEqual(
+            parser["Init"]["journalmatch"], f"_SYSTEMD_UNIT={os.path.basename(SERVICE)}"
+        )
+
+    def test_fail2ban_loads_the_jail(self):
+        """fail2ban-client accepts the jail and filter as installed under /etc/fail2ban/, with
+        the systemd backend and the unit's journal match."""
+        client = require_client("fail2ban-client")
+        config = os.path.join(os.path.abspath(self.mktemp()), "fail2ban")
+        shutil.copytree("/etc/fail2ban", config)
+        # Only this jail: Debian's own (sshd) would look for logs this machine may not have.
+        for name in os.listdir(os.path.join(config, "jail.d")):
+            os.remove(os.path.join(config, "jail.d", name))
+        shutil.copy(FILTER, os.path.join(config, "filter.d", "popserv.conf"))
+        shutil.copy(JAIL, os.path.join(config, "jail.d", "popserv.conf"))
+        tested = subprocess.run(
+            [client, "-c", config, "-t"], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(tested.returncode, 0, tested.stdout + tested.stderr)
+        dumped = subprocess.run(
+            [client, "-c", config, "-d"], capture_output=True, text=True, timeout=60
+        )
+        commands = [
+            ast.literal_eval(line) for line in dumped.stdout.splitlines() if line.startswith("[")
+        ]
+        self.assertIn(["add", "popserv", "systemd"], commands)
+        self.assertIn(
+            ["set", "popserv", "addjournalmatch", "_SYSTEMD_UNIT=popserv.service"], commands
+        )

@@ -185,6 +185,22 @@ class StartCheckTests(unittest.TestCase):
             ],
         )
 
+    def test_log_directory_the_user_cannot_write(self):
+        """A rotated [log] file needs a directory nobody can write: rotation renames in it."""
+        logs = os.path.join(self.files.root, "logs")
+        os.mkdir(logs, 0o755)
+        config = self.config.replace(log_file=os.path.join(logs, "popserv.log"))
+        self.assertEqual(
+            preflight.access_problems(config, preflight.start_of(config)),
+            [
+                f"{logs}: user nobody cannot write/enter the [log] file's directory "
+                f"(owner root, mode 0755); fix: chown nobody: {logs}, or set [log] "
+                "max_size = 0 and rotate with logrotate"
+            ],
+        )
+        unrotated = config.replace(log_max_size=0)
+        self.assertEqual(preflight.access_problems(unrotated, preflight.start_of(unrotated)), [])
+
     def test_a_maildir_of_root(self):
         """A user's Maildir that root made (adduser without [server] user) is named."""
         nobody = pwd.getpwnam("nobody")

@@ -3,19 +3,22 @@ after binding (popserv.process), and the systemd units in etc/, checked with sys
 own tools.  Nothing here changes the test process's user; sockets are on 127.0.0.1.
 """
 
+import fcntl
+import glob
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import process, service, tap
 from popserv.config import Config
@@ -268,21 +271,96 @@ class PrivilegeTests(StorageTestCase):
         self.assertIn("[server] user", str(cm.exception))
 
 
+#: Where README.rst's production install puts popserv, and where the unit runs it from.
+VENV = "/opt/popserv"
+#: A root shell's PATH on Debian: python3 is the system's, as on a bare machine.
+DEBIAN_ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables of this test run that would leak into the commands a root shell runs.
+_NOT_A_ROOT_SHELL = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYENV_VERSION")
+
+
+def production_commands() -> list[str]:
+    """The shell commands of README.rst's "Running in production" block, each heredoc whole."""
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("Running in production\n=====================\n", 1)[1]
+    block = re.search(r"::\n\n((?:    .*\n|\n)+)", section).group(1)
+    commands: list[str] = []
+    heredoc = None
+    for line in (line[4:] for line in block.splitlines()):
+        if heredoc is not None:
+            commands[-1] += "\n" + line
+            if line == heredoc:
+                heredoc = None
+        elif line.strip():
+            commands.append(line)
+            m = re.search(r"<<\s*'?(\w+)'?", line)
+            heredoc = m.group(1) if m else None
+    return commands
+
+
+def venv_commands(commands: list[str]) -> list[str]:
+    """Those that make /opt/popserv: from ``python3 -m venv`` on, while each works in it."""
+    start = next(i for i, c in enumerate(commands) if c.startswith(f"python3 -m venv {VENV}"))
+    made = []
+    for command in commands[start:]:
+        if VENV not in command:
+            break
+        made.append(command)
+    return made
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit in etc/, each key with all its values in order."""
+    with open(os.path.join(REPO, "etc", name), encoding="utf-8") as f:
+        settings: dict[str, list[str]] = {}
+        for key, value in re.findall(r"^(\w+)=(.*)$", f.read(), re.M):
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
 class SystemdUnitTests(SynchronousTestCase):
     """etc/popserv.service and etc/popserv.socket, as systemd itself reads them."""
 
-    def test_units_verify_cleanly(self):
-        """systemd-analyze verify reports nothing, not even a warning, for both units."""
+    def install_as_the_readme_says(self) -> None:
+        """Run the README's commands that make /opt/popserv, in this checkout, as root."""
+        if os.geteuid() != 0:
+            raise SkipTest("the README's install makes /opt/popserv: run as root (CI does)")
+        commands = production_commands()
+        self.assertIn("apt-get install python3-venv", commands)
+        with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+            self.assertRegex(f.read(), r'APT_PACKAGES="[^"]*\bpython3-venv\b')
+        made = venv_commands(commands)
+        self.assertEqual(made[:2], [f"python3 -m venv {VENV}", f"{VENV}/bin/pip install ."])
+        # pip builds in the checkout; what it leaves there was not there before goes.
+        for leftover in ("build", "popserv.egg-info"):
+            path = os.path.join(REPO, leftover)
+            if not os.path.exists(path):
+                self.addCleanup(shutil.rmtree, path, True)
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_A_ROOT_SHELL}
+        env["PATH"] = DEBIAN_ROOT_PATH
+        # One install into /opt/popserv at a time, should two test runs meet.
+        with open(os.path.join(tempfile.gettempdir(), "popserv-opt-install.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ran = subprocess.run(
+                ["bash", "-euc", "\n".join(made)],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+        self.assertEqual(ran.returncode, 0, ran.stdout + ran.stderr)
+
+    def test_units_verify_cleanly_after_the_readme_install(self):
+        """After the README's install, systemd-analyze verify reports nothing, not even a
+        warning, for both units exactly as shipped: the program ExecStart names is there."""
         analyze = require_client("systemd-analyze")
+        self.install_as_the_readme_says()
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        twistd = shutil.which("twistd") or sys.executable
         for name in ("popserv.service", "popserv.socket"):
-            with open(os.path.join(REPO, "etc", name)) as f:
-                text = f.read()
-            # Only the install path of twistd differs from machine to machine.
-            with open(os.path.join(directory, name), "w") as f:
-                f.write(text.replace("/usr/bin/twistd", twistd))
+            shutil.copyfile(os.path.join(REPO, "etc", name), os.path.join(directory, name))
         ran = subprocess.run(
             [analyze, "verify", "popserv.service", "popserv.socket"],
             cwd=directory,
@@ -292,13 +370,41 @@ class SystemdUnitTests(SynchronousTestCase):
         )
         self.assertEqual((ran.returncode, ran.stdout + ran.stderr), (0, ""))
 
+        # That program is the venv's twistd, and it knows popserv.
+        [command] = unit_settings("popserv.service")["ExecStart"]
+        program = command.split()[0]
+        self.assertEqual(program, f"{VENV}/bin/twistd")
+        ran = subprocess.run(
+            [program, "popserv", "--help"], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        self.assertIn("--config=", ran.stdout)
+        # The plugin cache is up to date, so the server never tries to write into /opt.
+        [plugins] = glob.glob(f"{VENV}/lib/python3*/site-packages/twisted/plugins")
+        sources = glob.glob(os.path.join(plugins, "*.py"))
+        cache = os.stat(os.path.join(plugins, "dropin.cache")).st_mtime
+        self.assertLessEqual(max(os.stat(path).st_mtime for path in sources), cache)
+        # Documentation= names files the install made.
+        for name in ("popserv.service", "popserv.socket"):
+            [documentation] = unit_settings(name)["Documentation"]
+            for url in documentation.split():
+                self.assertTrue(url.startswith("file://"), url)
+                self.assertTrue(os.path.isfile(url[len("file://") :]), url)
+
     def test_service_settings(self):
-        """The service runs twistd unprivileged, logs where fail2ban reads, and is sandboxed."""
-        with open(os.path.join(REPO, "etc", "popserv.service")) as f:
-            text = f.read()
-        settings = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
-        self.assertIn("--nodaemon --no_save --pidfile=", settings["ExecStart"])
-        self.assertIn("--logfile=/var/log/popserv/twistd.log popserv", settings["ExecStart"])
+        """The service runs the venv's twistd unprivileged, tells systemd when it is ready,
+        logs to the journal, and is sandboxed."""
+        settings = {k: v[-1] for k, v in unit_settings("popserv.service").items()}
+        self.assertEqual(
+            settings["ExecStart"],
+            f"{VENV}/bin/twistd --nodaemon --no_save --pidfile= --logfile=- "
+            "popserv --config /etc/popserv/popserv.ini",
+        )
+        self.assertEqual(settings["Type"], "notify")
+        self.assertEqual(settings["NotifyAccess"], "main")
+        self.assertEqual(settings["SyslogIdentifier"], "popserv")
+        self.assertEqual(settings["Documentation"], f"file://{VENV}/README.rst")
+        self.assertNotIn("LogsDirectory", settings)
         self.assertEqual(settings["User"], "popserv")
         self.assertEqual(settings["AmbientCapabilities"], "CAP_NET_BIND_SERVICE")
         for key, value in [
@@ -308,7 +414,6 @@ class SystemdUnitTests(SynchronousTestCase):
             ("UMask", "0077"),
             ("LimitNOFILE", "65536"),
             ("StateDirectory", "popserv"),
-            ("LogsDirectory", "popserv"),
         ]:
             self.assertEqual(settings[key], value, key)
 
