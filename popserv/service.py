@@ -6,13 +6,13 @@ import os
 import signal
 import threading
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
+from popserv.listeners import listener_service
 
 log = Logger()
 
@@ -108,12 +108,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
         threads.setName(name)
         threads.setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
-        listener = strports.service(description, factory, reactor=reactor)
+        listener = listener_service(description, factory, reactor)
         listener.setName(f"pop3-{index}")
         listener.setServiceParent(top)
     tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
     for index, description in enumerate(config.pop3s_listen):
-        listener = strports.service(description, tls_factory, reactor=reactor)
+        listener = listener_service(description, tls_factory, reactor)
         listener.setName(f"pop3s-{index}")
         listener.setServiceParent(top)
     # systemd hears READY=1 once all is bound and root dropped, and of reloads and stops.
@@ -165,7 +165,7 @@ def _add_watching(top: MultiService, config: Config, metrics, sessions, who_dir,
         from popserv.metrics import metrics_site
 
         site = metrics_site(metrics.registry, reactor)
-        listener = strports.service(config.metrics_listen, site, reactor=reactor)
+        listener = listener_service(config.metrics_listen, site, reactor)
         listener.setName("metrics")
         listener.setServiceParent(top)
         log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
@@ -200,7 +200,7 @@ def _add_smtp(
         metrics=metrics,
     )
     for index, description in enumerate(config.smtp_listen):
-        listener = strports.service(description, factory, reactor=reactor)
+        listener = listener_service(description, factory, reactor)
         listener.setName(f"smtp-{index}")
         listener.setServiceParent(top)
 

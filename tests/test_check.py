@@ -78,7 +78,7 @@ class CheckTests(unittest.TestCase):
             pop3_timeout=900.0,
         )
         self.assertEqual(printed, expected)
-        self.assertIn("\n[smtp]\nlisten =\n    tcp:25\n", out)
+        self.assertIn("\n[smtp]\nlisten =\n    tcp6:25\n", out)
 
     def test_printed_settings_read_back_the_same(self):
         """The INI text of any settings, every key set or all at defaults, parses to them."""

@@ -489,7 +489,7 @@ class OptionsTests(SynchronousTestCase):
         """Repeated --pop3s options replace [pop3s] listen."""
         config = parse("--pop3s", "tcp:1995:interface=127.0.0.1", "--pop3s", "tcp:995")
         self.assertEqual(config.pop3s_listen, ("tcp:1995:interface=127.0.0.1", "tcp:995"))
-        self.assertEqual(parse().pop3s_listen, ("tcp:995",))
+        self.assertEqual(parse().pop3s_listen, ("tcp6:995",))
 
     def test_pop3s_must_be_plain(self):
         """An ssl: POP3S endpoint is refused: popserv adds TLS itself."""
