@@ -16,9 +16,7 @@ import errno
 import re
 import socket
 
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -44,17 +42,16 @@ def dual_stack(description: str) -> tuple[int, int] | None:
     return int(match["port"]), int(match["backlog"] or DEFAULT_BACKLOG)
 
 
-def listener_service(description: str, factory, reactor) -> StreamServerEndpointService:
-    """A service that listens as ``description`` says once it starts (binding as root).
+def listener_endpoint(reactor, description: str) -> IStreamServerEndpoint:
+    """The endpoint ``description`` names: the dual-stack form is ours, the rest Twisted's.
 
-    As with ``strports.service``, a bad string raises here and a port that cannot be
-    bound raises from ``privilegedStartService``, so twistd stops with the error.
+    As with ``strports.service``, a bad string raises here, and a port that cannot be
+    bound fails the endpoint's ``listen``.
     """
-    listener = strports.service(description, factory, reactor=reactor)
     form = dual_stack(description)
     if form is not None:
-        listener.endpoint = DualStackEndpoint(reactor, *form)
-    return listener
+        return DualStackEndpoint(reactor, *form)
+    return endpoints.serverFromString(reactor, description)
 
 
 @implementer(IStreamServerEndpoint)

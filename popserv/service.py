@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
-from popserv.listeners import listener_service
+from popserv.listeners import listener_endpoint
 
 log = Logger()
 
 
-def make_service(config: Config, reactor=None) -> MultiService:
+def make_service(config: Config, reactor=None, *, foreground: bool = True) -> MultiService:
     """A MultiService with one named POP3 listener per ``config.pop3_listen`` entry.
 
     Listeners bind when the service starts (``privilegedStartService``), so ports below
     1024 work with ``twistd --uid``.  A missing mailroot or users file is created empty,
     so a first ``twistd -n popserv`` runs without any setup.  ``reactor`` (the global one
-    by default) is handed to every part that needs time or threads.
+    by default) is handed to every part that needs time or threads.  ``foreground``:
+    False under a daemonized twistd, whose listeners report a failed bind differently
+    (see ``Listener``).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -108,12 +113,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
         threads.setName(name)
         threads.setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
-        listener = listener_service(description, factory, reactor)
+        listener = Listener("POP3", description, factory, reactor)
         listener.setName(f"pop3-{index}")
         listener.setServiceParent(top)
     tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
     for index, description in enumerate(config.pop3s_listen):
-        listener = listener_service(description, tls_factory, reactor)
+        listener = Listener("POP3S", description, tls_factory, reactor)
         listener.setName(f"pop3s-{index}")
         listener.setServiceParent(top)
     # systemd hears READY=1 once all is bound and root dropped, and of reloads and stops.
@@ -126,6 +131,9 @@ def make_service(config: Config, reactor=None) -> MultiService:
     _add_watching(top, config, metrics, sessions, who_dir, reactor)
     # Last: started after every other part, stopped before them.
     notify.setServiceParent(top)
+    for child in top:
+        if isinstance(child, Listener):
+            child.foreground = foreground
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
@@ -165,7 +173,7 @@ def _add_watching(top: MultiService, config: Config, metrics, sessions, who_dir,
         from popserv.metrics import metrics_site
 
         site = metrics_site(metrics.registry, reactor)
-        listener = listener_service(config.metrics_listen, site, reactor)
+        listener = Listener("metrics", config.metrics_listen, site, reactor)
         listener.setName("metrics")
         listener.setServiceParent(top)
         log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
@@ -200,9 +208,42 @@ def _add_smtp(
         metrics=metrics,
     )
     for index, description in enumerate(config.smtp_listen):
-        listener = listener_service(description, factory, reactor)
+        listener = Listener("SMTP", description, factory, reactor)
         listener.setName(f"smtp-{index}")
         listener.setServiceParent(top)
+
+
+class Listener(StreamServerEndpointService):
+    """One listener; if it cannot bind at start, the start ends with one line naming it.
+
+    Ports that others hold are found before twistd daemonizes (``popserv.startup``);
+    this catches the rest (a race, an address that went away).  The line is logged;
+    in the foreground it also goes to the terminal and the process exits with status 1.
+    A daemon raises ``ListenFailed`` instead, which twistd hands to the waiting parent.
+    """
+
+    _raiseSynchronously = True  # as strports.service: a failed listen raises at start
+
+    def __init__(self, kind: str, description: str, factory, reactor, foreground=True):
+        super().__init__(listener_endpoint(reactor, description), factory)
+        self.kind = kind
+        self.description = description
+        self.foreground = foreground
+
+    def privilegedStartService(self) -> None:
+        from popserv.startup import ListenFailed, cannot_listen
+
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OSError) as e:
+            reason = e.socketError if isinstance(e, CannotListenError) else e
+            problem = cannot_listen(self.kind, self.description, reason)
+            log.critical("popserv.listen_failed: {problem}", problem=problem)
+            if not self.foreground:
+                raise ListenFailed(problem) from None
+            # twistd has pointed sys.stderr at the log by now: tell the terminal itself.
+            print(f"popserv: {problem}", file=sys.__stderr__, flush=True)
+            raise SystemExit(1) from None
 
 
 class ReloadOnSIGHUP(Service):

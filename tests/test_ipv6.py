@@ -30,8 +30,10 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv.config import Config
-from popserv.listeners import DualStackEndpoint, dual_stack, listener_service
+from popserv.listeners import DualStackEndpoint, dual_stack
 from popserv.peers import peer_host, unmapped
+from popserv.service import Listener
+from popserv.startup import ListenFailed
 from tests.live import require_client
 from tests.live_smtp import free_port
 from tests.live_twistd import HOST, REPO, TWISTD, TwistdServer, write_private
@@ -218,10 +220,10 @@ class ListenerFormTests(SynchronousTestCase):
         """An admin's tcp:1110:interface=127.0.0.1 listens exactly there, through Twisted."""
         reactor = MemoryReactor()
         factory = Factory()
-        service = listener_service("tcp:1110:interface=127.0.0.1", factory, reactor)
+        service = Listener("POP3", "tcp:1110:interface=127.0.0.1", factory, reactor)
         self.assertIsInstance(service, StreamServerEndpointService)
         self.assertIsInstance(service.endpoint, TCP4ServerEndpoint)
-        explicit = listener_service("tcp6:1110:interface=\\:\\:1", factory, reactor)
+        explicit = Listener("POP3", "tcp6:1110:interface=\\:\\:1", factory, reactor)
         self.assertIsInstance(explicit.endpoint, TCP6ServerEndpoint)
         service.privilegedStartService()
         explicit.privilegedStartService()
@@ -233,7 +235,7 @@ class ListenerFormTests(SynchronousTestCase):
     def test_bad_string_is_refused_at_once(self):
         """A string Twisted cannot parse raises when the service is made, as strports does."""
         with self.assertRaises((ValueError, TypeError)):
-            listener_service("tcp6:110:colour=blue", Factory(), MemoryReactor())
+            Listener("POP3", "tcp6:110:colour=blue", Factory(), MemoryReactor())
 
 
 class DualStackEndpointTests(SynchronousTestCase):
@@ -314,14 +316,15 @@ class DualStackEndpointTests(SynchronousTestCase):
 
     def test_service_stops_twistd_on_an_error(self):
         """Through the listener service, that error is raised at privilegedStartService."""
-        service = listener_service("tcp6:110", self.factory, self.reactor)
+        service = Listener("POP3", "tcp6:110", self.factory, self.reactor, foreground=False)
         self.assertIsInstance(service.endpoint, DualStackEndpoint)
 
         def taken(family, kind):
             return RecordingSocket(family, kind, self.calls, ("bind", errno.EADDRINUSE))
 
         service.endpoint = DualStackEndpoint(self.reactor, 110, make_socket=taken)
-        self.assertRaises(CannotListenError, service.privilegedStartService)
+        failure = self.assertRaises(ListenFailed, service.privilegedStartService)
+        self.assertIn("cannot listen on tcp6:110 (POP3): address already in use", str(failure))
 
 
 class DefaultListenersLiveTests(SynchronousTestCase):

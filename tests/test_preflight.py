@@ -12,13 +12,12 @@ import smtplib
 import subprocess
 import sys
 
-from twisted.python import usage
 from twisted.trial import unittest
 from twisted.trial.unittest import SkipTest
 
 from popserv import preflight
 from popserv.config import Config, ConfigError
-from popserv.tap import Options
+from popserv.tap import Options, StartupError
 from tests.live_twistd import HOST, REPO, TwistdServer
 
 
@@ -233,14 +232,14 @@ class StartCheckTests(unittest.TestCase):
         self.assertEqual(preflight.access_problems(Config(), preflight.start_of(Config())), [])
 
     def test_twistd_popserv_refuses_to_start(self):
-        """``twistd popserv`` options with such a mail root are a UsageError naming it."""
+        """``twistd popserv`` options with such a mail root stop the start with a line naming it."""
         os.mkdir(self.files.mailroot, 0o700)
         options = Options()
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(StartupError) as cm:
             options.parseOptions(["--config", self.files.config_path, "--pop3", "tcp:0"])
         self.assertEqual(
             str(cm.exception),
-            f"{self.files.mailroot}: user nobody cannot read/write/enter the mail root "
+            f"popserv: {self.files.mailroot}: user nobody cannot read/write/enter the mail root "
             f"(owner root, mode 0700); fix: chown -R nobody: {self.files.mailroot}",
         )
 
