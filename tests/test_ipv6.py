@@ -8,6 +8,7 @@ or ``127.0.0.1`` only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -37,6 +38,7 @@ from popserv.startup import ListenFailed
 from tests.live import require_client
 from tests.live_smtp import free_port
 from tests.live_twistd import HOST, REPO, TWISTD, TwistdServer, write_private
+from tests.netns import LoopbackNamespace
 from tests.test_fail2ban import fail2ban_regex
 from tests.test_pop3 import POP3TestCase
 from tests.test_smtp import SMTPTestCase
@@ -328,7 +330,17 @@ class DualStackEndpointTests(SynchronousTestCase):
 
 
 class DefaultListenersLiveTests(SynchronousTestCase):
-    """twistd with the default listeners (on free ports): IPv6 and IPv4 clients alike."""
+    """twistd with the default listeners (on free ports): IPv6 and IPv4 clients alike.
+
+    The defaults listen on every address; each test runs in a network namespace of its
+    own whose only addresses are loopback ones, server and clients alike.
+    """
+
+    def setUp(self):
+        namespace = LoopbackNamespace(self)
+        inside = contextlib.ExitStack()
+        inside.enter_context(namespace.entered())
+        self.addCleanup(inside.close)
 
     def start(self, program: str = TWISTD, **settings) -> TwistdServer:
         ports: dict[str, int] = {}
