@@ -112,6 +112,11 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
+        # A client that polls every few minutes resumes its last session (a ticket, or
+        # TLS 1.2's session ID) instead of a full handshake.  The ticket keys are this
+        # context's own, made by OpenSSL in memory, and go with it at a reload.
+        enableSessions=True,
+        enableSessionTickets=True,
     )
     try:
         options.getContext()
