@@ -466,8 +466,8 @@ class Dovecot(Peer):
     binary = "/usr/sbin/dovecot"
     pop3s = True
     argon2 = True
-    #: ``auth_cache_size``, left out (Dovecot's default: no cache) when empty.
-    auth_cache_size = ""
+    #: Settings added to the defaults (none: no authentication cache).
+    tuning = ""
 
     def __init__(self, root: str):
         super().__init__(root)
@@ -495,7 +495,6 @@ class Dovecot(Peer):
             pop3s = f"address = 127.0.0.1\n    port = {self.pop3s_port}"
         else:
             tls, pop3s = "ssl = no", "port = 0"
-        cache = f"auth_cache_size = {self.auth_cache_size}\n" if self.auth_cache_size else ""
         with open(config, "w") as f:
             f.write(f"""# Written by bench/peers.py
 base_dir = {self.base_dir}/run
@@ -504,7 +503,7 @@ instance_name = popbench-{self.name}-{os.getpid()}
 protocols = pop3
 listen = 127.0.0.1
 {tls}
-{cache}disable_plaintext_auth = no
+{self.tuning}disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = {self.log}
 mail_location = maildir:{self.mail}/%u
@@ -544,11 +543,21 @@ service pop3 {{
 
 
 class DovecotCache(Dovecot):
-    """The same Dovecot with a 10 MB cache of authentication results (Argon2 scenario only)."""
+    """The same Dovecot with a 10 MB authentication cache (Argon2 scenario only)."""
 
     name = "dovecot-cache"
-    auth_cache_size = "10M"
     only = ("argon2",)
+    tuning = "auth_cache_size = 10M\n"
+
+    def auth_cache_entries(self) -> int | None:
+        """Entries in the authentication cache (``doveadm auth cache flush`` empties it)."""
+        out = subprocess.run(
+            ["doveadm", "-c", os.path.join(self.root, "dovecot.conf"), "auth", "cache", "flush"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        return int(out[0]) if out and out[0].isdigit() else None
 
 
 class Postfix(Peer):
@@ -579,8 +588,8 @@ class Postfix(Peer):
     def own(self, path: str) -> None:
         _chown_tree(path, NOBODY, NOBODY)
 
-    def build(self, mailboxes) -> None:
-        super().build(mailboxes)
+    def build(self, mailboxes, hashed=None) -> None:
+        super().build(mailboxes, hashed)
         with open(os.path.join(self.root, "vmailbox"), "w") as f:
             for user in mailboxes:
                 f.write(f"{user}@{DOMAIN} {user}/\n")
