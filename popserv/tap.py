@@ -25,6 +25,7 @@ _OVERRIDES = {
     "tls-cert": ("tls", "cert"),
     "tls-key": ("tls", "key"),
     "metrics": ("metrics", "listen"),
+    "workers": ("server", "workers"),
 }
 
 
@@ -89,6 +90,13 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics at /metrics on this endpoint, such as "
             "tcp:9110:interface=127.0.0.1 (overrides [metrics] listen of the config file).",
+        ],
+        [
+            "workers",
+            None,
+            None,
+            "Serve with this many worker processes, or auto (one per CPU); above 1, "
+            "twistd supervises them (overrides [server] workers of the config file).",
         ],
     ]
 
@@ -175,6 +183,7 @@ class Options(usage.Options):
             _check_endpoint(config.metrics_listen, "metrics")
         _check_process(config, self.parent.get("uid") if self.parent is not None else None)
         _check_log(config, self.parent)
+        _check_workers(config)
         self["popserv_config"] = config
 
     def _read_config(self) -> Config:
@@ -216,6 +225,17 @@ def _check_process(config: Config, twistd_uid: int | None = None) -> None:
         raise usage.UsageError(str(e)) from None
 
 
+def _check_workers(config: Config) -> None:
+    """Refuse, with several workers, a listener whose socket they cannot share."""
+    from popserv.supervisor import check_shareable, worker_count
+
+    if worker_count(config) > 1:
+        try:
+            check_shareable(config)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
 def _check_log(config: Config, twistd_options) -> None:
     """Refuse a [log] section that cannot be written, before twistd starts logging."""
     from popserv.logs import LogSettings, check_settings
@@ -229,10 +249,13 @@ def _check_log(config: Config, twistd_options) -> None:
 def makeService(options: Options) -> IService:
     """The popserv service for parsed ``twistd popserv`` options, with the log observer
     of its [log] section for twistd to use (see popserv.logs)."""
-    from popserv import logs, service
+    from popserv import logs, service, supervisor
 
     config = options["popserv_config"]
-    server = service.make_service(config)
+    if supervisor.worker_count(config) > 1:
+        server = supervisor.make_supervisor(config)
+    else:
+        server = service.make_service(config)
     observer = logs.observer_for(logs.LogSettings.from_config(config), options.parent or {})
     if observer is None:
         return server

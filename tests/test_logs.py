@@ -23,7 +23,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv import logs, service, tap
+from popserv import logs, service, supervisor, tap
 from popserv.config import ConfigError
 from popserv.logs import LogSettings, event_as_json, json_file_observer
 from popserv.logsafe import untrusted
@@ -270,6 +270,7 @@ class ApplicationTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         built = MultiService()
         self.patch(service, "make_service", lambda config: built)
+        self.patch(supervisor, "make_supervisor", lambda config: built)
         return tap.makeService(options), built
 
     def test_observer_is_the_applications(self):

@@ -12,7 +12,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv import service, tap
+from popserv import service, supervisor, tap
 from popserv.config import Config
 
 _COLLABORATORS = ("popserv.auth", "popserv.maildir", "popserv.pop3", "popserv.realm")
@@ -179,9 +179,46 @@ class MakeServiceTests(SynchronousTestCase):
             return built
 
         self.patch(service, "make_service", spy)
-        options = parse("--pop3", "tcp:1110")
+        options = parse("--pop3", "tcp:1110", "--workers", "1")
         self.assertIs(tap.makeService(options), built)
         self.assertEqual(calls, [options["popserv_config"]])
+
+    def test_several_workers_make_a_supervisor(self):
+        """With --workers above 1, makeService hands the Config to make_supervisor."""
+        calls = []
+        built = MultiService()
+
+        def spy(config):
+            calls.append(config)
+            return built
+
+        self.patch(supervisor, "make_supervisor", spy)
+        self.patch(service, "make_service", lambda config: self.fail("one process built"))
+        options = parse("--pop3", "tcp:1110", "--workers", "3")
+        self.assertIs(tap.makeService(options), built)
+        self.assertEqual([config.workers for config in calls], [3])
+
+    def test_workers_option(self):
+        """--workers overrides [server] workers: a count, or auto; 0 is a UsageError."""
+        self.assertEqual(parse("--workers", "2")["popserv_config"].workers, 2)
+        self.assertEqual(parse("--workers", "auto")["popserv_config"].workers, 0)
+        with self.assertRaises(usage.UsageError) as cm:
+            parse("--workers", "0")
+        self.assertIn("--workers", str(cm.exception))
+
+    def test_unshareable_listener_with_workers(self):
+        """With several workers, a listener they cannot share (ssl:) is a UsageError;
+        haproxy: over tcp: is shareable, and one worker takes any listener."""
+        from popserv.tls import generate_self_signed
+
+        directory = os.path.abspath(self.mktemp())
+        cert, key = generate_self_signed("tap.test", directory)
+        ssl = f"ssl:4650:privateKey={key}:certKey={cert}"
+        with self.assertRaises(usage.UsageError) as cm:
+            parse("--workers", "2", "--smtp", ssl)
+        self.assertIn(f"[smtp] listen = {ssl}", str(cm.exception))
+        self.assertIn("[server] workers = 1", str(cm.exception))
+        parse("--workers", "2", "--pop3", "haproxy:tcp:1110", "--pop3", "unix:/tmp/p.sock")
 
 
 def _missing_collaborators():
