@@ -30,13 +30,18 @@ import sys
 import time
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, endpoints, task
+
+# Everything used once root is dropped is imported here, spawnProcess's module too: the
+# server's user may not be able to read the Python installation (one under /root, say).
+from twisted.internet import defer, endpoints, process, task  # noqa: F401
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
+from popserv import sharedstate
 from popserv.config import Config, ConfigError
 from popserv.notify import NotifyService
+from popserv.worker import FIRST_LISTENER_FD, WORKER_ENV, worker_settings
 
 log = Logger()
 
@@ -114,7 +119,6 @@ def make_supervisor(config: Config, reactor=None, *, spawn=None) -> MultiService
     from popserv.notify import Notifier
     from popserv.process import ProcessSetup
     from popserv.service import ReloadOnSIGHUP, prepare_files
-    from popserv.sharedstate import SHARED_STATE_FILE
 
     count = worker_count(config)
     created, _, _ = prepare_files(config)
@@ -127,12 +131,12 @@ def make_supervisor(config: Config, reactor=None, *, spawn=None) -> MultiService
         listener.setName(name)
         listener.setServiceParent(top)
         listeners.append(listener)
-    metrics_dir = None
+    metrics_dir = on_ended = None
     if config.metrics_listen:
         metrics_dir = os.path.join(state_dir, METRICS_DIR)
-        _add_metrics_page(top, config, metrics_dir, reactor)
+        on_ended = _add_metrics_page(top, config, metrics_dir, reactor)
     shared = SharedStateKeeper(
-        os.path.join(state_dir, SHARED_STATE_FILE),
+        os.path.join(state_dir, sharedstate.SHARED_STATE_FILE),
         reactor,
         login_delay=config.pop3_login_delay,
     )
@@ -147,6 +151,7 @@ def make_supervisor(config: Config, reactor=None, *, spawn=None) -> MultiService
         spawn=spawn,
         metrics_dir=metrics_dir,
         on_ready=notify.workers_ready,
+        on_ended=on_ended,
     )
     pool.setServiceParent(top)
     reload_service = ReloadOnSIGHUP(pool.reload, reactor, notify=notify)
@@ -255,10 +260,11 @@ def _address(address) -> str:
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
-def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor) -> None:
-    """The workers' metrics, summed from their multiprocess files, served at ``/metrics``."""
+def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor):
+    """The workers' metrics, summed from their multiprocess files, served at ``/metrics``;
+    returns what to call with the pid of a worker that ended (its live gauges go)."""
     from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
     from twisted.application import strports
 
     from popserv.metrics import metrics_site
@@ -274,6 +280,7 @@ def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor
         "popserv.metrics: /metrics on {endpoint}, summed over the workers",
         endpoint=config.metrics_listen,
     )
+    return lambda pid: mark_process_dead(pid, directory)
 
 
 def _empty_directory(directory: str) -> None:
@@ -298,31 +305,25 @@ class SharedStateKeeper(Service):
 
     def startService(self) -> None:
         # After ProcessSetup: made by the user the workers run as.
-        from popserv.sharedstate import forget_processes_except, open_database
-
         super().startService()
-        self.db = open_database(self.path)
-        forget_processes_except(self.db, _alive)
+        self.db = sharedstate.open_database(self.path)
+        sharedstate.forget_processes_except(self.db, _alive)
         self._pruning = task.LoopingCall(self.prune)
         self._pruning.clock = self._reactor
         self._pruning.start(PRUNE_INTERVAL, now=False)
 
     def prune(self) -> None:
-        from popserv.sharedstate import prune
-
         try:
-            prune(self.db, self._reactor.seconds(), login_delay=self.login_delay)
+            sharedstate.prune(self.db, self._reactor.seconds(), login_delay=self.login_delay)
         except Exception:
             log.failure("popserv.shared_state_error: pruning {path}", path=self.path)
 
     def forget(self, pid: int) -> None:
         """Drop what the ended worker ``pid`` counted, before another takes its place."""
-        from popserv.sharedstate import forget_process
-
         if self.db is None:
             return
         try:
-            forget_process(self.db, pid)
+            sharedstate.forget_process(self.db, pid)
         except Exception:
             log.failure("popserv.shared_state_error: forgetting worker {pid}", pid=pid)
 
@@ -374,6 +375,7 @@ class WorkerPool(Service):
         spawn=None,
         metrics_dir: str | None = None,
         on_ready=None,
+        on_ended=None,
         observer=None,
     ):
         self.count = count
@@ -384,6 +386,8 @@ class WorkerPool(Service):
         self._spawn = spawn if spawn is not None else reactor.spawnProcess
         self.metrics_dir = metrics_dir
         self._on_ready = on_ready
+        #: Called with the pid of each worker that ended.
+        self._on_ended = on_ended
         self.observer = observer if observer is not None else globalLogPublisher
         #: slot -> the worker in it now (None while it waits to restart).
         self.workers: dict[int, WorkerProcess | None] = {}
@@ -403,8 +407,6 @@ class WorkerPool(Service):
         return [w.pid for w in self.workers.values() if w is not None and w.pid is not None]
 
     def _start(self, slot: int) -> None:
-        from popserv.worker import FIRST_LISTENER_FD, WORKER_ENV, worker_settings
-
         self._restarts.pop(slot, None)
         child_fds = {0: "w", 1: "r", 2: "r"}
         specs = []
@@ -453,10 +455,8 @@ class WorkerPool(Service):
         if self.workers.get(slot) is worker:
             self.workers[slot] = None
         self.shared.forget(worker.pid)
-        if self.metrics_dir is not None:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        if self._on_ended is not None:
+            self._on_ended(worker.pid)
         worker.ended.callback(None)
         if self._stopping or not self.running:
             log.info("popserv.worker_stopped: pid={pid} {status}", pid=worker.pid, status=status)

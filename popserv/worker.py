@@ -125,7 +125,10 @@ class AdoptedListener(Service):
 
 
 class _SharedUNIXPort(unix.Port):
-    """A Unix socket the supervisor bound: its path is the supervisor's to remove."""
+    """A Unix socket the supervisor bound: its path is the supervisor's to remove, and
+    it is closed, never shut down (that would stop it listening for every process)."""
+
+    _shouldShutdown = False
 
     @classmethod
     def adopt(cls, reactor, fd: int, factory) -> _SharedUNIXPort:

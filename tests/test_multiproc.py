@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -18,13 +19,15 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import supervisor
 from popserv.config import Config
@@ -34,7 +37,7 @@ from popserv.tls import generate_self_signed
 from popserv.worker import WORKER_ENV, config_from_json, config_to_json
 from tests.live import require_client
 from tests.live_smtp import free_port
-from tests.live_twistd import REPO, TwistdServer
+from tests.live_twistd import REPO, TWISTD, TwistdServer
 
 READY = re.compile(r"popserv\.worker_ready: pid=(\d+)")
 
@@ -81,6 +84,8 @@ class WorkersServer(TwistdServer):
         """Log in, ask which worker holds the session, log out: that worker's pid."""
         with Client(port or self.pop3_port, tls=tls) as client:
             client.login("alice", "secret")
+            # A stopped worker would not answer popserv who.
+            self.resume_all()
             (pid,) = self.serving()
             client.quit()
         return pid
@@ -345,6 +350,223 @@ class WorkersTests(SynchronousTestCase):
         ).stdout
         listed = sorted((s["user"], s["pid"]) for s in json.loads(out))
         self.assertEqual(listed, [("alice", one), ("bob", two)])
+
+
+class ListenerKindsTests(SynchronousTestCase):
+    """systemd:, haproxy: and unix: listeners, each served by both workers."""
+
+    def test_socket_activation(self):
+        """Sockets passed as systemd passes them (index 0 and 1) serve POP3 and SMTP on both
+        workers; the workers never see systemd's variables."""
+        activate = require_client("systemd-socket-activate")
+        server = WorkersServer(
+            self,
+            {"alice": "secret"},
+            settings={
+                "pop3": {"listen": "systemd:domain=INET:index=0"},
+                "smtp": {"listen": "systemd:domain=INET:index=1"},
+            },
+        )
+        smtp_port = free_port()
+        argv = [
+            activate,
+            f"--listen=127.0.0.1:{server.pop3_port}",
+            f"--listen=127.0.0.1:{smtp_port}",
+            "--fdname=popserv.socket:popserv.socket",
+            sys.executable,
+            "-c",
+            TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={server.log_path}",
+            "popserv",
+            f"--config={server.config_path}",
+        ]
+        server.process = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        # systemd-socket-activate starts twistd at the first connection.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", server.pop3_port), 1)
+                break
+            except OSError:
+                self.assertLess(time.monotonic(), deadline, "systemd-socket-activate is not up")
+                time.sleep(0.05)
+        with conn:
+            conn.settimeout(30)
+            self.assertTrue(conn.recv(100).startswith(b"+OK"))
+        for pid in server.wait_ready():
+            server.only(pid)
+            with socket.create_connection(("127.0.0.1", smtp_port), 10) as conn:
+                conn.settimeout(10)
+                self.assertTrue(conn.recv(100).startswith(b"220 twistd.test ESMTP"))
+                self.assertEqual(server.session_pid(), pid)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            self.assertFalse([v for v in environ if v.startswith(b"LISTEN_")])
+
+    def test_haproxy_and_unix(self):
+        """A haproxy: listener reads the PROXY header on either worker before POP3 begins;
+        a unix: socket is served by both, and a worker that stops cleanly leaves both
+        sockets (and the path) to the others."""
+        directory = tempfile.mkdtemp(prefix="popserv-mp-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "pop3.sock")
+        port = free_port()
+        listen = f"\n    haproxy:tcp:{port}:interface=127.0.0.1\n    unix:{path}"
+        server = WorkersServer(self, {"alice": "secret"}, settings={"pop3": {"listen": listen}})
+        server.spawn()
+        pids = server.wait_ready()
+        header = f"PROXY TCP4 127.0.0.5 127.0.0.1 5555 {port}\r\n".encode()
+        for pid in pids:
+            server.only(pid)
+            with Client(port, proxy=header) as client:
+                # Taken as a POP3 command, the header would be answered -ERR first.
+                client.login("alice", "secret")
+                server.resume_all()
+                self.assertEqual(server.serving(), [pid])
+                client.quit()
+            server.only(pid)
+            with UnixClient(path) as client:
+                client.login("alice", "secret")
+                server.resume_all()
+                self.assertEqual(server.serving(), [pid])
+                client.quit()
+        os.kill(pids[0], signal.SIGTERM)
+        (survivor,) = [pid for pid in server.wait_ready(exclude=[pids[0]]) if pid in pids]
+        self.assertTrue(os.path.exists(path))
+        for _ in range(4):
+            with UnixClient(path) as client:
+                client.login("alice", "secret")
+                client.quit()
+            with Client(port, proxy=header) as client:
+                client.login("alice", "secret")
+                client.quit()
+        server.stop()
+        self.assertFalse(os.path.exists(path))
+
+
+class UnixClient(Client):
+    """The POP3 client over a Unix socket."""
+
+    def __init__(self, path: str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        self.sock = sock
+        self.file = sock.makefile("rb")
+        self.greeting = self.file.readline()
+        if not self.greeting.startswith(b"+OK"):
+            raise AssertionError(f"no greeting: {self.greeting!r}")
+
+
+class WatchingTests(SynchronousTestCase):
+    """What admins see of a server of workers: systemd's notifications, the metrics."""
+
+    def test_ready_once_both_workers_serve(self):
+        """READY=1 comes from twistd only once both workers serve; SIGHUP gives RELOADING=1
+        then READY=1, SIGTERM STOPPING=1; the workers send nothing."""
+        from tests.test_notify import Receiver, socket_dir
+
+        path = os.path.join(socket_dir(self), "notify")
+        receiver = Receiver(self, path)
+        server = WorkersServer(self, {"alice": "secret"})
+        child = server.spawn(env={**os.environ, "NOTIFY_SOCKET": path})
+        ready, (pid, _, _) = receiver.receive()
+        self.assertEqual((ready["READY"], pid), ("1", child.pid))
+        self.assertEqual(len(READY.findall(server.log())), 2)
+        self.assertIn("with 2 workers", ready["STATUS"])
+        child.send_signal(signal.SIGHUP)
+        reloading, (pid, _, _) = receiver.receive()
+        self.assertEqual((reloading["RELOADING"], pid), ("1", child.pid))
+        reloaded, (pid, _, _) = receiver.receive()
+        self.assertEqual((reloaded["READY"], pid), ("1", child.pid))
+        child.send_signal(signal.SIGTERM)
+        stopping, (pid, _, _) = receiver.receive()
+        self.assertEqual((stopping["STOPPING"], pid), ("1", child.pid))
+        child.wait(30)
+        self.assertTrue(receiver.nothing_waiting())
+
+    def test_metrics_are_summed_over_the_workers(self):
+        """The supervisor's /metrics counts the logins of both workers, and still does
+        after one of them is killed and replaced."""
+        metrics_port = free_port()
+        server = WorkersServer(
+            self,
+            {"alice": "secret"},
+            settings={"metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}},
+        )
+        server.start()
+        one, two = server.workers()
+        for pid in (one, two, two):
+            server.only(pid)
+            self.assertEqual(server.session_pid(), pid)
+        server.resume_all()
+        self.assertEqual(scrape(metrics_port)['popserv_pop3_logins_total{result="ok"}'], 3)
+        os.kill(one, signal.SIGKILL)
+        server.wait_ready(exclude=[one])
+        page = scrape(metrics_port)
+        self.assertEqual(page['popserv_pop3_logins_total{result="ok"}'], 3)
+        self.assertEqual(page["popserv_pop3_sessions"], 0)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of a /metrics page: name{labels} -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+class StartFailureTests(SynchronousTestCase):
+    """A worker that cannot start stops the server, with the worker's error in the log."""
+
+    def test_key_the_server_user_cannot_read(self):
+        """Started as root with [server] user = nobody and a key only root may read, the
+        supervisor binds and drops root, its workers cannot read the key, and twistd
+        stops saying so instead of restarting them without end."""
+        if os.geteuid() != 0:
+            raise SkipTest("needs root, to become [server] user")
+        nobody = pwd.getpwnam("nobody")
+        try:
+            can_run = (
+                subprocess.run(
+                    [sys.executable, "-c", "import twisted, popserv"],
+                    cwd=REPO,
+                    user=nobody.pw_uid,
+                    group=nobody.pw_gid,
+                    extra_groups=[],
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
+        except PermissionError:
+            can_run = False
+        if not can_run:
+            raise SkipTest(f"nobody cannot run {sys.executable} (a Python under /root?)")
+        keys = os.path.abspath(self.mktemp())
+        cert, key = generate_self_signed("twistd.test", keys)
+        server = WorkersServer(
+            self,
+            {"alice": "secret"},
+            settings={"server": {"user": "nobody"}, "tls": {"cert": cert, "key": key}},
+        )
+        os.chmod(os.path.dirname(server.root), 0o711)
+        child = server.spawn()
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            self.fail(f"twistd kept running:\n{server.log()}")
+        log = server.log()
+        self.assertIn("popserv.worker_failed: pid=", log)
+        self.assertIn(f"{key}: cannot read: Permission denied", log)
+        self.assertNotIn("popserv.worker_ended", log)
 
 
 class FakeWorkerTransport:
