@@ -26,7 +26,8 @@ class Config:
     state_dir: str = "popserv-data/state"
     workers: int = 0  # serving processes; 0: auto, one per CPU (popserv.supervisor)
 
-    pop3_listen: tuple[str, ...] = ("tcp:110",)
+    # tcp6:PORT: all addresses, IPv6 and IPv4, on one socket (popserv.listeners).
+    pop3_listen: tuple[str, ...] = ("tcp6:110",)
     pop3_timeout: float = 600.0
     pop3_login_timeout: float = 60.0
     pop3_failure_delay: float = 1.0
@@ -41,7 +42,7 @@ class Config:
     pop3_mark_seen: bool = True
     pop3_expire: int | None = None  # RFC 2449 EXPIRE in days; None: NEVER
 
-    pop3s_listen: tuple[str, ...] = ("tcp:995",)
+    pop3s_listen: tuple[str, ...] = ("tcp6:995",)
 
     tls_cert: str = ""
     tls_key: str = ""
@@ -56,7 +57,7 @@ class Config:
     auth_cache_ttl: float = 3600.0  # 0: no cache of verified passwords
     auth_cache_size: int = 10000
 
-    smtp_listen: tuple[str, ...] = ("tcp:25",)
+    smtp_listen: tuple[str, ...] = ("tcp6:25",)
     smtp_domains: tuple[str, ...] = ()  # empty: the hostname and localhost
     smtp_max_message_size: int = 25 * 1024 * 1024
     smtp_max_recipients: int = 100

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from zope.interface import implementer
 
 from popserv.interfaces import IConnectionLimiter
+from popserv.peers import unmapped
 
 #: IPv6 clients are counted by network: one subscriber usually holds a whole /64.
 IPV6_PREFIX = 64
@@ -30,12 +31,10 @@ def accounting_key(host: str) -> str:
     a zone (``%eth0``) is dropped.  Anything that is not an IP address is its own key.
     """
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(unmapped(host).split("%", 1)[0])
     except ValueError:
         return host
     if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
     return str(ip)
 

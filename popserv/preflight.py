@@ -244,6 +244,19 @@ def access_problems(config: Config, start: Start) -> list[str]:
         problems.append(
             _path_problem(start, lock, _READ, "users file's lock", f"chown {name}: {lock}")
         )
+    if config.log_file and config.log_max_size:
+        # The file is opened before root is dropped, but each rotation renames it and
+        # opens a new one as the server's user; Twisted skips a rotation it cannot do.
+        folder = os.path.dirname(os.path.abspath(config.log_file))
+        problems.append(
+            _path_problem(
+                start,
+                folder,
+                _WRITE | _ENTER,
+                "[log] file's directory",
+                f"chown {name}: {folder}, or set [log] max_size = 0 and rotate with logrotate",
+            )
+        )
     return [problem for problem in problems if problem is not None]
 
 
@@ -283,35 +296,12 @@ def _listener_problems(config: Config) -> list[str]:
     return problems
 
 
-def _readable(path: str, what: str) -> str | None:
-    try:
-        with open(path, "rb"):
-            return None
-    except OSError as e:
-        return f"{path}: cannot read the {what}: {e.strerror}"
-
-
 def _tls_problems(config: Config) -> list[str]:
-    """The certificate and key: readable, PEM, a pair; a self-signed pair yet to be made is fine."""
-    from popserv.tls import CertificateError, load_options, self_signed_paths
+    """The certificate and key, in the words ``twistd popserv`` stops with."""
+    from popserv.tls import CertificateError, check_files
 
-    if config.tls_cert and config.tls_key:
-        cert, key = os.path.abspath(config.tls_cert), os.path.abspath(config.tls_key)
-    elif not config.tls_cert and not config.tls_key:
-        cert, key = self_signed_paths(os.path.abspath(config.tls_self_signed_dir))
-        if not (os.path.exists(cert) and os.path.exists(key)):
-            return []  # made at the first start
-    else:
-        return []  # check_config has named the missing half
-    problems = [
-        problem
-        for problem in (_readable(cert, "TLS certificate"), _readable(key, "TLS key"))
-        if problem is not None
-    ]
-    if problems:
-        return problems
     try:
-        load_options(cert, key)
+        check_files(config)
     except CertificateError as e:
         return [str(e)]
     return []

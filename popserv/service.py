@@ -4,31 +4,38 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
+from popserv.listeners import listener_endpoint
 
 log = Logger()
 
 
-def make_service(config: Config, reactor=None, *, listen=None, shared=None) -> MultiService:
+def make_service(
+    config: Config, reactor=None, *, foreground: bool = True, listen=None, shared=None
+) -> MultiService:
     """A MultiService with one named POP3 listener per ``config.pop3_listen`` entry.
 
     Listeners bind when the service starts (``privilegedStartService``), so ports below
     1024 work with ``twistd --uid``.  A missing mailroot or users file is created empty,
     so a first ``twistd -n popserv`` runs without any setup.  ``reactor`` (the global one
-    by default) is handed to every part that needs time or threads.
+    by default) is handed to every part that needs time or threads.  ``foreground``:
+    False under a daemonized twistd, whose listeners report a failed bind differently
+    (see ``Listener``).
 
-    A worker of several (``popserv.worker``) passes ``listen(name, description, factory)``,
-    which returns the service serving that listener (one that adopts the socket its
-    supervisor bound) or None where it serves none (the metrics page), and ``shared``, a
-    ``popserv.sharedstate.SharedState`` holding the throttle and limits of all workers.
+    A worker of several (``popserv.worker``) passes ``listen(kind, name, description,
+    factory)``, which returns the service serving that listener (one that adopts the socket its
+    supervisor bound) or None where it serves none (the metrics page), and ``shared``
+    (``popserv.worker.SharedParts``): the throttle and limits all workers share.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -103,10 +110,10 @@ def make_service(config: Config, reactor=None, *, listen=None, shared=None) -> M
         threads.setName(name)
         threads.setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
-        _add_listener(top, listen, f"pop3-{index}", description, factory)
+        _add_listener(top, listen, "POP3", f"pop3-{index}", description, factory)
     tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
     for index, description in enumerate(config.pop3s_listen):
-        _add_listener(top, listen, f"pop3s-{index}", description, tls_factory)
+        _add_listener(top, listen, "POP3S", f"pop3s-{index}", description, tls_factory)
     # systemd hears READY=1 once all is bound and root dropped, and of reloads and stops.
     notify = NotifyService(Notifier(), _status(config), reactor)
     reload_service = ReloadOnSIGHUP(tls.reload, reactor, notify=notify)
@@ -117,6 +124,9 @@ def make_service(config: Config, reactor=None, *, listen=None, shared=None) -> M
     _add_watching(top, config, metrics, sessions, who_dir, reactor, listen)
     # Last: started after every other part, stopped before them.
     notify.setServiceParent(top)
+    for child in top:
+        if isinstance(child, Listener):
+            child.foreground = foreground
     log.info(
         "popserv {hostname}: POP3 on {listeners}, POP3S on {tls_listeners}, "
         "SMTP on {smtp_listeners}, Maildirs under {mailroot}, users in {users}",
@@ -155,6 +165,24 @@ def prepare_files(config: Config) -> tuple[list[str], bytes, object]:
     return created, secret, tls
 
 
+def _endpoint_listener(reactor):
+    """How a server of one process listens: each endpoint string bound by its own service."""
+
+    def listen(kind: str, name: str, description: str, factory):
+        return Listener(kind, description, factory, reactor)
+
+    return listen
+
+
+def _add_listener(top: MultiService, listen, kind: str, name: str, description: str, factory):
+    """The service ``listen`` makes for one listener, named ``name``, if it makes one."""
+    listener = listen(kind, name, description, factory)
+    if listener is not None:
+        listener.setName(name)
+        listener.setServiceParent(top)
+    return listener
+
+
 def _status(config: Config) -> str:
     """The one line systemd shows for the running server (systemctl status)."""
     return (
@@ -162,23 +190,6 @@ def _status(config: Config) -> str:
         f"POP3S on {', '.join(config.pop3s_listen) or 'none'}, "
         f"SMTP on {', '.join(config.smtp_listen) or 'none'}"
     )
-
-
-def _endpoint_listener(reactor):
-    """How a server of one process listens: each endpoint string bound by its own service."""
-
-    def listen(name: str, description: str, factory):
-        return strports.service(description, factory, reactor=reactor)
-
-    return listen
-
-
-def _add_listener(top: MultiService, listen, name: str, description: str, factory) -> None:
-    """The service ``listen`` makes for one listener, named ``name``, if it makes one."""
-    listener = listen(name, description, factory)
-    if listener is not None:
-        listener.setName(name)
-        listener.setServiceParent(top)
 
 
 def _metrics(config: Config):
@@ -200,10 +211,7 @@ def _add_watching(
         from popserv.metrics import metrics_site
 
         site = metrics_site(metrics.registry, reactor)
-        listener = listen("metrics", config.metrics_listen, site)
-        if listener is not None:
-            listener.setName("metrics")
-            listener.setServiceParent(top)
+        if _add_listener(top, listen, "metrics", "metrics", config.metrics_listen, site):
             log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
     who = WhoSocketService(sessions, who_dir, reactor)
     who.setName("who")
@@ -248,7 +256,40 @@ def _add_smtp(
     if listen is None:
         listen = _endpoint_listener(reactor)
     for index, description in enumerate(config.smtp_listen):
-        _add_listener(top, listen, f"smtp-{index}", description, factory)
+        _add_listener(top, listen, "SMTP", f"smtp-{index}", description, factory)
+
+
+class Listener(StreamServerEndpointService):
+    """One listener; if it cannot bind at start, the start ends with one line naming it.
+
+    Ports that others hold are found before twistd daemonizes (``popserv.startup``);
+    this catches the rest (a race, an address that went away).  The line is logged;
+    in the foreground it also goes to the terminal and the process exits with status 1.
+    A daemon raises ``ListenFailed`` instead, which twistd hands to the waiting parent.
+    """
+
+    _raiseSynchronously = True  # as strports.service: a failed listen raises at start
+
+    def __init__(self, kind: str, description: str, factory, reactor, foreground=True):
+        super().__init__(listener_endpoint(reactor, description), factory)
+        self.kind = kind
+        self.description = description
+        self.foreground = foreground
+
+    def privilegedStartService(self) -> None:
+        from popserv.startup import ListenFailed, cannot_listen
+
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OSError) as e:
+            reason = e.socketError if isinstance(e, CannotListenError) else e
+            problem = cannot_listen(self.kind, self.description, reason)
+            log.critical("popserv.listen_failed: {problem}", problem=problem)
+            if not self.foreground:
+                raise ListenFailed(problem) from None
+            # twistd has pointed sys.stderr at the log by now: tell the terminal itself.
+            print(f"popserv: {problem}", file=sys.__stderr__, flush=True)
+            raise SystemExit(1) from None
 
 
 class ReloadOnSIGHUP(Service):

@@ -49,6 +49,7 @@ from popserv.interfaces import (
 from popserv.limits import PER_PEER, ConnectionLimiter, transport_descriptor
 from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.logsafe import untrusted
+from popserv.peers import peer_host
 from popserv.recipients import LocalRecipients, address_literal, local_domains
 from popserv.smtpdata import MessageReader, abort
 from popserv.smtpreplies import (
@@ -162,8 +163,7 @@ class ESMTPReceiver(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self._connected = True
-        peer = self.transport.getPeer()
-        self.session = Session(peer=str(getattr(peer, "host", peer)))
+        self.session = Session(peer=peer_host(self.transport.getPeer()))
         self.flow = ConnectionFlow(self.transport, self.clock, self, input_bound=0)
         if not self._count_connection():
             return

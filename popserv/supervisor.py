@@ -36,11 +36,11 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints, process, task  # noqa: F401
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 
 from popserv import sharedstate
 from popserv.config import Config, ConfigError
 from popserv.notify import NotifyService
+from popserv.service import Listener
 from popserv.worker import FIRST_LISTENER_FD, WORKER_ENV, worker_settings
 
 log = Logger()
@@ -96,23 +96,27 @@ def check_shareable(config: Config) -> None:
                 )
 
 
-def _listeners(config: Config) -> list[tuple[str, str]]:
-    """(name, description) of every listener the workers serve, named as make_service names them."""
+def _listeners(config: Config) -> list[tuple[str, str, str]]:
+    """(kind, name, description) of every listener the workers serve, as make_service
+    names them."""
     return [
-        (f"{kind}-{index}", description)
+        (kind, f"{kind.lower()}-{index}", description)
         for kind, descriptions in (
-            ("pop3", config.pop3_listen),
-            ("pop3s", config.pop3s_listen),
-            ("smtp", config.smtp_listen),
+            ("POP3", config.pop3_listen),
+            ("POP3S", config.pop3s_listen),
+            ("SMTP", config.smtp_listen),
         )
         for index, description in enumerate(descriptions)
     ]
 
 
-def make_supervisor(config: Config, reactor=None, *, spawn=None) -> MultiService:
+def make_supervisor(
+    config: Config, reactor=None, *, foreground: bool = True, spawn=None
+) -> MultiService:
     """The twistd service of a server of several workers (see the module's docstring).
 
-    ``spawn`` is ``reactor.spawnProcess`` unless a test hands in another.
+    ``foreground`` as for ``make_service``; ``spawn`` is ``reactor.spawnProcess`` unless
+    a test hands in another.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -126,15 +130,15 @@ def make_supervisor(config: Config, reactor=None, *, spawn=None) -> MultiService
     top = MultiService()
     ProcessSetup(config, created).setServiceParent(top)
     listeners = []
-    for name, description in _listeners(config):
-        listener = SharedListener(description, reactor)
+    for kind, name, description in _listeners(config):
+        listener = SharedListener(kind, description, reactor, foreground)
         listener.setName(name)
         listener.setServiceParent(top)
         listeners.append(listener)
     metrics_dir = on_ended = None
     if config.metrics_listen:
         metrics_dir = os.path.join(state_dir, METRICS_DIR)
-        on_ended = _add_metrics_page(top, config, metrics_dir, reactor)
+        on_ended = _add_metrics_page(top, config, metrics_dir, reactor, foreground)
     shared = SharedStateKeeper(
         os.path.join(state_dir, sharedstate.SHARED_STATE_FILE),
         reactor,
@@ -197,39 +201,49 @@ class HeldForWorkers(Factory):
         return None
 
 
-class SharedListener(Service):
+class _PortRecorder:
+    """An endpoint that keeps the port its wrapped endpoint listens with."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self.port = None
+
+    def listen(self, factory):
+        return self.endpoint.listen(factory).addCallback(self._record)
+
+    def _record(self, port):
+        self.port = port
+        return port
+
+
+class SharedListener(Listener):
     """One listener, bound by the supervisor in ``privilegedStartService``, for the workers.
 
-    The supervisor's reactor never reads from it: only the workers accept.  ``haproxy``
+    It binds as a listener of one process does (the same endpoints, the same one-line
+    errors), then its reactor stops reading from it: only the workers accept.  ``haproxy``
     says whether the workers must expect a PROXY header first.
     """
 
-    def __init__(self, description: str, reactor):
-        self.description = description
-        self._reactor = reactor
-        self.port = None
-        self.haproxy = False
+    def __init__(self, kind: str, description: str, reactor, foreground: bool = True):
+        self.held = HeldForWorkers()
+        super().__init__(kind, description, self.held, reactor, foreground)
+        self.endpoint = _PortRecorder(self.endpoint)
+        # haproxy: wraps the factory it is given; the workers wrap theirs the same way.
+        self.haproxy = description.partition(":")[0].strip().lower() == "haproxy"
+
+    @property
+    def port(self):
+        return self.endpoint.port
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        held = HeldForWorkers()
-        endpoint = endpoints.serverFromString(self._reactor, self.description)
-        outcome = []
-        endpoint.listen(held).addBoth(outcome.append)
-        if not outcome:
-            raise ConfigError(f"{self.description}: this listener does not bind at once")
-        result = outcome[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        port = result
+        port = self.port
+        if port is None:
+            raise RuntimeError(f"{self.description}: the listener did not bind at once")
         port.stopReading()
-        factory = port.factory
-        # haproxy: wraps the factory it is given; the workers wrap theirs the same way.
-        self.haproxy = self.description.partition(":")[0].strip().lower() == "haproxy"
-        if (getattr(factory, "wrappedFactory", None) if self.haproxy else factory) is not held:
-            port.stopListening()
-            raise ConfigError(f"{self.description}: several workers cannot share this listener")
-        self.port = port
+        factory = getattr(port.factory, "wrappedFactory", None) if self.haproxy else port.factory
+        if factory is not self.held:
+            raise RuntimeError(f"{self.description}: several workers cannot share this listener")
         log.info(
             "popserv.listening: {name} {description} on {address}",
             name=self.name,
@@ -247,11 +261,6 @@ class SharedListener(Service):
             "haproxy": self.haproxy,
         }
 
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
-
 
 def _address(address) -> str:
     host = getattr(address, "host", None)
@@ -260,12 +269,11 @@ def _address(address) -> str:
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
-def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor):
+def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor, foreground):
     """The workers' metrics, summed from their multiprocess files, served at ``/metrics``;
     returns what to call with the pid of a worker that ended (its live gauges go)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-    from twisted.application import strports
 
     from popserv.metrics import metrics_site
 
@@ -273,7 +281,7 @@ def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
     site = metrics_site(registry, reactor)
-    listener = strports.service(config.metrics_listen, site, reactor=reactor)
+    listener = Listener("metrics", config.metrics_listen, site, reactor, foreground)
     listener.setName("metrics")
     listener.setServiceParent(top)
     log.info(

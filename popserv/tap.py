@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pwd
+
 from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.python import usage
@@ -10,10 +12,11 @@ from popserv.config import (
     Config,
     ConfigError,
     check_config,
+    parse_config_file,
     parse_domains,
     parse_value,
-    read_config,
 )
+from popserv.startup import LISTENER_SETTINGS, StartupError, check_ports, one_line
 
 _EXAMPLE_LISTENER = "tcp:1110:interface=127.0.0.1"
 
@@ -123,11 +126,11 @@ class Options(usage.Options):
         self["pop3"].append(description)
 
     def opt_pop3s(self, description: str) -> None:
-        """A POP3S plain endpoint such as tcp:995, repeatable; replaces [pop3s] listen."""
+        """A plain POP3S endpoint (tcp:995), repeatable; replaces [pop3s] listen; '' for none."""
         self["pop3s"].append(description)
 
     def opt_smtp(self, description: str) -> None:
-        """An SMTP listener endpoint such as tcp:25, repeatable; replaces [smtp] listen."""
+        """An SMTP listener such as tcp:25, repeatable; replaces [smtp] listen; '' for none."""
         self["smtp"].append(description)
 
     def opt_domain(self, name: str) -> None:
@@ -135,14 +138,22 @@ class Options(usage.Options):
         try:
             domains = parse_domains(name)
         except ValueError as e:
-            raise usage.UsageError(f"--domain: {e}") from None
+            raise StartupError(f"--domain: {e}") from None
         if len(domains) != 1:
-            raise usage.UsageError(f"--domain needs one domain name such as example.org: {name!r}")
+            raise StartupError(f"--domain needs one domain name such as example.org: {name!r}")
         (domain,) = domains
         self["domain"].append(domain)
 
+    def parseOptions(self, options=None) -> None:
+        """Parse as ``usage.Options`` does, but stop a mistake with one line of its own:
+        twistd prints its whole usage text before a UsageError (--help still prints it)."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise StartupError(f"{one_line(e)} (twistd popserv --help lists the options)") from None
+
     def postOptions(self) -> None:
-        """Read the config file, apply the overrides, and check the listeners."""
+        """Read the config file, apply the overrides, and check listeners, TLS files, users."""
         config = self._read_config()
         overrides = {}
         for option, (section, key) in _OVERRIDES.items():
@@ -150,21 +161,19 @@ class Options(usage.Options):
                 try:
                     name, overrides[name] = parse_value(section, key, self[option])
                 except ConfigError as e:
-                    raise usage.UsageError(f"--{option}: {e}") from None
-        if self["pop3"]:
-            overrides["pop3_listen"] = tuple(self["pop3"])
-        if self["pop3s"]:
-            overrides["pop3s_listen"] = tuple(self["pop3s"])
-        if self["smtp"]:
-            overrides["smtp_listen"] = tuple(self["smtp"])
+                    raise StartupError(f"--{option}: {e}") from None
+        # Given at all, each replaces the file's list; an empty string adds no listener.
+        for option in ("pop3", "pop3s", "smtp"):
+            if self[option]:
+                overrides[f"{option}_listen"] = tuple(d for d in self[option] if d.strip())
         if self["domain"]:
             overrides["smtp_domains"] = tuple(dict.fromkeys(self["domain"]))
         try:
             config = check_config(config.replace(**overrides))
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise StartupError(str(e)) from None
         if not config.pop3_listen:
-            raise usage.UsageError(
+            raise StartupError(
                 f"no POP3 listener: pass --pop3 (e.g. --pop3 {_EXAMPLE_LISTENER}) "
                 "or set [pop3] listen in the config file"
             )
@@ -172,16 +181,19 @@ class Options(usage.Options):
             _check_endpoint(description)
         for description in config.pop3s_listen:
             if description.split(":", 1)[0].lower() in ("ssl", "tls"):
-                raise usage.UsageError(
-                    f"POP3S listener {description!r} already has TLS: give a plain "
-                    "endpoint such as tcp:995, and popserv adds TLS with its certificate."
+                raise StartupError(
+                    f"POP3S listener {description!r} already has TLS: give a plain endpoint "
+                    "such as tcp:995 with --pop3s or [pop3s] listen, and popserv adds TLS "
+                    "with its certificate"
                 )
             _check_endpoint(description, "POP3S")
         for description in config.smtp_listen:
             _check_endpoint(description, "SMTP")
         if config.metrics_listen:
             _check_endpoint(config.metrics_listen, "metrics")
-        _check_process(config, self.parent.get("uid") if self.parent is not None else None)
+        _check_tls(config)
+        parent = self.parent if self.parent is not None else {}
+        _check_process(config, parent.get("uid"), parent.get("gid"))
         _check_log(config, self.parent)
         _check_workers(config)
         self["popserv_config"] = config
@@ -189,40 +201,71 @@ class Options(usage.Options):
     def _read_config(self) -> Config:
         if self["config"] is None:
             return Config()
-        try:
-            return read_config(self["config"])
-        except ConfigError as e:
-            raise usage.UsageError(
-                f"{e}\nFix the file (etc/popserv.ini documents every key) or pass another "
-                "with --config."
-            ) from None
+        config, problems = parse_config_file(self["config"])
+        if problems:
+            raise StartupError(
+                f"{one_line(problem)}; fix the file (etc/popserv.ini documents every key) "
+                "or pass another with --config"
+                for problem in problems
+            )
+        return config
 
 
 def _check_endpoint(description: str, kind: str = "POP3") -> None:
-    """Turn a listener string that cannot make an endpoint into a UsageError; binds nothing."""
+    """Stop at a listener string that cannot make an endpoint; binds nothing."""
     from twisted.internet import reactor
 
+    option, key = LISTENER_SETTINGS[kind]
     try:
         endpoints.serverFromString(reactor, description)
     except Exception as e:  # endpoint parsers raise ValueError, TypeError, OSError...
-        raise usage.UsageError(
-            f"invalid {kind} listener {description!r}: {e}\n"
-            "Give an endpoint string such as tcp:110 or "
-            f"{_EXAMPLE_LISTENER} (see Twisted's serverFromString documentation)."
+        raise StartupError(
+            f"invalid {kind} listener {description!r}: {one_line(e)}; give an endpoint "
+            f"string such as tcp:110 or {_EXAMPLE_LISTENER} with {option} or {key} "
+            "(see Twisted's serverFromString documentation)"
         ) from None
 
 
-def _check_process(config: Config, twistd_uid: int | None = None) -> None:
+def _check_tls(config: Config) -> None:
+    """Stop at a certificate or key the server could not use, naming the file and the fix."""
+    from popserv.tls import CertificateError, check_files
+
+    try:
+        check_files(config)
+    except CertificateError as e:
+        raise StartupError(str(e)) from None
+
+
+def _check_process(config: Config, twistd_uid: int | None = None, twistd_gid=None) -> None:
     """Refuse, before twistd daemonizes, an exposed secret file or an unknown server user."""
     from popserv.preflight import check_start
     from popserv.process import check_secret_files, check_user
 
+    if twistd_uid is not None and twistd_gid is None:
+        try:
+            pwd.getpwuid(twistd_uid)
+        except KeyError:
+            # twistd would look up the group of the uid after binding, with a traceback.
+            raise StartupError(
+                f"twistd --uid {twistd_uid}: no such user on this machine; fix: give "
+                "--uid an existing user, or --gid as well for a uid without a passwd entry"
+            ) from None
     try:
         check_secret_files(config)
         check_user(config)
         check_start(config, twistd_uid)  # files the server's user (--uid, [server] user) can use
     except ConfigError as e:
-        raise usage.UsageError(str(e)) from None
+        raise StartupError(str(e)) from None
+
+
+def _check_log(config: Config, twistd_options) -> None:
+    """Refuse a [log] section that cannot be written, before twistd starts logging."""
+    from popserv.logs import LogSettings, check_settings
+
+    try:
+        check_settings(LogSettings.from_config(config), twistd_options or {})
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
 
 
 def _check_workers(config: Config) -> None:
@@ -233,29 +276,31 @@ def _check_workers(config: Config) -> None:
         try:
             check_shareable(config)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
-
-
-def _check_log(config: Config, twistd_options) -> None:
-    """Refuse a [log] section that cannot be written, before twistd starts logging."""
-    from popserv.logs import LogSettings, check_settings
-
-    try:
-        check_settings(LogSettings.from_config(config), twistd_options or {})
-    except ConfigError as e:
-        raise usage.UsageError(str(e)) from None
+            raise StartupError(str(e)) from None
 
 
 def makeService(options: Options) -> IService:
     """The popserv service for parsed ``twistd popserv`` options, with the log observer
-    of its [log] section for twistd to use (see popserv.logs)."""
+    of its [log] section for twistd to use (see popserv.logs).
+
+    twistd calls this before it daemonizes: a port another server holds, or a file
+    that cannot be made, ends the start here with one line on the admin's terminal.
+    """
     from popserv import logs, service, supervisor
 
     config = options["popserv_config"]
-    if supervisor.worker_count(config) > 1:
-        server = supervisor.make_supervisor(config)
-    else:
-        server = service.make_service(config)
+    check_ports(config)
+    foreground = options.parent is None or bool(options.parent.get("nodaemon"))
+    try:
+        if supervisor.worker_count(config) > 1:
+            server = supervisor.make_supervisor(config, foreground=foreground)
+        else:
+            server = service.make_service(config, foreground=foreground)
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise StartupError(f"{where}{e.strerror or one_line(e)}") from None
     observer = logs.observer_for(logs.LogSettings.from_config(config), options.parent or {})
     if observer is None:
         return server

@@ -12,6 +12,7 @@ import ipaddress
 import os
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -43,15 +44,23 @@ SELF_SIGNED_DAYS = 825
 
 
 class CertificateError(ConfigError):
-    """A certificate or key file that cannot be used, with a message naming the file."""
+    """A certificate or key file that cannot be used, with a message naming the file.
+
+    ``part`` says which setting the fix is about: ``"cert"``, ``"key"``, or ``"pair"``
+    when the two files do not go together.
+    """
+
+    def __init__(self, message: str, part: str = "pair"):
+        super().__init__(message)
+        self.part = part
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, what: str, part: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise CertificateError(f"{path}: cannot read: {e.strerror}") from None
+        raise CertificateError(f"{path}: cannot read the {what}: {e.strerror}", part) from None
 
 
 def _public_bytes(public_key) -> bytes:
@@ -60,20 +69,32 @@ def _public_bytes(public_key) -> bytes:
     )
 
 
+def _certificates(cert_path: str) -> list[x509.Certificate]:
+    """The PEM chain of the file; read first, so that "cannot read" is not reported as
+    "no PEM certificate" (CertificateError is a ValueError too)."""
+    data = _read(cert_path, "TLS certificate", "cert")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateError(f"{cert_path}: no PEM certificate in the file", "cert") from None
+
+
+def _private_key(key_path: str):
+    data = _read(key_path, "TLS key", "key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise CertificateError(f"{key_path}: the private key is encrypted", "key") from None
+    except ValueError:
+        raise CertificateError(f"{key_path}: no PEM private key in the file", "key") from None
+    except UnsupportedAlgorithm as e:
+        raise CertificateError(f"{key_path}: a key of a kind not supported: {e}", "key") from None
+
+
 def load_options(cert_path: str, key_path: str) -> CertificateOptions:
     """``CertificateOptions`` (TLS 1.2 at least) for a PEM chain, leaf first, and its key."""
-    try:
-        chain = x509.load_pem_x509_certificates(_read(cert_path))
-    except ValueError:
-        raise CertificateError(f"{cert_path}: no PEM certificate in the file") from None
-    try:
-        key = serialization.load_pem_private_key(_read(key_path), password=None)
-    except TypeError:
-        raise CertificateError(
-            f"{key_path}: the private key is encrypted; give an unencrypted PEM key"
-        ) from None
-    except ValueError:
-        raise CertificateError(f"{key_path}: no PEM private key in the file") from None
+    chain = _certificates(cert_path)
+    key = _private_key(key_path)
     if _public_bytes(key.public_key()) != _public_bytes(chain[0].public_key()):
         raise CertificateError(
             f"{key_path}: the private key does not match the first certificate of {cert_path}"
@@ -91,6 +112,11 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
         extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
+        # A client that polls every few minutes resumes its last session (a ticket, or
+        # TLS 1.2's session ID) instead of a full handshake.  The ticket keys are this
+        # context's own, made by OpenSSL in memory, and go with it at a reload.
+        enableSessions=True,
+        enableSessionTickets=True,
     )
     try:
         options.getContext()
@@ -101,11 +127,7 @@ def load_options(cert_path: str, key_path: str) -> CertificateOptions:
 
 def fingerprint(cert_path: str) -> str:
     """The SHA-256 fingerprint of the file's first certificate, as ``AB:CD:...``."""
-    try:
-        cert = x509.load_pem_x509_certificates(_read(cert_path))[0]
-    except ValueError:
-        raise CertificateError(f"{cert_path}: no PEM certificate in the file") from None
-    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    return _certificates(cert_path)[0].fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -173,10 +195,7 @@ def _san(hostname: str) -> list[x509.GeneralName]:
 
 def names_host(cert_path: str, hostname: str) -> bool:
     """Whether the file's first certificate names ``hostname`` in its subjectAltName."""
-    try:
-        cert = x509.load_pem_x509_certificates(_read(cert_path))[0]
-    except ValueError:
-        raise CertificateError(f"{cert_path}: no PEM certificate in the file") from None
+    cert = _certificates(cert_path)[0]
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -253,6 +272,56 @@ def generate_self_signed(hostname: str, directory: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
+def tls_files(config: Config) -> tuple[str, str, bool]:
+    """The certificate and key the server uses, and whether they are the self-signed pair."""
+    if config.tls_cert:
+        return os.path.abspath(config.tls_cert), os.path.abspath(config.tls_key), False
+    cert_path, key_path = self_signed_paths(os.path.abspath(config.tls_self_signed_dir))
+    return cert_path, key_path, True
+
+
+def _fix(error: CertificateError, config: Config) -> str:
+    """How the admin makes the files named in ``error`` usable: which setting to change."""
+    cert_path, key_path, self_signed = tls_files(config)
+    if self_signed:
+        return (
+            f"remove {cert_path} and {key_path} for a new self-signed pair at the next "
+            "start (or run popserv gencert --force), or set [tls] cert and key"
+        )
+    return {
+        "cert": "set [tls] cert (or --tls-cert) to a PEM certificate chain the server can "
+        "read, server certificate first",
+        "key": "set [tls] key (or --tls-key) to the certificate's unencrypted PEM key, "
+        "readable by the server",
+    }.get(
+        error.part,
+        "set [tls] cert and key (or --tls-cert and --tls-key) to a certificate and its own key",
+    )
+
+
+def _load(config: Config) -> ReloadableTLS:
+    cert_path, key_path, self_signed = tls_files(config)
+    try:
+        return ReloadableTLS(cert_path, key_path, self_signed=self_signed)
+    except CertificateError as e:
+        raise CertificateError(f"{e}; fix: {_fix(e, config)}", e.part) from None
+
+
+def check_files(config: Config) -> None:
+    """Raise CertificateError, one line naming the file and the setting to fix, if the
+    server could not use its certificate and key; a self-signed pair not made yet passes.
+
+    ``twistd popserv`` asks this before it starts and ``popserv check`` reports it, in
+    the same words.
+    """
+    if bool(config.tls_cert) != bool(config.tls_key):
+        return  # check_config names the missing half
+    cert_path, key_path, self_signed = tls_files(config)
+    if self_signed and not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        return  # made at the first start
+    _load(config)
+
+
 def load_or_create(config: Config) -> ReloadableTLS:
     """The configured certificate and key, or a self-signed pair made on first use.
 
@@ -262,12 +331,11 @@ def load_or_create(config: Config) -> ReloadableTLS:
     mail client shows.
     """
     check_config(config)
-    if config.tls_cert:
-        return ReloadableTLS(os.path.abspath(config.tls_cert), os.path.abspath(config.tls_key))
-    directory = os.path.abspath(config.tls_self_signed_dir)
-    cert_path, key_path = self_signed_paths(directory)
+    cert_path, key_path, self_signed = tls_files(config)
+    if not self_signed:
+        return _load(config)
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
-        generate_self_signed(config.hostname, directory)
+        generate_self_signed(config.hostname, os.path.dirname(cert_path))
     elif not names_host(cert_path, config.hostname):
         # Ours, made at an earlier start under another host name: clients that connect
         # by this name would refuse it, so it is made again.
@@ -278,8 +346,8 @@ def load_or_create(config: Config) -> ReloadableTLS:
             old_fingerprint=fingerprint(cert_path),
             hostname=config.hostname,
         )
-        generate_self_signed(config.hostname, directory)
-    tls = ReloadableTLS(cert_path, key_path, self_signed=True)
+        generate_self_signed(config.hostname, os.path.dirname(cert_path))
+    tls = _load(config)
     log.warn(
         "tls.self_signed: no [tls] cert and key are configured, so TLS uses the self-signed "
         "certificate {cert} (SHA-256 fingerprint {fingerprint}); mail clients will warn "

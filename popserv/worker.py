@@ -145,7 +145,7 @@ def adopting(listeners: list[dict], reactor):
     """The ``listen`` of ``make_service`` for a worker: each listener from its descriptor."""
     by_name = {spec["name"]: spec for spec in listeners}
 
-    def listen(name: str, description: str, factory):
+    def listen(kind: str, name: str, description: str, factory):
         spec = by_name.get(name)
         if spec is None:
             # Served by the supervisor (the metrics page), or not at all.

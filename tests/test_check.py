@@ -78,7 +78,7 @@ class CheckTests(unittest.TestCase):
             pop3_timeout=900.0,
         )
         self.assertEqual(printed, expected)
-        self.assertIn("\n[smtp]\nlisten =\n    tcp:25\n", out)
+        self.assertIn("\n[smtp]\nlisten =\n    tcp6:25\n", out)
 
     def test_printed_settings_read_back_the_same(self):
         """The INI text of any settings, every key set or all at defaults, parses to them."""
@@ -104,13 +104,17 @@ class CheckTests(unittest.TestCase):
         )
 
     def test_unreadable_certificate_is_named(self):
-        """A certificate that cannot be read is named, with the reason."""
+        """A certificate that cannot be read is named, with the reason and the key to fix."""
         key = tls.generate_self_signed("localhost", os.path.join(self.root, "pair"))[1]
         missing = os.path.join(self.root, "nope.pem")
         self.assertEqual(self.check(f"cert = {missing}\nkey = {key}\n"), 1)
         self.assertEqual(
             self.problems(),
-            [f"popserv: {missing}: cannot read the TLS certificate: No such file or directory"],
+            [
+                f"popserv: {missing}: cannot read the TLS certificate: No such file or "
+                "directory; fix: set [tls] cert (or --tls-cert) to a PEM certificate chain "
+                "the server can read, server certificate first"
+            ],
         )
 
     def test_mismatched_pair_is_named(self):

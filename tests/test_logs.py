@@ -19,7 +19,6 @@ import time
 
 from twisted.application.service import Application, IServiceCollection, MultiService
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEvent
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,6 +26,7 @@ from popserv import logs, service, supervisor, tap
 from popserv.config import ConfigError
 from popserv.logs import LogSettings, event_as_json, json_file_observer
 from popserv.logsafe import untrusted
+from popserv.startup import StartupError
 from tests.live_twistd import REPO, TWISTD, TwistdServer
 from tests.test_fail2ban import FAILED_LOGIN, FORGED, fail2ban_regex
 
@@ -248,14 +248,14 @@ class DestinationTests(SynchronousTestCase):
             self.assertIn("[log]", str(cm.exception))
 
     def test_usage_error(self):
-        """twistd popserv stops with a UsageError naming [log] file before it starts."""
+        """twistd popserv stops with one line naming [log] file before it starts."""
         missing = os.path.join(os.path.abspath(self.mktemp()), "no", "popserv.log")
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(f"[log]\nfile = {missing}\n")
         options = tap.Options()
         options.parent = {"nodaemon": True}
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(StartupError) as cm:
             options.parseOptions(["--config", path])
         self.assertIn(f"[log] file = {missing}", str(cm.exception))
 
@@ -269,8 +269,8 @@ class ApplicationTests(SynchronousTestCase):
         options.parent = {"nodaemon": True}
         options.parseOptions(["--config", path])
         built = MultiService()
-        self.patch(service, "make_service", lambda config: built)
-        self.patch(supervisor, "make_supervisor", lambda config: built)
+        self.patch(service, "make_service", lambda config, **kwargs: built)
+        self.patch(supervisor, "make_supervisor", lambda config, **kwargs: built)
         return tap.makeService(options), built
 
     def test_observer_is_the_applications(self):

@@ -12,7 +12,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import task
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.server import Site
@@ -358,8 +357,8 @@ class OptionAndServiceTests(unittest.TestCase):
         self.assertEqual(options["popserv_config"].metrics_listen, "tcp:9110:interface=127.0.0.2")
 
     def test_bad_endpoint_refused(self):
-        """A --metrics string that makes no endpoint is a UsageError naming it."""
-        with self.assertRaises(usage.UsageError) as cm:
+        """A --metrics string that makes no endpoint stops the start with a line naming it."""
+        with self.assertRaises(tap.StartupError) as cm:
             tap.Options().parseOptions(["--pop3", "tcp:1110", "--metrics", "tcp:metrics"])
         self.assertIn("'tcp:metrics'", str(cm.exception))
 

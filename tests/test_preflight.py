@@ -12,13 +12,12 @@ import smtplib
 import subprocess
 import sys
 
-from twisted.python import usage
 from twisted.trial import unittest
 from twisted.trial.unittest import SkipTest
 
 from popserv import preflight
 from popserv.config import Config, ConfigError
-from popserv.tap import Options
+from popserv.tap import Options, StartupError
 from tests.live_twistd import HOST, REPO, TwistdServer
 
 
@@ -185,6 +184,22 @@ class StartCheckTests(unittest.TestCase):
             ],
         )
 
+    def test_log_directory_the_user_cannot_write(self):
+        """A rotated [log] file needs a directory nobody can write: rotation renames in it."""
+        logs = os.path.join(self.files.root, "logs")
+        os.mkdir(logs, 0o755)
+        config = self.config.replace(log_file=os.path.join(logs, "popserv.log"))
+        self.assertEqual(
+            preflight.access_problems(config, preflight.start_of(config)),
+            [
+                f"{logs}: user nobody cannot write/enter the [log] file's directory "
+                f"(owner root, mode 0755); fix: chown nobody: {logs}, or set [log] "
+                "max_size = 0 and rotate with logrotate"
+            ],
+        )
+        unrotated = config.replace(log_max_size=0)
+        self.assertEqual(preflight.access_problems(unrotated, preflight.start_of(unrotated)), [])
+
     def test_a_maildir_of_root(self):
         """A user's Maildir that root made (adduser without [server] user) is named."""
         nobody = pwd.getpwnam("nobody")
@@ -217,14 +232,14 @@ class StartCheckTests(unittest.TestCase):
         self.assertEqual(preflight.access_problems(Config(), preflight.start_of(Config())), [])
 
     def test_twistd_popserv_refuses_to_start(self):
-        """``twistd popserv`` options with such a mail root are a UsageError naming it."""
+        """``twistd popserv`` options with such a mail root stop the start with a line naming it."""
         os.mkdir(self.files.mailroot, 0o700)
         options = Options()
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(StartupError) as cm:
             options.parseOptions(["--config", self.files.config_path, "--pop3", "tcp:0"])
         self.assertEqual(
             str(cm.exception),
-            f"{self.files.mailroot}: user nobody cannot read/write/enter the mail root "
+            f"popserv: {self.files.mailroot}: user nobody cannot read/write/enter the mail root "
             f"(owner root, mode 0700); fix: chown -R nobody: {self.files.mailroot}",
         )
 

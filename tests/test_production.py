@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
-from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import process, service, tap
@@ -110,9 +109,9 @@ class SecretFileTests(StorageTestCase):
         return path
 
     def test_users_file_readable_by_others_is_refused(self):
-        """twistd popserv stops with a UsageError naming the users file and chmod 600."""
+        """twistd popserv stops with a line naming the users file and chmod 600."""
         users = self.write(self.config.users, 0o644)
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             tap.Options().parseOptions(["--users", users, "--mailroot", self.config.mailroot])
         self.assertIn(users, str(cm.exception))
         self.assertIn("mode 0644", str(cm.exception))
@@ -261,11 +260,11 @@ class PrivilegeTests(StorageTestCase):
         self.assertEqual([c[0] for c in self.calls], ["listen", "listen"])
 
     def test_unknown_user_refused_by_options(self):
-        """An unknown [server] user stops twistd popserv with a UsageError naming it."""
+        """An unknown [server] user stops twistd popserv with a line naming it."""
         path = os.path.join(self.root, "popserv.ini")
         with open(path, "w") as f:
             f.write("[server]\nuser = no-such-user-here\n")
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             tap.Options().parseOptions(["--config", path])
         self.assertIn("no-such-user-here", str(cm.exception))
         self.assertIn("[server] user", str(cm.exception))

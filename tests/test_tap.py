@@ -18,6 +18,10 @@ from popserv.config import Config
 _COLLABORATORS = ("popserv.auth", "popserv.maildir", "popserv.pop3", "popserv.realm")
 
 
+#: One POP3 listener on port 0 and no other: makeService binds each port for a moment.
+ONE_PORT_0 = ("--pop3", "tcp:0:interface=127.0.0.1", "--pop3s", "", "--smtp", "")
+
+
 def parse(*argv: str) -> tap.Options:
     """Options parsed from ``argv``, as twistd would."""
     options = tap.Options()
@@ -87,13 +91,50 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.smtp_domains, ("example.org", "localhost"))
 
     def test_bad_smtp_endpoint_and_domain(self):
-        """A bad --smtp endpoint or --domain name is a UsageError naming it."""
-        with self.assertRaises(usage.UsageError) as cm:
+        """A bad --smtp endpoint or --domain name stops the start with a line naming it."""
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--smtp", "tcp:notaport")
         self.assertIn("tcp:notaport", str(cm.exception))
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--domain", "a@b.example")
         self.assertIn("a@b.example", str(cm.exception))
+
+    def test_empty_listener_turns_off(self):
+        """--pop3s '' and --smtp '' leave no POP3S or SMTP listener, whatever the file says."""
+        path = write(self.mktemp(), "[pop3s]\nlisten = tcp:995\n[smtp]\nlisten = tcp:25\n")
+        config = parse("--config", path, "--pop3s", "", "--smtp", "")["popserv_config"]
+        self.assertEqual((config.pop3s_listen, config.smtp_listen), ((), ()))
+        self.assertEqual(config.pop3_listen, Config().pop3_listen)
+
+    def test_empty_listener_beside_others(self):
+        """An empty --pop3s or --smtp beside real ones adds nothing: the real ones stay."""
+        config = parse("--pop3s", "", "--pop3s", "tcp:1995", "--smtp", "tcp:2525", "--smtp", " ")[
+            "popserv_config"
+        ]
+        self.assertEqual((config.pop3s_listen, config.smtp_listen), (("tcp:1995",), ("tcp:2525",)))
+
+    def test_empty_pop3_is_no_listener(self):
+        """--pop3 '' alone leaves no POP3 listener, which stops the start with that one line."""
+        with self.assertRaises(tap.StartupError) as cm:
+            parse("--pop3", "")
+        self.assertEqual(
+            cm.exception.problems,
+            [
+                "no POP3 listener: pass --pop3 (e.g. --pop3 tcp:1110:interface=127.0.0.1) "
+                "or set [pop3] listen in the config file"
+            ],
+        )
+
+    def test_mistakes_are_not_usage_errors(self):
+        """A mistake is a StartupError (one line, status 1), never a UsageError, for which
+        twistd prints its whole usage text; an unknown option points at --help."""
+        with self.assertRaises(tap.StartupError) as cm:
+            parse("--frob")
+        self.assertNotIsInstance(cm.exception, usage.UsageError)
+        self.assertEqual(
+            str(cm.exception),
+            "popserv: option --frob not recognized (twistd popserv --help lists the options)",
+        )
 
     def test_config_listeners_kept(self):
         """Without --pop3, the listeners of the config file stay."""
@@ -103,9 +144,9 @@ class OptionsTests(SynchronousTestCase):
         )
 
     def test_bad_config(self):
-        """An unknown key in the config file is a UsageError naming file and key, and the fix."""
+        """An unknown key in the config file stops the start naming file and key, and the fix."""
         path = write(self.mktemp(), "[pop3]\nlisen = tcp:110\n")
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--config", path)
         message = str(cm.exception)
         self.assertIn(path, message)
@@ -113,16 +154,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--config", message)
 
     def test_missing_config(self):
-        """A missing config file is a UsageError naming it."""
+        """A missing config file stops the start with a line naming it."""
         path = self.mktemp()
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--config", path)
         self.assertIn(path, str(cm.exception))
 
     def test_bad_endpoints(self):
-        """A --pop3 string that makes no endpoint is a UsageError quoting it, with an example."""
+        """A --pop3 string that makes no endpoint stops the start quoting it, with an example."""
         for description in ("nosuch:110", "tcp:pop3", "tcp:110:colour=blue", "tcp"):
-            with self.assertRaises(usage.UsageError) as cm:
+            with self.assertRaises(tap.StartupError) as cm:
                 parse("--pop3", description)
             message = str(cm.exception)
             self.assertIn(repr(description), message)
@@ -131,7 +172,7 @@ class OptionsTests(SynchronousTestCase):
     def test_bad_endpoint_in_config(self):
         """A listener of the config file is checked like a --pop3 option."""
         path = write(self.mktemp(), "[pop3]\nlisten = tcp:pop3\n")
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--config", path)
         self.assertIn("'tcp:pop3'", str(cm.exception))
 
@@ -145,16 +186,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse("--pop3", busy)["popserv_config"].pop3_listen, (busy,))
 
     def test_no_listeners(self):
-        """A config file with an empty listener list is a UsageError suggesting --pop3."""
+        """A config file with an empty listener list stops the start suggesting --pop3."""
         path = write(self.mktemp(), "[pop3]\nlisten =\n")
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--config", path)
         self.assertIn("--pop3", str(cm.exception))
 
     def test_empty_path(self):
-        """An empty --mailroot or --users is a UsageError."""
+        """An empty --mailroot or --users stops the start with a line naming the option."""
         for option in ("--mailroot", "--users", "--hostname"):
-            with self.assertRaises(usage.UsageError) as cm:
+            with self.assertRaises(tap.StartupError) as cm:
                 parse(option, " ")
             self.assertIn(option, str(cm.exception))
 
@@ -174,51 +215,91 @@ class MakeServiceTests(SynchronousTestCase):
         calls = []
         built = MultiService()
 
-        def spy(config):
-            calls.append(config)
+        def spy(config, foreground):
+            calls.append((config, foreground))
             return built
 
         self.patch(service, "make_service", spy)
-        options = parse("--pop3", "tcp:1110", "--workers", "1")
+        # Port 0 only: makeService binds each port for a moment to find one in use.
+        options = parse(*ONE_PORT_0, "--workers", "1")
         self.assertIs(tap.makeService(options), built)
-        self.assertEqual(calls, [options["popserv_config"]])
+        self.assertEqual(calls, [(options["popserv_config"], True)])
+
+    def test_daemon_listeners(self):
+        """Under a twistd that daemonizes (no -n), the service is built for a daemon."""
+        calls = []
+        self.patch(service, "make_service", lambda config, foreground: calls.append(foreground))
+        options = parse(*ONE_PORT_0, "--workers", "1")
+        options.parent = {"nodaemon": False}
+        tap.makeService(options)
+        options.parent = {"nodaemon": True}
+        tap.makeService(options)
+        self.assertEqual(calls, [False, True])
+
+    def test_port_in_use(self):
+        """makeService stops at a port another socket listens on, naming it and the option."""
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        busy = f"tcp:{listening.getsockname()[1]}:interface=127.0.0.1"
+        self.patch(service, "make_service", lambda config, foreground: self.fail("built"))
+        options = parse("--pop3", "tcp:0:interface=127.0.0.1", "--smtp", busy, "--pop3s", "")
+        with self.assertRaises(tap.StartupError) as cm:
+            tap.makeService(options)
+        self.assertEqual(
+            cm.exception.problems,
+            [
+                f"cannot listen on {busy} (SMTP): address already in use; stop the other "
+                "server or choose another port with --smtp or [smtp] listen"
+            ],
+        )
 
     def test_several_workers_make_a_supervisor(self):
         """With --workers above 1, makeService hands the Config to make_supervisor."""
         calls = []
         built = MultiService()
 
-        def spy(config):
-            calls.append(config)
+        def spy(config, foreground):
+            calls.append((config.workers, foreground))
             return built
 
         self.patch(supervisor, "make_supervisor", spy)
-        self.patch(service, "make_service", lambda config: self.fail("one process built"))
-        options = parse("--pop3", "tcp:1110", "--workers", "3")
+        self.patch(service, "make_service", lambda config, foreground: self.fail("built"))
+        options = parse(*ONE_PORT_0, "--workers", "3")
         self.assertIs(tap.makeService(options), built)
-        self.assertEqual([config.workers for config in calls], [3])
+        self.assertEqual(calls, [(3, True)])
 
     def test_workers_option(self):
-        """--workers overrides [server] workers: a count, or auto; 0 is a UsageError."""
+        """--workers overrides [server] workers: a count, or auto; 0 stops the start."""
         self.assertEqual(parse("--workers", "2")["popserv_config"].workers, 2)
         self.assertEqual(parse("--workers", "auto")["popserv_config"].workers, 0)
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--workers", "0")
-        self.assertIn("--workers", str(cm.exception))
+        self.assertEqual(
+            cm.exception.problems, ["--workers: [server] workers = '0': must be greater than 0"]
+        )
 
     def test_unshareable_listener_with_workers(self):
-        """With several workers, a listener they cannot share (ssl:) is a UsageError;
-        haproxy: over tcp: is shareable, and one worker takes any listener."""
+        """With several workers, a listener they cannot share (ssl:) stops the start with
+        one line; haproxy: over tcp: and unix: are shared, and one worker takes any."""
         from popserv.tls import generate_self_signed
 
         directory = os.path.abspath(self.mktemp())
         cert, key = generate_self_signed("tap.test", directory)
         ssl = f"ssl:4650:privateKey={key}:certKey={cert}"
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--workers", "2", "--smtp", ssl)
-        self.assertIn(f"[smtp] listen = {ssl}", str(cm.exception))
-        self.assertIn("[server] workers = 1", str(cm.exception))
+        self.assertEqual(
+            cm.exception.problems,
+            [
+                f"[smtp] listen = {ssl}: several workers cannot share this listener; use "
+                "tcp, tcp6, unix, systemd (or haproxy: before one of them), or set "
+                "[server] workers = 1"
+            ],
+        )
         parse("--workers", "2", "--pop3", "haproxy:tcp:1110", "--pop3", "unix:/tmp/p.sock")
+        parse("--workers", "1", "--smtp", ssl)
 
 
 def _missing_collaborators():

@@ -23,7 +23,6 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -77,11 +76,23 @@ class LoadTests(SynchronousTestCase):
         self.assertIn("does not match", str(cm.exception))
 
     def test_missing_file(self):
-        """A missing file is a CertificateError naming it."""
+        """A missing file is a CertificateError naming it and the real cause (a
+        CertificateError is a ValueError too, which once became "no PEM certificate")."""
         missing = os.path.join(self.pki.directory, "nothing.pem")
         with self.assertRaises(tls.CertificateError) as cm:
             tls.load_options(missing, self.pki.key_path)
-        self.assertIn(missing, str(cm.exception))
+        self.assertEqual(
+            str(cm.exception),
+            f"{missing}: cannot read the TLS certificate: No such file or directory",
+        )
+        with self.assertRaises(tls.CertificateError) as cm:
+            tls.load_options(self.pki.cert_path, missing)
+        self.assertEqual(
+            str(cm.exception), f"{missing}: cannot read the TLS key: No such file or directory"
+        )
+        with self.assertRaises(tls.CertificateError) as cm:
+            tls.fingerprint(missing)
+        self.assertIn("cannot read the TLS certificate", str(cm.exception))
 
     def test_not_pem(self):
         """A certificate file without a PEM certificate, or a key file without a key, is refused."""
@@ -489,26 +500,42 @@ class OptionsTests(SynchronousTestCase):
         """Repeated --pop3s options replace [pop3s] listen."""
         config = parse("--pop3s", "tcp:1995:interface=127.0.0.1", "--pop3s", "tcp:995")
         self.assertEqual(config.pop3s_listen, ("tcp:1995:interface=127.0.0.1", "tcp:995"))
-        self.assertEqual(parse().pop3s_listen, ("tcp:995",))
+        self.assertEqual(parse().pop3s_listen, ("tcp6:995",))
 
     def test_pop3s_must_be_plain(self):
         """An ssl: POP3S endpoint is refused: popserv adds TLS itself."""
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--pop3s", "ssl:995:privateKey=k.pem")
         self.assertIn("plain", str(cm.exception))
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             parse("--pop3s", "tcp:pop3s")
         self.assertIn("invalid POP3S listener 'tcp:pop3s'", str(cm.exception))
 
     def test_tls_files(self):
         """--tls-cert and --tls-key set the certificate and key."""
-        config = parse("--tls-cert", "/etc/c.pem", "--tls-key", "/etc/k.pem")
-        self.assertEqual((config.tls_cert, config.tls_key), ("/etc/c.pem", "/etc/k.pem"))
+        cert, key = tls.generate_self_signed("localhost", os.path.abspath(self.mktemp()))
+        config = parse("--tls-cert", cert, "--tls-key", key)
+        self.assertEqual((config.tls_cert, config.tls_key), (cert, key))
+
+    def test_unusable_tls_files(self):
+        """A --tls-cert that cannot be read stops the start with the reason, not another."""
+        _, key = tls.generate_self_signed("localhost", os.path.abspath(self.mktemp()))
+        missing = os.path.abspath("missing.pem")
+        with self.assertRaises(tap.StartupError) as cm:
+            parse("--tls-cert", missing, "--tls-key", key)
+        self.assertEqual(
+            cm.exception.problems,
+            [
+                f"{missing}: cannot read the TLS certificate: No such file or directory; fix: "
+                "set [tls] cert (or --tls-cert) to a PEM certificate chain the server can "
+                "read, server certificate first"
+            ],
+        )
 
     def test_cert_without_key(self):
-        """--tls-cert without --tls-key (or the reverse) is a UsageError saying to give both."""
+        """--tls-cert without --tls-key (or the reverse) stops the start saying to give both."""
         for option in ("--tls-cert", "--tls-key"):
-            with self.assertRaises(usage.UsageError) as cm:
+            with self.assertRaises(tap.StartupError) as cm:
                 parse(option, "/etc/x.pem")
             self.assertIn("together", str(cm.exception))
 

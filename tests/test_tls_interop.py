@@ -391,6 +391,48 @@ class CurlTests(TLSTestCase):
         self.assertEqual(ran.out, b"")
 
 
+class ResumptionTests(TLSTestCase):
+    """openssl s_client -sess_out, then -sess_in: the second connection resumes the first's
+    session, with TLS 1.3 tickets and TLS 1.2 alike, on POP3S and after STLS."""
+
+    def s_client(self, port: int, version: str, *session: str, starttls: bool = False):
+        openssl = live.require_client("openssl")
+        command = [
+            openssl, "s_client", f"-{version}", "-connect", f"127.0.0.1:{port}",
+            "-servername", "localhost", "-CAfile", self.ca, "-verify_return_error",
+            "-ign_eof", *(["-starttls", "pop3"] if starttls else []), *session,
+        ]  # fmt: skip
+        # QUIT at once; -ign_eof waits for the server's +OK and close, tickets included.
+        argv = ["sh", "-c", 'printf "QUIT\\r\\n" | "$@"', "s_client", *command]
+        return live.run_program(argv, env=self.env())
+
+    @defer.inlineCallbacks
+    def resumes(self, version: str, starttls: bool = False):
+        port = self.live.port if starttls else self.live.pop3s_port
+        saved = os.path.join(self.work, f"session-{version}")
+        first = yield self.s_client(port, version, "-sess_out", saved, starttls=starttls)
+        self.assertEqual(first.code, 0, first.err)
+        self.assertIn(b"\nNew, ", first.out)
+        self.assertIn(b"+OK", first.out)
+        for _ in range(3):
+            again = yield self.s_client(port, version, "-sess_in", saved, starttls=starttls)
+            self.assertEqual(again.code, 0, again.err)
+            self.assertIn(b"\nReused, ", again.out)
+            self.assertIn(b"Verify return code: 0 (ok)", again.out)
+
+    def test_tls13_ticket(self):
+        """A TLS 1.3 ticket from one POP3S connection resumes the next ones."""
+        return self.resumes("tls1_3")
+
+    def test_tls12_session(self):
+        """A TLS 1.2 session resumes too."""
+        return self.resumes("tls1_2")
+
+    def test_after_stls(self):
+        """STLS on the POP3 port resumes as POP3S does."""
+        return self.resumes("tls1_3", starttls=True)
+
+
 class FetchmailTests(TLSTestCase):
     """fetchmail: --ssl (POP3S) and --sslproto with STLS, checking the certificate."""
 

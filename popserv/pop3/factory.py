@@ -15,6 +15,7 @@ from twisted.internet.protocol import ServerFactory
 from popserv.config import Config
 from popserv.interfaces import NO_METRICS
 from popserv.limits import ConnectionLimiter
+from popserv.peers import peer_host
 from popserv.pop3.server import POP3Server
 from popserv.scheduler import VerificationScheduler
 from popserv.sessions import MemorySessionRegistry
@@ -134,11 +135,9 @@ class POP3Factory(ServerFactory):
         if not isinstance(address, (IPv4Address, IPv6Address)):
             return address is not None and getattr(address, "type", None) != "TCP"
         try:
-            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+            ip = ipaddress.ip_address(peer_host(address).split("%", 1)[0])
         except ValueError:
             return False
-        if getattr(ip, "ipv4_mapped", None) is not None:
-            ip = ip.ipv4_mapped
         return any(ip in network for network in self._trusted)
 
 

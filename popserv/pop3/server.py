@@ -20,6 +20,7 @@ from popserv import __version__
 from popserv.limits import accounting_key, transport_descriptor
 from popserv.lineflow import ConnectionFlow, ILineReceiver
 from popserv.logsafe import untrusted
+from popserv.peers import peer_host
 from popserv.pop3.authorization import AUTHORIZATION, Authorization
 from popserv.pop3.replies import LANGUAGES, LOG_NAMESPACE, CommandError, Reply, no_arguments
 from popserv.pop3.transaction import TRANSACTION, Transaction
@@ -86,7 +87,7 @@ class POP3Server(Protocol, TimeoutMixin):
         factory = self.factory
         self.callLater = factory.clock.callLater
         address = self.transport.getPeer()
-        self.peer = getattr(address, "host", str(address))
+        self.peer = peer_host(address)
         self.peer_key = accounting_key(self.peer)
         self.trusted = factory.is_trusted(address)
         # Implicit TLS (POP3S, port 995): the transport is already encrypted.
