@@ -11,9 +11,9 @@ connection waits in the kernel's queue until one of them takes it, even while an
 is being restarted.
 
 The supervisor restarts a worker that ends, at once when it had served a while, else
-after a delay that doubles with each quick end; a worker that ends before it ever
-served, while none serves yet, stops the server (a start that cannot serve fails at
-once).  SIGHUP is passed on to every worker, SIGTERM (the server's stop) too, and the
+after a delay that doubles with each quick end; a worker that ends while the server
+starts (before every worker has served once) stops it: a start that cannot serve fails
+at once.  SIGHUP is passed on to every worker, SIGTERM (the server's stop) too, and the
 supervisor exits once they have.  Each worker's JSON log lines become events of the
 supervisor's log with ``worker=<pid>``.  With ``[metrics] listen`` the workers keep their
 figures in ``prometheus_client``'s multiprocess files under ``<state_dir>/metrics`` and
@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import time
 
@@ -314,8 +315,20 @@ class SharedStateKeeper(Service):
     def startService(self) -> None:
         # After ProcessSetup: made by the user the workers run as.
         super().startService()
-        self.db = sharedstate.open_database(self.path)
-        sharedstate.forget_processes_except(self.db, _alive)
+        try:
+            self.db = sharedstate.open_database(self.path)
+            sharedstate.forget_processes_except(self.db, _alive)
+        except (OSError, sqlite3.Error) as e:
+            # No worker could count failed logins: better no server than one without.
+            self.db = None
+            log.critical(
+                "popserv.shared_state_unavailable: {path}: {error}; the server stops "
+                "(the state directory must be writable by the server's user)",
+                path=self.path,
+                error=str(e),
+            )
+            self._reactor.callLater(0, _stop, self._reactor)
+            return
         self._pruning = task.LoopingCall(self.prune)
         self._pruning.clock = self._reactor
         self._pruning.start(PRUNE_INTERVAL, now=False)
@@ -342,6 +355,11 @@ class SharedStateKeeper(Service):
         if self.db is not None:
             self.db.close()
             self.db = None
+
+
+def _stop(reactor) -> None:
+    if reactor.running:
+        reactor.stop()
 
 
 def _alive(pid: int) -> bool:
@@ -407,6 +425,8 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.shared.db is None:
+            return  # the server is stopping: see popserv.shared_state_unavailable
         for slot in range(self.count):
             self._start(slot)
 
@@ -469,14 +489,14 @@ class WorkerPool(Service):
         if self._stopping or not self.running:
             log.info("popserv.worker_stopped: pid={pid} {status}", pid=worker.pid, status=status)
             return
-        if not worker.ready and not self._ever_ready:
+        if not self._ever_ready:
             log.error(
-                "popserv.worker_failed: pid={pid} {status} before it served; the server "
-                "stops (see the worker's messages above)",
+                "popserv.worker_failed: pid={pid} {status} while the server was starting; "
+                "it stops (see the worker's messages above)",
                 pid=worker.pid,
                 status=status,
             )
-            self._reactor.callLater(0, self._give_up)
+            self._reactor.callLater(0, _stop, self._reactor)
             return
         lived = self._reactor.seconds() - worker.started
         if lived >= STABLE_AFTER:
@@ -495,10 +515,6 @@ class WorkerPool(Service):
             delay=delay,
         )
         self._restarts[slot] = self._reactor.callLater(delay, self._start, slot)
-
-    def _give_up(self) -> None:
-        if self._reactor.running:
-            self._reactor.stop()
 
     def reload(self) -> bool:
         """SIGHUP to every worker (each re-reads the certificate); later to one still starting."""

@@ -606,6 +606,7 @@ class FakeKeeper:
     """A ``SharedStateKeeper`` that remembers which pids it was told to forget."""
 
     path = "/nonexistent/popserv-shared.sqlite3"
+    db = "open"
 
     def __init__(self):
         self.forgotten: list[int] = []
@@ -712,11 +713,38 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(self.keeper.forgotten, [1000, 1002, 1003, 1004, 1005])
 
     def test_worker_failing_at_start_stops_the_server(self):
-        """A worker that ends before any worker served stops the reactor: no restarts."""
+        """A worker that ends while the server starts (before every worker served) stops
+        the reactor: no restarts."""
         self.end(self.worker(0), signal_number=None)
         self.reactor.advance(1)
         self.assertTrue(self.reactor.hasStopped)
         self.assertEqual(len(self.spawned), 2)
+
+    def test_a_worker_failing_after_the_start_is_restarted(self):
+        """Once every worker has served, one that ends before it serves is restarted."""
+        for slot in (0, 1):
+            self.say_ready(self.worker(slot))
+        self.end(self.worker(0))
+        self.reactor.advance(0.5)
+        self.end(self.worker(0), signal_number=None)
+        self.reactor.advance(1.0)
+        self.assertFalse(self.reactor.hasStopped)
+        self.assertEqual(len(self.spawned), 4)
+
+    def test_unusable_shared_state_stops_the_server(self):
+        """Without the shared state no worker starts, and the server stops, saying why."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        reactor = MemoryReactorClock()
+        reactor.running = True
+        keeper = supervisor.SharedStateKeeper("/nonexistent/dir/shared.sqlite3", reactor)
+        keeper.startService()
+        self.addCleanup(keeper.stopService)
+        pool = supervisor.WorkerPool(1, Config(), [], keeper, reactor, spawn=self.fail)
+        pool.startService()
+        reactor.advance(0)
+        self.assertTrue(reactor.hasStopped)
+        (event,) = [e for e in logged if e["log_level"] == LogLevel.critical]
+        self.assertIn("popserv.shared_state_unavailable: /nonexistent/dir", formatEvent(event))
 
     def test_sighup_is_forwarded(self):
         """reload() sends SIGHUP to every serving worker, and to a starting one once it serves."""
