@@ -8,8 +8,10 @@ which listener, and the shared-state file.  The worker builds the serving object
 listeners get Twisted's PROXY-protocol wrapper, as the endpoint would add it.
 
 Its log goes to standard output as JSON lines, which the supervisor writes into its own
-log with ``worker=<pid>``.  Standard input is a pipe from the supervisor, never written:
-when it ends, the supervisor is gone, and the worker stops.  SIGTERM stops it cleanly
+log with ``worker=<pid>``.  A worker dies with its supervisor, as a killed server of one
+process takes its sessions with it: on Linux the kernel kills it (``PR_SET_PDEATHSIG``);
+elsewhere standard input, a pipe from the supervisor that is never written, ends, and
+the worker stops.  SIGTERM stops it cleanly
 (open sessions end without committing), SIGHUP re-reads the certificate, SIGINT is
 ignored: a Ctrl-C at the terminal reaches every process, and the supervisor stops the
 workers itself.
@@ -41,6 +43,8 @@ log = Logger(namespace="popserv.worker")
 WORKER_ENV = "POPSERV_WORKER"
 #: The first descriptor of the listening sockets in a worker.
 FIRST_LISTENER_FD = 3
+#: prctl's option for the signal a process gets when its parent ends (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 def config_to_json(config: Config) -> dict:
@@ -60,14 +64,34 @@ def config_from_json(fields: dict) -> Config:
 
 
 def worker_settings(config: Config, listeners: list[dict], shared_state: str) -> str:
-    """The text of ``POPSERV_WORKER``: the Config, the listeners and the shared-state file.
+    """The text of ``POPSERV_WORKER``: the Config, the listeners, the shared-state file and
+    the supervisor's pid.
 
     Each listener is ``{"name", "description", "fd", "family", "haproxy"}``, its ``fd``
     the descriptor number in the worker.
     """
     return json.dumps(
-        {"config": config_to_json(config), "listeners": listeners, "shared_state": shared_state}
+        {
+            "config": config_to_json(config),
+            "listeners": listeners,
+            "shared_state": shared_state,
+            "supervisor": os.getpid(),
+        }
     )
+
+
+def die_with(supervisor: int) -> None:
+    """Have the kernel kill this process when its parent ends (Linux); if the parent,
+    ``supervisor``, is gone already, end now."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe's end stops the worker (_ParentWatch)
+    if os.getppid() != supervisor:
+        os._exit(1)
 
 
 @implementer(IStreamServerEndpoint)
@@ -255,6 +279,7 @@ def main() -> None:
     from popserv.logs import json_file_observer
 
     settings = json.loads(os.environ.pop(WORKER_ENV))
+    die_with(settings["supervisor"])
     globalLogBeginner.beginLoggingTo([json_file_observer(sys.stdout)], redirectStandardIO=False)
     from twisted.internet import reactor
 

@@ -222,6 +222,19 @@ class WorkersTests(SynchronousTestCase):
         self.assertEqual(sorted(self.server.workers()), sorted([survivor, replacement]))
         self.assertIn(f"popserv.worker_ended: pid={killed} killed by signal 9", self.server.log())
 
+    def test_killed_supervisor_takes_its_workers_along(self):
+        """SIGKILL of twistd ends its workers too, as it ends the sessions of a server of
+        one process, so the next start finds the ports free."""
+        workers = self.server.workers()
+        self.server.kill()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers):
+            self.assertLess(time.monotonic(), deadline, "a worker outlived twistd")
+            time.sleep(0.05)
+        self.server.start()
+        self.assertFalse(set(self.server.workers()) & set(workers))
+        self.assertIn(self.server.session_pid(), self.server.workers())
+
     def test_sighup_reloads_the_certificate_in_every_worker(self):
         """After the certificate files change and twistd gets SIGHUP, POP3S connections to
         either worker present the new certificate."""
