@@ -128,6 +128,12 @@ def make_supervisor(
     count = worker_count(config)
     created, _, _ = prepare_files(config)
     state_dir = os.path.abspath(config.state_dir)
+    metrics_dir = None
+    if config.metrics_listen:
+        # The workers write their figures there, as [server] user.
+        metrics_dir = os.path.join(state_dir, METRICS_DIR)
+        _empty_directory(metrics_dir)
+        created.append(metrics_dir)
     top = MultiService()
     ProcessSetup(config, created).setServiceParent(top)
     listeners = []
@@ -136,9 +142,8 @@ def make_supervisor(
         listener.setName(name)
         listener.setServiceParent(top)
         listeners.append(listener)
-    metrics_dir = on_ended = None
-    if config.metrics_listen:
-        metrics_dir = os.path.join(state_dir, METRICS_DIR)
+    on_ended = None
+    if metrics_dir is not None:
         on_ended = _add_metrics_page(top, config, metrics_dir, reactor, foreground)
     shared = SharedStateKeeper(
         os.path.join(state_dir, sharedstate.SHARED_STATE_FILE),
@@ -278,7 +283,6 @@ def _add_metrics_page(top: MultiService, config: Config, directory: str, reactor
 
     from popserv.metrics import metrics_site
 
-    _empty_directory(directory)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
     site = metrics_site(registry, reactor)

@@ -31,6 +31,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import supervisor
 from popserv.config import Config
+from popserv.logs import event_as_json
 from popserv.pop3.replies import Reply
 from popserv.sessions import read_sessions
 from popserv.tls import generate_self_signed
@@ -811,6 +812,17 @@ class WorkerPoolTests(SynchronousTestCase):
             (event["peer"], event["user"], event["worker"]), ("192.0.2.7", "alice", 1000)
         )
         self.assertAlmostEqual(event["log_time"], 1796375523.120455, places=3)
+        as_json = json.loads(event_as_json(event))
+        self.assertEqual(
+            {key: as_json[key] for key in ("time", "namespace", "message", "peer", "worker")},
+            {
+                "time": record["time"],
+                "namespace": "popserv.pop3",
+                "message": record["message"],
+                "peer": "192.0.2.7",
+                "worker": 1000,
+            },
+        )
         self.assertEqual(len(self.events), 1)
         worker.childDataReceived(2, b"Traceback (most recent call last):\n")
         stray = [formatEvent(e) for e in logged if e["log_namespace"] == "popserv.supervisor"]
