@@ -11,10 +11,9 @@ Its log goes to standard output as JSON lines, which the supervisor writes into 
 log with ``worker=<pid>``.  A worker dies with its supervisor, as a killed server of one
 process takes its sessions with it: on Linux the kernel kills it (``PR_SET_PDEATHSIG``);
 elsewhere standard input, a pipe from the supervisor that is never written, ends, and
-the worker stops.  SIGTERM stops it cleanly
-(open sessions end without committing), SIGHUP re-reads the certificate, SIGINT is
-ignored: a Ctrl-C at the terminal reaches every process, and the supervisor stops the
-workers itself.
+the worker stops.  SIGTERM stops it cleanly (open sessions end without committing),
+SIGHUP re-reads the certificate, SIGINT is ignored: a Ctrl-C at the terminal reaches
+every process, and the supervisor stops the workers itself.
 """
 
 from __future__ import annotations
@@ -54,10 +53,10 @@ def config_to_json(config: Config) -> dict:
 
 def config_from_json(fields: dict) -> Config:
     """The Config that ``config_to_json`` wrote."""
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    names = {f.name for f in dataclasses.fields(Config)}
     values = {}
     for name, value in fields.items():
-        if name not in types:
+        if name not in names:
             raise ValueError(f"unknown Config field {name!r}")
         values[name] = tuple(value) if isinstance(value, list) else value
     return Config(**values)
