@@ -573,9 +573,9 @@ class WorkerPool(Service):
         if not isinstance(record, dict):
             self.stray(worker, line)
             return
+        self.observer(forwarded_event(record, worker.pid))
         if record.get("namespace") == "popserv.worker" and record.get("worker_ready") is True:
             self._ready(worker)
-        self.observer(forwarded_event(record, worker.pid))
 
     def stray(self, worker: WorkerProcess, line: bytes) -> None:
         """A line a worker wrote that is no event (Python's own errors, on standard error)."""
