@@ -28,6 +28,7 @@ import sys
 from twisted.application.service import Service
 from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
@@ -88,7 +89,7 @@ def die_with(supervisor: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
-        pass  # not Linux: the pipe's end stops the worker (_ParentWatch)
+        pass  # not Linux: the pipe's end stops the worker (ParentWatch)
     if os.getppid() != supervisor:
         os._exit(1)
 
@@ -222,33 +223,38 @@ class SharedParts:
         )
 
 
-class _ParentWatch:
-    """Reads standard input, a pipe the supervisor never writes: its end stops the worker."""
+class ParentWatch:
+    """Reads a pipe the supervisor never writes (standard input): its end stops the worker.
 
-    def __init__(self, stop):
+    The end shows as end of file, or (epoll) as a hang-up, which the reactor reports
+    with ``connectionLost`` alone.
+    """
+
+    def __init__(self, stop, fd: int = 0):
         self._stop = stop
-        os.set_blocking(0, False)
+        self._fd = fd
+        os.set_blocking(fd, False)
 
     def fileno(self) -> int:
-        return 0
+        return self._fd
 
     def logPrefix(self) -> str:
         return "supervisor-pipe"
 
     def doRead(self):
         try:
-            data = os.read(0, 4096)
+            data = os.read(self._fd, 4096)
         except BlockingIOError:
             return None
         except OSError:
             data = b""
         if not data:
-            log.info("popserv.worker_orphaned: pid={pid} the supervisor is gone", pid=os.getpid())
-            self._stop()
+            return CONNECTION_DONE
         return None
 
     def connectionLost(self, reason) -> None:
-        pass
+        log.info("popserv.worker_orphaned: pid={pid} the supervisor is gone", pid=os.getpid())
+        self._stop()
 
 
 class _Stopper:
@@ -296,7 +302,7 @@ def main() -> None:
     top.privilegedStartService()
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    watch = _ParentWatch(stop)
+    watch = ParentWatch(stop)
 
     def ready() -> None:
         # Twisted's handlers are in place by now; these replace them.

@@ -23,11 +23,12 @@ import tempfile
 import time
 import urllib.request
 
+from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from popserv import supervisor
 from popserv.config import Config
@@ -35,7 +36,7 @@ from popserv.logs import event_as_json
 from popserv.pop3.replies import Reply
 from popserv.sessions import read_sessions
 from popserv.tls import generate_self_signed
-from popserv.worker import WORKER_ENV, config_from_json, config_to_json
+from popserv.worker import WORKER_ENV, ParentWatch, config_from_json, config_to_json
 from tests.live import require_client
 from tests.live_smtp import free_port
 from tests.live_twistd import REPO, TWISTD, TwistdServer
@@ -833,6 +834,33 @@ class WorkerPoolTests(SynchronousTestCase):
                 "popserv.worker_output: pid=1000 Traceback (most recent call last):",
             ],
         )
+
+
+class ParentWatchTests(TestCase):
+    """Where the kernel does not end a worker with its supervisor, the pipe's end does."""
+
+    def watch(self, data: bytes) -> defer.Deferred:
+        """A watch on a new pipe, ``data`` written and the writing end closed; fires on stop."""
+        from twisted.internet import reactor
+
+        read, write = os.pipe()
+        stopped = defer.Deferred()
+        watch = ParentWatch(lambda: stopped.callback(None), read)
+        self.addCleanup(os.close, read)
+        reactor.addReader(watch)
+        self.addCleanup(reactor.removeReader, watch)
+        if data:
+            os.write(write, data)
+        os.close(write)
+        return stopped
+
+    def test_hang_up_stops(self):
+        """A pipe closed with nothing in it (epoll: a hang-up alone) stops the worker."""
+        return self.watch(b"")
+
+    def test_end_of_file_stops(self):
+        """A pipe closed after something was written stops the worker once it is read."""
+        return self.watch(b"ignored")
 
 
 class SupervisorPartsTests(SynchronousTestCase):
