@@ -76,6 +76,16 @@ class WorkersServer(TwistdServer):
                 raise AssertionError(f"workers not ready ({pids}):\n{self.log()}")
             time.sleep(0.05)
 
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 20.0) -> str:
+        """The log once ``pattern`` (a regular expression) is in it ``count`` times: the
+        supervisor writes a worker's events a moment after the worker sent them."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, log := self.log())) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not {count} times in the log:\n{log}")
+            time.sleep(0.05)
+        return log
+
     def serving(self) -> list[int]:
         """The pid of each open session, as popserv who lists them."""
         sessions, problems = read_sessions(self.who_dir)
@@ -200,9 +210,8 @@ class WorkersTests(SynchronousTestCase):
             if len(seen) == 2:
                 break
         self.assertEqual(seen, set(workers))
-        log = self.server.log()
         for pid in workers:
-            self.assertIn(f"[popserv.pop3#info,worker={pid}] pop3.login: peer=127.0.0.1", log)
+            self.server.wait_log(rf"\[popserv.pop3#info,worker={pid}\] pop3.login: peer=127.0.0.1")
 
     def test_killed_worker_is_replaced_while_the_other_serves(self):
         """SIGKILL one worker: every session meanwhile works, on the other; a new worker
@@ -312,12 +321,9 @@ class WorkersTests(SynchronousTestCase):
                 client.quit()
         self.server.resume_all()
         self.assertEqual(replies, [Reply.AUTH_FAILED] * 5 + [Reply.TOO_MANY_FAILURES])
-        log = self.server.log()
         for pid in (one, two):
-            failed = re.findall(
-                rf"\[popserv.pop3#info,worker={pid}\] pop3.login_failed: peer=127.0.0.1", log
-            )
-            self.assertEqual(len(failed), 3, pid)
+            failed = rf"\[popserv.pop3#info,worker={pid}\] pop3.login_failed: peer=127.0.0.1"
+            self.assertEqual(len(re.findall(failed, self.server.wait_log(failed, 3))), 3, pid)
         with Client(self.server.pop3_port, source="127.0.0.2") as client:
             client.login("alice", "secret")
             client.quit()
