@@ -452,8 +452,8 @@ class Bench:
         self.record("argon2_cold_rate", peer, r["users"] / r["wall"])
         self.record("argon2_cold_cpu", peer, cpu * 1000 / r["users"])
         # Then the population polls: each client logs its share of the users in by turns,
-        # for two windows in a row.  The second shows where caches kept per process (one
-        # per popserv worker) have each seen every user.
+        # for two windows in a row.  The second shows how far caches kept per process (one
+        # per popserv worker) have got with every user.
         for row in ("argon2", "argon2_next"):
             before = peer.cpu()
             r = pop3(
@@ -714,7 +714,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller sets, shorter runs, 1 repetition (under 3 minutes)",
+        help="smaller sets, shorter runs, 1 repetition (about 4 minutes)",
     )
     parser.add_argument("--only", help=f"comma-separated scenarios out of {', '.join(SCENARIOS)}")
     parser.add_argument(
