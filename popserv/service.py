@@ -16,6 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
 from popserv.listeners import listener_endpoint
+from popserv.proxyproto import PROXY_TIMEOUT
 
 log = Logger()
 
@@ -113,12 +114,16 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
         threads.setName(name)
         threads.setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
-        listener = Listener("POP3", description, factory, reactor)
+        listener = Listener(
+            "POP3", description, factory, reactor, proxy_timeout=config.proxy_timeout
+        )
         listener.setName(f"pop3-{index}")
         listener.setServiceParent(top)
     tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
     for index, description in enumerate(config.pop3s_listen):
-        listener = Listener("POP3S", description, tls_factory, reactor)
+        listener = Listener(
+            "POP3S", description, tls_factory, reactor, proxy_timeout=config.proxy_timeout
+        )
         listener.setName(f"pop3s-{index}")
         listener.setServiceParent(top)
     # systemd hears READY=1 once all is bound and root dropped, and of reloads and stops.
@@ -208,7 +213,9 @@ def _add_smtp(
         metrics=metrics,
     )
     for index, description in enumerate(config.smtp_listen):
-        listener = Listener("SMTP", description, factory, reactor)
+        listener = Listener(
+            "SMTP", description, factory, reactor, proxy_timeout=config.proxy_timeout
+        )
         listener.setName(f"smtp-{index}")
         listener.setServiceParent(top)
 
@@ -224,8 +231,18 @@ class Listener(StreamServerEndpointService):
 
     _raiseSynchronously = True  # as strports.service: a failed listen raises at start
 
-    def __init__(self, kind: str, description: str, factory, reactor, foreground=True):
-        super().__init__(listener_endpoint(reactor, description), factory)
+    def __init__(
+        self,
+        kind: str,
+        description: str,
+        factory,
+        reactor,
+        foreground=True,
+        *,
+        proxy_timeout: float = PROXY_TIMEOUT,
+    ):
+        endpoint = listener_endpoint(reactor, description, proxy_timeout=proxy_timeout)
+        super().__init__(endpoint, factory)
         self.kind = kind
         self.description = description
         self.foreground = foreground
