@@ -6,8 +6,20 @@ front of ``twistd popserv`` on loopback, using the shipped etc/haproxy/popserv.c
 
 from __future__ import annotations
 
+import csv
+import io
 import ipaddress
+import json
+import os
+import poplib
+import re
+import signal
+import smtplib
+import socket
+import ssl
 import struct
+import subprocess
+import time
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -34,8 +46,12 @@ from popserv.proxyproto import (
     parse_header,
 )
 from popserv.service import Listener
+from tests.live import require_client
+from tests.live_smtp import free_port
+from tests.live_twistd import HOST, REPO, TwistdServer
 from tests.test_pop3 import POP3TestCase
 from tests.test_smtp import SMTPTestCase
+from tests.test_who import run_who
 
 #: The balancer, as the connection itself shows it.
 BALANCER = IPv4Address("TCP", "203.0.113.1", 51000)
@@ -419,3 +435,295 @@ class ListenerTests(unittest.SynchronousTestCase):
     def test_default_timeout(self):
         """[server] proxy_timeout defaults to the module's PROXY_TIMEOUT."""
         self.assertEqual(Config(hostname="x").proxy_timeout, PROXY_TIMEOUT)
+
+
+# -- a real HAProxy in front of twistd popserv ------------------------------------------
+
+#: The shipped HAProxy configuration the integration tests run (a port-substituted copy).
+SHIPPED_CFG = os.path.join(REPO, "etc", "haproxy", "popserv.cfg")
+#: Loopback addresses the clients connect from, both other than HAProxy's own 127.0.0.1.
+CLIENT_7, CLIENT_8 = "127.0.0.7", "127.0.0.8"
+
+
+class ProxiedTwistd(TwistdServer):
+    """twistd popserv with haproxy: listeners only: POP3, POP3S and SMTP on loopback.
+
+    ``start`` waits for the greeting that a v2 LOCAL header (as a health check sends)
+    gets; a connection without a header would get none.
+    """
+
+    def __init__(self, testcase, users, settings=None):
+        ports = {"pop3": free_port(), "pop3s": free_port(), "smtp": free_port()}
+        listeners = {
+            section: {"listen": f"haproxy:tcp:{port}:interface=127.0.0.1"}
+            for section, port in ports.items()
+        }
+        for section, keys in (settings or {}).items():
+            listeners.setdefault(section, {}).update(keys)
+        super().__init__(testcase, users, smtp=True, settings=listeners)
+        self.pop3_port, self.pop3s_port, self.smtp_port = ports.values()
+        self.cert = os.path.join(self.root, "tls", "cert.pem")
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.pop3_port), 1) as conn:
+                    conn.sendall(v2(local=True))
+                    if conn.recv(100).startswith(b"+OK"):
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"twistd did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+
+class HAProxy:
+    """``haproxy -db`` in the foreground over a copy of etc/haproxy/popserv.cfg, on loopback.
+
+    The copy differs from the shipped file in its ports only: the frontends bind free
+    127.0.0.1 ports, node1 of each backend is the test's popserv and node2 is left
+    out; its log goes to standard error (a file here) and a stats socket is added, so
+    the test can see the health checks pass.  Stopped by its PID at cleanup.
+    """
+
+    def __init__(self, testcase, nodes: dict[int, int]):
+        path = require_client("haproxy", search="/usr/sbin:/usr/bin")
+        self.root = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.root)
+        # A loopback TCP stats socket: a Unix one's path would be too long for HAProxy.
+        self.stats_port = free_port()
+        self.log_path = os.path.join(self.root, "haproxy.log")
+        #: The shipped frontend port (110, 995, 25) -> the port this copy binds instead.
+        self.ports = {port: free_port() for port in nodes}
+        with open(SHIPPED_CFG, encoding="utf-8") as f:
+            text = f.read()
+        substitutions = [
+            (
+                r"(?m)^global\n",
+                f"global\n    stats socket ipv4@127.0.0.1:{self.stats_port} level user\n",
+                1,
+            ),
+            (r"(?m)^    log /dev/log local0$", "    log stderr format raw local0", 1),
+            (r"(?m)^    server node2 .*\n", "", len(nodes)),
+        ]
+        for pattern, replacement, count in substitutions:
+            text, made = re.subn(pattern, replacement, text)
+            testcase.assertEqual(made, count, pattern)
+        for shipped, port in self.ports.items():
+            text, made = re.subn(rf"(?m)^    bind :{shipped}$", f"    bind 127.0.0.1:{port}", text)
+            testcase.assertEqual(made, 1, shipped)
+            text, made = re.subn(
+                rf"(?m)^    server node1 192\.0\.2\.11:{shipped}$",
+                f"    server node1 127.0.0.1:{nodes[shipped]}",
+                text,
+            )
+            testcase.assertEqual(made, 1, shipped)
+        # Nothing of the copy may point anywhere but loopback.
+        testcase.assertNotIn("192.0.2.", text)
+        self.config_path = os.path.join(self.root, "haproxy.cfg")
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [path, "-db", "-f", self.config_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        testcase.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def servers(self) -> dict[str, tuple[str, str]]:
+        """Each backend's node1: (status, last check's status), from the stats socket."""
+        with socket.create_connection(("127.0.0.1", self.stats_port), 5) as s:
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+        return {
+            row["pxname"]: (row["status"], row["check_status"])
+            for row in rows
+            if row["svname"] == "node1"
+        }
+
+    def wait_checked(self, timeout: float = 20.0) -> dict[str, tuple[str, str]]:
+        """Wait until every node1 has passed a health check; their states."""
+        deadline = time.monotonic() + timeout
+        servers = {}
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"haproxy exited:\n{self.log()}")
+            try:
+                servers = self.servers()
+            except OSError:
+                servers = {}
+            if servers and all(check == "L7OK" for _, check in servers.values()):
+                return servers
+            time.sleep(0.1)
+        raise AssertionError(f"health checks did not pass: {servers}\n{self.log()}")
+
+
+class SourcedPOP3(poplib.POP3):
+    """poplib.POP3 from a source address of the test's choosing (127.0.0.7, say)."""
+
+    def __init__(self, source: str, port: int):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=10)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self.source, 0)
+        )
+
+
+class SourcedPOP3_SSL(poplib.POP3_SSL):
+    """poplib.POP3_SSL from a source address of the test's choosing."""
+
+    def __init__(self, source: str, port: int, context: ssl.SSLContext):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=10, context=context)
+
+    def _create_socket(self, timeout):
+        sock = socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self.source, 0)
+        )
+        return self.context.wrap_socket(sock, server_hostname=self.host)
+
+
+class BehindHAProxyTests(unittest.TestCase):
+    """popserv behind a real HAProxy (send-proxy-v2): each client is known by its own address.
+
+    Every client reaches HAProxy from 127.0.0.7 or 127.0.0.8, and popserv only ever
+    sees HAProxy's 127.0.0.1; only the PROXY header can tell the two clients apart.
+    """
+
+    def setUp(self):
+        self.server = ProxiedTwistd(
+            self,
+            {"alice": "secret", "bob": "hunter2"},
+            settings={
+                "server": {"proxy_timeout": "1"},
+                "pop3": {"max_failures": "3"},
+                "auth": {"trusted_networks": f"{CLIENT_8}/32"},
+            },
+        )
+        self.server.start()
+        self.haproxy = HAProxy(
+            self,
+            {110: self.server.pop3_port, 995: self.server.pop3s_port, 25: self.server.smtp_port},
+        )
+        self.checked = self.haproxy.wait_checked()
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.server.cert)
+
+    def wait_logged(self, text: str, timeout: float = 10.0) -> str:
+        """The server's log, once it holds ``text``."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.server.log()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged:\n{log}")
+            time.sleep(0.05)
+        return log
+
+    def test_client_address_in_log_who_and_trust(self):
+        """127.0.0.8 (trusted) logs in with USER/PASS and is logged and listed as itself;
+        127.0.0.7, through the same HAProxy, is refused a plaintext password."""
+        bob = SourcedPOP3(CLIENT_8, self.haproxy.ports[110])
+        bob.user("bob")
+        bob.pass_("hunter2")
+        log = self.wait_logged("pop3.login: peer=127.0.0.8 user=bob")
+        self.assertNotIn("peer=127.0.0.1", log)
+        ran = run_who("--config", self.server.config_path, "--json")
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        self.assertEqual(
+            [(e["user"], e["address"]) for e in json.loads(ran.stdout)], [("bob", CLIENT_8)]
+        )
+        bob.quit()
+        alice = SourcedPOP3(CLIENT_7, self.haproxy.ports[110])
+        with self.assertRaises(poplib.error_proto) as refused:
+            alice.user("alice")
+            alice.pass_("secret")
+        self.assertIn(b"Plaintext login is not allowed", refused.exception.args[0])
+        alice.quit()
+
+    def test_lockout_is_the_clients_own(self):
+        """Wrong passwords from 127.0.0.7 (over STLS) lock 127.0.0.7 out, not 127.0.0.8."""
+        for _ in range(3):
+            client = SourcedPOP3(CLIENT_7, self.haproxy.ports[110])
+            client.stls(self.tls())
+            with self.assertRaises(poplib.error_proto):
+                client.user("alice")
+                client.pass_("wrong")
+            client.quit()
+        self.wait_logged("pop3.login_failed: peer=127.0.0.7")
+        client = SourcedPOP3(CLIENT_7, self.haproxy.ports[110])
+        client.stls(self.tls())
+        with self.assertRaises(poplib.error_proto) as locked:
+            client.user("alice")
+            client.pass_("secret")
+        self.assertIn(b"[SYS/TEMP]", locked.exception.args[0])
+        client.quit()
+        other = SourcedPOP3(CLIENT_8, self.haproxy.ports[110])
+        other.user("alice")
+        self.assertTrue(other.pass_("secret").startswith(b"+OK"))
+        other.quit()
+        self.assertNotIn("peer=127.0.0.1", self.server.log())
+
+    def test_pop3s_and_smtp(self):
+        """POP3S passed through (the header before TLS) and SMTP both name 127.0.0.7."""
+        client = SourcedPOP3_SSL(CLIENT_7, self.haproxy.ports[995], self.tls())
+        client.user("alice")
+        self.assertTrue(client.pass_("secret").startswith(b"+OK"))
+        client.quit()
+        self.wait_logged("pop3.login: peer=127.0.0.7 user=alice")
+        with smtplib.SMTP(
+            "127.0.0.1",
+            self.haproxy.ports[25],
+            local_hostname="client.example",
+            timeout=10,
+            source_address=(CLIENT_7, 0),
+        ) as smtp:
+            smtp.sendmail(
+                "bob@example.org", [f"alice@{HOST}"], b"Subject: through HAProxy\r\n\r\nhello\r\n"
+            )
+        [name] = os.listdir(self.server.maildir("alice", "new"))
+        with open(os.path.join(self.server.maildir("alice", "new"), name), "rb") as f:
+            headers = f.read().split(b"\n\n")[0]
+        self.assertIn(b"\nReceived: from client.example ([127.0.0.7])", headers)
+        self.assertNotIn(b"127.0.0.1", headers)
+
+    def test_health_checks_and_a_client_without_header(self):
+        """HAProxy's checks (LOCAL headers) pass on all three; a direct client gets nothing."""
+        self.assertEqual(
+            self.checked,
+            {name: ("UP", "L7OK") for name in ("pop3_nodes", "pop3s_nodes", "smtp_nodes")},
+        )
+        self.assertNotIn("proxy.refused", self.server.log())
+        for port in (self.server.pop3_port, self.server.pop3s_port, self.server.smtp_port):
+            with socket.create_connection(("127.0.0.1", port), 5) as direct:
+                started = time.monotonic()
+                self.assertEqual(direct.recv(100), b"")
+                self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        self.wait_logged("proxy.refused: peer=127.0.0.1 reason=timeout")
+        with socket.create_connection(("127.0.0.1", self.server.pop3_port), 5) as plain:
+            plain.sendall(b"CAPA\r\n")
+            self.assertEqual(plain.recv(100), b"")
+        self.wait_logged("proxy.refused: peer=127.0.0.1 reason=invalid-header")
