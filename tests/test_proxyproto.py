@@ -484,7 +484,7 @@ class ProxiedTwistd(TwistdServer):
 class HAProxy:
     """``haproxy -db`` in the foreground over a copy of etc/haproxy/popserv.cfg, on loopback.
 
-    The copy differs from the shipped file in its ports only: the frontends bind free
+    The copy differs from the shipped file only where a test must: the frontends bind free
     127.0.0.1 ports, node1 of each backend is the test's popserv and node2 is left
     out; its log goes to standard error (a file here) and a stats socket is added, so
     the test can see the health checks pass.  Stopped by its PID at cleanup.
