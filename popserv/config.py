@@ -25,6 +25,7 @@ class Config:
     log_level: str = "info"
     state_dir: str = "popserv-data/state"
     proxy_timeout: float = 5.0  # haproxy: listeners; popserv.proxyproto.PROXY_TIMEOUT
+    workers: int = 0  # serving processes; 0: auto, one per CPU (popserv.supervisor)
 
     # tcp6:PORT: all addresses, IPv6 and IPv4, on one socket (popserv.listeners).
     pop3_listen: tuple[str, ...] = ("tcp6:110",)
@@ -189,6 +190,12 @@ def _expire(text: str) -> int | None:
     return parse_expire(text)
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return 0
+    return _positive_int(text)
+
+
 def _size(text: str) -> int:
     from popserv.quota import parse_size
 
@@ -203,6 +210,7 @@ _KEYS = {
     ("server", "log_level"): ("log_level", _log_level),
     ("server", "state_dir"): ("state_dir", _text),
     ("server", "proxy_timeout"): ("proxy_timeout", _positive_float),
+    ("server", "workers"): ("workers", _workers),
     ("pop3", "listen"): ("pop3_listen", _listeners),
     ("pop3", "timeout"): ("pop3_timeout", _positive_float),
     ("pop3", "login_timeout"): ("pop3_login_timeout", _positive_float),
@@ -343,8 +351,12 @@ def _format_size(octets: int) -> str:
     return format_size(octets)
 
 
+def _format_workers(count: int) -> str:
+    return str(count) if count else "auto"
+
+
 #: Values whose text is not simply ``str(value)``, by the parser that reads them.
-_FORMATS = {_expire: _format_expire, _size: _format_size}
+_FORMATS = {_expire: _format_expire, _size: _format_size, _workers: _format_workers}
 
 
 def _format_value(value: object, parse) -> str:

@@ -173,7 +173,10 @@ class IConnectionLimiter(Interface):
     across processes and hosts.
     """
 
-    open = Attribute("Connections counted now (``int``).")
+    open = Attribute(
+        "Connections this process counts now (``int``); its descriptor reserve is reckoned "
+        "from them."
+    )
 
     def opened(peer, descriptor=-1):
         """Count a new connection from ``peer`` (an address, ``str``), if within limits.

@@ -275,8 +275,8 @@ class ProxyEndpoint:
 
     def __init__(self, endpoint: IStreamServerEndpoint, clock, timeout: float = PROXY_TIMEOUT):
         self.endpoint = endpoint
-        self._clock = clock
-        self._timeout = timeout
+        self.clock = clock
+        self.timeout = timeout
 
     def listen(self, factory):
-        return self.endpoint.listen(ProxyFactory(factory, self._clock, self._timeout))
+        return self.endpoint.listen(ProxyFactory(factory, self.clock, self.timeout))

@@ -21,7 +21,9 @@ from popserv.proxyproto import PROXY_TIMEOUT
 log = Logger()
 
 
-def make_service(config: Config, reactor=None, *, foreground: bool = True) -> MultiService:
+def make_service(
+    config: Config, reactor=None, *, foreground: bool = True, listen=None, shared=None
+) -> MultiService:
     """A MultiService with one named POP3 listener per ``config.pop3_listen`` entry.
 
     Listeners bind when the service starts (``privilegedStartService``), so ports below
@@ -30,9 +32,16 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
     by default) is handed to every part that needs time or threads.  ``foreground``:
     False under a daemonized twistd, whose listeners report a failed bind differently
     (see ``Listener``).
+
+    A worker of several (``popserv.worker``) passes ``listen(kind, name, description,
+    factory)``, which returns the service serving that listener (one that adopts the socket its
+    supervisor bound) or None where it serves none (the metrics page), and ``shared``
+    (``popserv.worker.SharedParts``): the throttle and limits all workers share.
     """
     if reactor is None:
         from twisted.internet import reactor
+    if listen is None:
+        listen = _endpoint_listener(reactor, config.proxy_timeout)
     from popserv.auth import PasswdFile, checkers
     from popserv.credcache import VerifiedPasswords
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
@@ -44,22 +53,12 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
     from popserv.process import ProcessSetup
     from popserv.realm import MaildropRealm
     from popserv.sessions import WHO_DIR, MemorySessionRegistry
-    from popserv.state import load_or_create_secret
-    from popserv.tls import load_or_create
     from popserv.workers import Workers, WorkersService
 
+    created, secret, tls = prepare_files(config)
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
-    # What this start creates goes to [server] user when root becomes that user.
-    created = _make_private_dir(mailroot) + _make_private_file(users)
-    state_dir = os.path.abspath(config.state_dir)
-    created += _make_private_dir(state_dir)
-    who_dir = os.path.join(state_dir, WHO_DIR)
-    created += _make_private_dir(who_dir)
-    secret, made = load_or_create_secret(state_dir)
-    created += made
-    tls_dir = os.path.abspath(config.tls_self_signed_dir)
-    tls_dir_existed = os.path.exists(tls_dir)
+    who_dir = os.path.join(os.path.abspath(config.state_dir), WHO_DIR)
 
     # Password hashes (and SCRAM's key derivation) get threads of their own, no more
     # than may verify at once: each Argon2id verification holds 64 MiB.
@@ -84,11 +83,8 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
     realm = MaildropRealm(store, policies)
     # USER/PASS, PLAIN and LOGIN; APOP and CRAM-MD5; SCRAM's verified outcome.
     portal = Portal(realm, checkers(userdb))
-    # One TLS object for STLS and every POP3S listener, so SIGHUP reloads them all.
-    tls = load_or_create(config)
-    if not tls_dir_existed and os.path.isdir(tls_dir):
-        created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
     sessions = MemorySessionRegistry(reactor)
+    shared_parts = {} if shared is None else shared.pop3_parts(config, reactor)
     factory = POP3Factory(
         portal,
         config,
@@ -100,6 +96,7 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
         policies=policies,
         metrics=metrics,
         sessions=sessions,
+        **shared_parts,
     )
 
     top = MultiService()
@@ -114,26 +111,18 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
         threads.setName(name)
         threads.setServiceParent(top)
     for index, description in enumerate(config.pop3_listen):
-        listener = Listener(
-            "POP3", description, factory, reactor, proxy_timeout=config.proxy_timeout
-        )
-        listener.setName(f"pop3-{index}")
-        listener.setServiceParent(top)
+        _add_listener(top, listen, "POP3", f"pop3-{index}", description, factory)
     tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
     for index, description in enumerate(config.pop3s_listen):
-        listener = Listener(
-            "POP3S", description, tls_factory, reactor, proxy_timeout=config.proxy_timeout
-        )
-        listener.setName(f"pop3s-{index}")
-        listener.setServiceParent(top)
+        _add_listener(top, listen, "POP3S", f"pop3s-{index}", description, tls_factory)
     # systemd hears READY=1 once all is bound and root dropped, and of reloads and stops.
     notify = NotifyService(Notifier(), _status(config), reactor)
     reload_service = ReloadOnSIGHUP(tls.reload, reactor, notify=notify)
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
-        _add_smtp(top, config, store, userdb, policies, tls, reactor, metrics=metrics)
-    _add_watching(top, config, metrics, sessions, who_dir, reactor)
+        _add_smtp(top, config, store, userdb, policies, tls, reactor, metrics, listen, shared)
+    _add_watching(top, config, metrics, sessions, who_dir, reactor, listen)
     # Last: started after every other part, stopped before them.
     notify.setServiceParent(top)
     for child in top:
@@ -150,6 +139,49 @@ def make_service(config: Config, reactor=None, *, foreground: bool = True) -> Mu
         users=users,
     )
     return top
+
+
+def prepare_files(config: Config) -> tuple[list[str], bytes, object]:
+    """What a first start needs, made if missing: mail root, users file, state directory
+    with the secret, self-signed certificate.  Returns the paths this made (they go to
+    [server] user when root becomes that user), the secret, and the ``ReloadableTLS``:
+    one object for STLS and every POP3S listener, so SIGHUP reloads them all.
+    """
+    from popserv.sessions import WHO_DIR
+    from popserv.state import load_or_create_secret
+    from popserv.tls import load_or_create
+
+    created = _make_private_dir(os.path.abspath(config.mailroot))
+    created += _make_private_file(os.path.abspath(config.users))
+    state_dir = os.path.abspath(config.state_dir)
+    created += _make_private_dir(state_dir)
+    created += _make_private_dir(os.path.join(state_dir, WHO_DIR))
+    secret, made = load_or_create_secret(state_dir)
+    created += made
+    tls_dir = os.path.abspath(config.tls_self_signed_dir)
+    tls_dir_existed = os.path.exists(tls_dir)
+    tls = load_or_create(config)
+    if not tls_dir_existed and os.path.isdir(tls_dir):
+        created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
+    return created, secret, tls
+
+
+def _endpoint_listener(reactor, proxy_timeout: float):
+    """How a server of one process listens: each endpoint string bound by its own service."""
+
+    def listen(kind: str, name: str, description: str, factory):
+        return Listener(kind, description, factory, reactor, proxy_timeout=proxy_timeout)
+
+    return listen
+
+
+def _add_listener(top: MultiService, listen, kind: str, name: str, description: str, factory):
+    """The service ``listen`` makes for one listener, named ``name``, if it makes one."""
+    listener = listen(kind, name, description, factory)
+    if listener is not None:
+        listener.setName(name)
+        listener.setServiceParent(top)
+    return listener
 
 
 def _status(config: Config) -> str:
@@ -170,7 +202,9 @@ def _metrics(config: Config):
     return Metrics()
 
 
-def _add_watching(top: MultiService, config: Config, metrics, sessions, who_dir, reactor) -> None:
+def _add_watching(
+    top: MultiService, config: Config, metrics, sessions, who_dir, reactor, listen
+) -> None:
     """What admins watch the server with: the metrics page, and the socket of popserv who."""
     from popserv.sessions import WhoSocketService
 
@@ -178,17 +212,24 @@ def _add_watching(top: MultiService, config: Config, metrics, sessions, who_dir,
         from popserv.metrics import metrics_site
 
         site = metrics_site(metrics.registry, reactor)
-        listener = Listener("metrics", config.metrics_listen, site, reactor)
-        listener.setName("metrics")
-        listener.setServiceParent(top)
-        log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
+        if _add_listener(top, listen, "metrics", "metrics", config.metrics_listen, site):
+            log.info("popserv.metrics: /metrics on {endpoint}", endpoint=config.metrics_listen)
     who = WhoSocketService(sessions, who_dir, reactor)
     who.setName("who")
     who.setServiceParent(top)
 
 
 def _add_smtp(
-    top: MultiService, config: Config, store, userdb, policies, tls, reactor, metrics=None
+    top: MultiService,
+    config: Config,
+    store,
+    userdb,
+    policies,
+    tls,
+    reactor,
+    metrics=None,
+    listen=None,
+    shared=None,
 ) -> None:
     """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
     from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
@@ -211,13 +252,12 @@ def _add_smtp(
         context_factory=tls,
         quota=quota,
         metrics=metrics,
+        limiter=None if shared is None else shared.smtp_limiter(config),
     )
+    if listen is None:
+        listen = _endpoint_listener(reactor, config.proxy_timeout)
     for index, description in enumerate(config.smtp_listen):
-        listener = Listener(
-            "SMTP", description, factory, reactor, proxy_timeout=config.proxy_timeout
-        )
-        listener.setName(f"smtp-{index}")
-        listener.setServiceParent(top)
+        _add_listener(top, listen, "SMTP", f"smtp-{index}", description, factory)
 
 
 class Listener(StreamServerEndpointService):

@@ -28,6 +28,7 @@ _OVERRIDES = {
     "tls-cert": ("tls", "cert"),
     "tls-key": ("tls", "key"),
     "metrics": ("metrics", "listen"),
+    "workers": ("server", "workers"),
 }
 
 
@@ -92,6 +93,13 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics at /metrics on this endpoint, such as "
             "tcp:9110:interface=127.0.0.1 (overrides [metrics] listen of the config file).",
+        ],
+        [
+            "workers",
+            None,
+            None,
+            "Serve with this many worker processes, or auto (one per CPU); above 1, "
+            "twistd supervises them (overrides [server] workers of the config file).",
         ],
     ]
 
@@ -187,6 +195,7 @@ class Options(usage.Options):
         parent = self.parent if self.parent is not None else {}
         _check_process(config, parent.get("uid"), parent.get("gid"))
         _check_log(config, self.parent)
+        _check_workers(config)
         self["popserv_config"] = config
 
     def _read_config(self) -> Config:
@@ -259,6 +268,17 @@ def _check_log(config: Config, twistd_options) -> None:
         raise StartupError(str(e)) from None
 
 
+def _check_workers(config: Config) -> None:
+    """Refuse, with several workers, a listener whose socket they cannot share."""
+    from popserv.supervisor import check_shareable, worker_count
+
+    if worker_count(config) > 1:
+        try:
+            check_shareable(config)
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
+
+
 def makeService(options: Options) -> IService:
     """The popserv service for parsed ``twistd popserv`` options, with the log observer
     of its [log] section for twistd to use (see popserv.logs).
@@ -266,13 +286,16 @@ def makeService(options: Options) -> IService:
     twistd calls this before it daemonizes: a port another server holds, or a file
     that cannot be made, ends the start here with one line on the admin's terminal.
     """
-    from popserv import logs, service
+    from popserv import logs, service, supervisor
 
     config = options["popserv_config"]
     check_ports(config)
     foreground = options.parent is None or bool(options.parent.get("nodaemon"))
     try:
-        server = service.make_service(config, foreground=foreground)
+        if supervisor.worker_count(config) > 1:
+            server = supervisor.make_supervisor(config, foreground=foreground)
+        else:
+            server = service.make_service(config, foreground=foreground)
     except ConfigError as e:
         raise StartupError(str(e)) from None
     except OSError as e:

@@ -70,6 +70,9 @@ class TwistdServer:
                 "mailroot": self.mailroot,
                 "users": self.users_path,
                 "state_dir": os.path.join(self.root, "state"),
+                # One process, as the tests of these servers were written for; the
+                # tests of several workers (tests.test_multiproc) ask for them.
+                "workers": "1",
             },
             "pop3": {
                 "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1:backlog={backlog}",

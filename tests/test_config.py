@@ -26,6 +26,7 @@ user = popserv
 log_level = debug
 state_dir = /var/lib/popserv/state
 proxy_timeout = 2.5
+workers = 3
 
 [pop3]
 listen =
@@ -110,6 +111,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 log_level="debug",
                 state_dir="/var/lib/popserv/state",
                 proxy_timeout=2.5,
+                workers=3,
                 pop3_listen=("tcp:110", "tcp:1110:interface=127.0.0.1"),
                 pop3_timeout=900.0,
                 pop3_login_timeout=30.5,
@@ -166,6 +168,16 @@ class ConfigFromStringTests(SynchronousTestCase):
             if re.search(rf"^{key} =", EVERY_KEY.split(f"[{section}]")[1], re.M)
         }
         self.assertEqual(parsed, set(_KEYS))
+
+    def test_workers(self):
+        """[server] workers is auto (0: one per CPU) or a count of at least one."""
+        self.assertEqual(config_from_string("[server]\nworkers = auto\n").workers, 0)
+        self.assertEqual(config_from_string("[server]\nworkers = AUTO\n").workers, 0)
+        self.assertEqual(config_from_string("[server]\nworkers = 1\n").workers, 1)
+        for value in ("0", "-2", "many"):
+            with self.assertRaises(ConfigError) as cm:
+                config_from_string(f"[server]\nworkers = {value}\n")
+            self.assertIn("[server] workers", str(cm.exception))
 
     def test_bad_log_values(self):
         """An unknown log format, a size that is none, or keeping no file is an error."""

@@ -22,7 +22,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatE
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv import logs, service, tap
+from popserv import logs, service, supervisor, tap
 from popserv.config import ConfigError
 from popserv.logs import LogSettings, event_as_json, json_file_observer
 from popserv.logsafe import untrusted
@@ -270,6 +270,7 @@ class ApplicationTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         built = MultiService()
         self.patch(service, "make_service", lambda config, **kwargs: built)
+        self.patch(supervisor, "make_supervisor", lambda config, **kwargs: built)
         return tap.makeService(options), built
 
     def test_observer_is_the_applications(self):

@@ -413,6 +413,7 @@ class SystemdUnitTests(SynchronousTestCase):
             ("UMask", "0077"),
             ("LimitNOFILE", "65536"),
             ("StateDirectory", "popserv"),
+            ("KillMode", "mixed"),
         ]:
             self.assertEqual(settings[key], value, key)
 

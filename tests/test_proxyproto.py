@@ -46,6 +46,7 @@ from popserv.proxyproto import (
     parse_header,
 )
 from popserv.service import Listener
+from popserv.worker import InheritedSocketEndpoint, adopting
 from tests.live import require_client
 from tests.live_smtp import free_port
 from tests.live_twistd import HOST, REPO, TwistdServer
@@ -432,6 +433,25 @@ class ListenerTests(unittest.SynchronousTestCase):
         self.assertIs(factory.wrappedFactory, tls)
         self.assertEqual(factory.timeout, 1.0)
 
+    def test_worker_wraps_its_adopted_socket(self):
+        """A worker of several (--workers) puts the same wrapper, timeout included, in front
+        of the haproxy: socket it adopts; other sockets it adopts as they are."""
+        specs = [
+            {"name": name, "description": d, "fd": fd, "family": 2, "haproxy": proxied}
+            for name, d, fd, proxied in (
+                ("pop3-0", "haproxy:tcp:110", 7, True),
+                ("pop3-1", "tcp:1110", 8, False),
+            )
+        ]
+        listen = adopting(specs, MemoryReactor(), 2.5)
+        proxied = listen("POP3", "pop3-0", "haproxy:tcp:110", Factory())
+        self.assertIsInstance(proxied.endpoint, ProxyEndpoint)
+        self.assertIsInstance(proxied.endpoint.endpoint, InheritedSocketEndpoint)
+        self.assertEqual(proxied.endpoint.endpoint.fd, 7)
+        self.assertEqual(proxied.endpoint.timeout, 2.5)
+        plain = listen("POP3", "pop3-1", "tcp:1110", Factory())
+        self.assertIsInstance(plain.endpoint, InheritedSocketEndpoint)
+
     def test_default_timeout(self):
         """[server] proxy_timeout defaults to the module's PROXY_TIMEOUT."""
         self.assertEqual(Config(hostname="x").proxy_timeout, PROXY_TIMEOUT)
@@ -727,3 +747,37 @@ class BehindHAProxyTests(unittest.TestCase):
             plain.sendall(b"CAPA\r\n")
             self.assertEqual(plain.recv(100), b"")
         self.wait_logged("proxy.refused: peer=127.0.0.1 reason=invalid-header")
+
+
+class BehindHAProxyWorkersTests(unittest.TestCase):
+    """With --workers 2 each worker puts the same wrapper before the socket it adopts."""
+
+    def test_workers_know_the_client(self):
+        """Logins through HAProxy are logged by the workers as 127.0.0.7; a connection
+        without a header gets nothing from any worker."""
+        server = ProxiedTwistd(
+            self,
+            {"alice": "secret"},
+            settings={"server": {"workers": "2", "proxy_timeout": "1"}},
+        )
+        server.start()
+        haproxy = HAProxy(
+            self, {110: server.pop3_port, 995: server.pop3s_port, 25: server.smtp_port}
+        )
+        haproxy.wait_checked()
+        for _ in range(4):
+            client = SourcedPOP3(CLIENT_7, haproxy.ports[110])
+            client.user("alice")
+            self.assertTrue(client.pass_("secret").startswith(b"+OK"))
+            client.quit()
+        deadline = time.monotonic() + 10
+        while server.log().count("pop3.login: peer=127.0.0.7 user=alice") < 4:
+            self.assertLess(time.monotonic(), deadline, server.log())
+            time.sleep(0.05)
+        logins = [line for line in server.log().splitlines() if "pop3.login: " in line]
+        self.assertTrue(all(",worker=" in line for line in logins), logins)
+        self.assertNotIn("pop3.login: peer=127.0.0.1", server.log())
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", server.pop3_port), 5) as direct:
+                direct.sendall(b"CAPA\r\n")
+                self.assertEqual(direct.recv(100), b"")

@@ -274,6 +274,8 @@ class KillTests(SynchronousTestCase):
             f.write(
                 f"[server]\nhostname = {HOST}\nmailroot = {root}/mail\nusers = {root}/users\n"
                 f"state_dir = {root}/state\n"
+                # One process, greeting as soon as it listens (the read waits 1 s).
+                "workers = 1\n"
                 f"[pop3]\nlisten = tcp:{pop3_port}:interface=127.0.0.1\n"
                 f"[pop3s]\nlisten =\n[tls]\nself_signed_dir = {root}/tls\n"
                 f"[smtp]\nlisten = tcp:{smtp_port}:interface=127.0.0.1\n"

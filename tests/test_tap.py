@@ -12,10 +12,14 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv import service, tap
+from popserv import service, supervisor, tap
 from popserv.config import Config
 
 _COLLABORATORS = ("popserv.auth", "popserv.maildir", "popserv.pop3", "popserv.realm")
+
+
+#: One POP3 listener on port 0 and no other: makeService binds each port for a moment.
+ONE_PORT_0 = ("--pop3", "tcp:0:interface=127.0.0.1", "--pop3s", "", "--smtp", "")
 
 
 def parse(*argv: str) -> tap.Options:
@@ -217,7 +221,7 @@ class MakeServiceTests(SynchronousTestCase):
 
         self.patch(service, "make_service", spy)
         # Port 0 only: makeService binds each port for a moment to find one in use.
-        options = parse("--pop3", "tcp:0:interface=127.0.0.1", "--pop3s", "", "--smtp", "")
+        options = parse(*ONE_PORT_0, "--workers", "1")
         self.assertIs(tap.makeService(options), built)
         self.assertEqual(calls, [(options["popserv_config"], True)])
 
@@ -225,7 +229,7 @@ class MakeServiceTests(SynchronousTestCase):
         """Under a twistd that daemonizes (no -n), the service is built for a daemon."""
         calls = []
         self.patch(service, "make_service", lambda config, foreground: calls.append(foreground))
-        options = parse("--pop3", "tcp:0:interface=127.0.0.1", "--pop3s", "", "--smtp", "")
+        options = parse(*ONE_PORT_0, "--workers", "1")
         options.parent = {"nodaemon": False}
         tap.makeService(options)
         options.parent = {"nodaemon": True}
@@ -250,6 +254,52 @@ class MakeServiceTests(SynchronousTestCase):
                 "server or choose another port with --smtp or [smtp] listen"
             ],
         )
+
+    def test_several_workers_make_a_supervisor(self):
+        """With --workers above 1, makeService hands the Config to make_supervisor."""
+        calls = []
+        built = MultiService()
+
+        def spy(config, foreground):
+            calls.append((config.workers, foreground))
+            return built
+
+        self.patch(supervisor, "make_supervisor", spy)
+        self.patch(service, "make_service", lambda config, foreground: self.fail("built"))
+        options = parse(*ONE_PORT_0, "--workers", "3")
+        self.assertIs(tap.makeService(options), built)
+        self.assertEqual(calls, [(3, True)])
+
+    def test_workers_option(self):
+        """--workers overrides [server] workers: a count, or auto; 0 stops the start."""
+        self.assertEqual(parse("--workers", "2")["popserv_config"].workers, 2)
+        self.assertEqual(parse("--workers", "auto")["popserv_config"].workers, 0)
+        with self.assertRaises(tap.StartupError) as cm:
+            parse("--workers", "0")
+        self.assertEqual(
+            cm.exception.problems, ["--workers: [server] workers = '0': must be greater than 0"]
+        )
+
+    def test_unshareable_listener_with_workers(self):
+        """With several workers, a listener they cannot share (ssl:) stops the start with
+        one line; haproxy: over tcp: and unix: are shared, and one worker takes any."""
+        from popserv.tls import generate_self_signed
+
+        directory = os.path.abspath(self.mktemp())
+        cert, key = generate_self_signed("tap.test", directory)
+        ssl = f"ssl:4650:privateKey={key}:certKey={cert}"
+        with self.assertRaises(tap.StartupError) as cm:
+            parse("--workers", "2", "--smtp", ssl)
+        self.assertEqual(
+            cm.exception.problems,
+            [
+                f"[smtp] listen = {ssl}: several workers cannot share this listener; use "
+                "tcp, tcp6, unix, systemd (or haproxy: before one of them), or set "
+                "[server] workers = 1"
+            ],
+        )
+        parse("--workers", "2", "--pop3", "haproxy:tcp:1110", "--pop3", "unix:/tmp/p.sock")
+        parse("--workers", "1", "--smtp", ssl)
 
 
 def _missing_collaborators():
