@@ -22,7 +22,7 @@ log = Logger()
 
 
 def make_service(
-    config: Config, reactor=None, *, foreground: bool = True, listen=None, shared=None
+    config: Config, reactor=None, *, foreground: bool = True, listen=None, shared=None, tls=None
 ) -> MultiService:
     """A MultiService with one named POP3 listener per ``config.pop3_listen`` entry.
 
@@ -36,7 +36,8 @@ def make_service(
     A worker of several (``popserv.worker``) passes ``listen(kind, name, description,
     factory)``, which returns the service serving that listener (one that adopts the socket its
     supervisor bound) or None where it serves none (the metrics page), and ``shared``
-    (``popserv.worker.SharedParts``): the throttle and limits all workers share.
+    (``popserv.worker.SharedParts``): the throttle and limits all workers share, and
+    ``tls``: the ``ReloadableTLS`` made of the files its supervisor read.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -55,7 +56,7 @@ def make_service(
     from popserv.sessions import WHO_DIR, MemorySessionRegistry
     from popserv.workers import Workers, WorkersService
 
-    created, secret, tls = prepare_files(config)
+    created, secret, tls = prepare_files(config, tls)
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
     who_dir = os.path.join(os.path.abspath(config.state_dir), WHO_DIR)
@@ -141,11 +142,12 @@ def make_service(
     return top
 
 
-def prepare_files(config: Config) -> tuple[list[str], bytes, object]:
+def prepare_files(config: Config, tls=None) -> tuple[list[str], bytes, object]:
     """What a first start needs, made if missing: mail root, users file, state directory
     with the secret, self-signed certificate.  Returns the paths this made (they go to
     [server] user when root becomes that user), the secret, and the ``ReloadableTLS``:
-    one object for STLS and every POP3S listener, so SIGHUP reloads them all.
+    one object for STLS and every POP3S listener, so SIGHUP reloads them all (``tls``,
+    when given, is that object already).
     """
     from popserv.sessions import WHO_DIR
     from popserv.state import load_or_create_secret
@@ -160,7 +162,8 @@ def prepare_files(config: Config) -> tuple[list[str], bytes, object]:
     created += made
     tls_dir = os.path.abspath(config.tls_self_signed_dir)
     tls_dir_existed = os.path.exists(tls_dir)
-    tls = load_or_create(config)
+    if tls is None:
+        tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
     return created, secret, tls

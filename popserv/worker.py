@@ -226,8 +226,38 @@ class SharedParts:
         )
 
 
+def credentials_frame(pem: tuple[bytes, bytes] | None) -> bytes:
+    """The certificate chain and key for a worker's standard input: a line of the two
+    lengths, then the bytes (``0 0`` when there are none)."""
+    cert, key = pem if pem is not None else (b"", b"")
+    return b"%d %d\n" % (len(cert), len(key)) + cert + key
+
+
+def read_credentials(fd: int = 0) -> tuple[bytes, bytes] | None:
+    """What ``credentials_frame`` wrote on ``fd``, read before the reactor runs."""
+
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = os.read(fd, count - len(data))
+            if not chunk:
+                raise EOFError("the supervisor ended before it sent the certificate")
+            data += chunk
+        return data
+
+    header = b""
+    while not header.endswith(b"\n"):
+        header += exactly(1)
+        if len(header) > 40:
+            raise ValueError("not a credentials frame")
+    cert_length, key_length = map(int, header.split())
+    cert, key = exactly(cert_length), exactly(key_length)
+    return (cert, key) if cert and key else None
+
+
 class ParentWatch:
-    """Reads a pipe the supervisor never writes (standard input): its end stops the worker.
+    """Reads the supervisor's pipe (standard input), silent after the credentials: its end
+    stops the worker.
 
     The end shows as end of file, or (epoll) as a hang-up, which the reactor reports
     with ``connectionLost`` alone.
@@ -295,11 +325,19 @@ def main() -> None:
 
     config = config_from_json(settings["config"])
     listeners = settings["listeners"]
+    tls = None
+    pem = read_credentials(0)
+    if pem is not None:
+        from popserv.tls import ReloadableTLS, tls_files
+
+        cert_path, key_path, self_signed = tls_files(config)
+        tls = ReloadableTLS(cert_path, key_path, self_signed=self_signed, pem=pem)
     top = make_service(
         config,
         reactor,
         listen=adopting(listeners, reactor, config.proxy_timeout),
         shared=SharedParts(settings["shared_state"]),
+        tls=tls,
     )
     stop = _Stopper(reactor)
     top.privilegedStartService()
