@@ -16,6 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
 from popserv.listeners import listener_endpoint
+from popserv.proxyproto import PROXY_TIMEOUT
 
 log = Logger()
 
@@ -41,7 +42,7 @@ def make_service(
     if reactor is None:
         from twisted.internet import reactor
     if listen is None:
-        listen = _endpoint_listener(reactor)
+        listen = _endpoint_listener(reactor, config.proxy_timeout)
     from popserv.auth import PasswdFile, checkers
     from popserv.credcache import VerifiedPasswords
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
@@ -168,11 +169,11 @@ def prepare_files(config: Config, tls=None) -> tuple[list[str], bytes, object]:
     return created, secret, tls
 
 
-def _endpoint_listener(reactor):
+def _endpoint_listener(reactor, proxy_timeout: float):
     """How a server of one process listens: each endpoint string bound by its own service."""
 
     def listen(kind: str, name: str, description: str, factory):
-        return Listener(kind, description, factory, reactor)
+        return Listener(kind, description, factory, reactor, proxy_timeout=proxy_timeout)
 
     return listen
 
@@ -257,7 +258,7 @@ def _add_smtp(
         limiter=None if shared is None else shared.smtp_limiter(config),
     )
     if listen is None:
-        listen = _endpoint_listener(reactor)
+        listen = _endpoint_listener(reactor, config.proxy_timeout)
     for index, description in enumerate(config.smtp_listen):
         _add_listener(top, listen, "SMTP", f"smtp-{index}", description, factory)
 
@@ -273,8 +274,18 @@ class Listener(StreamServerEndpointService):
 
     _raiseSynchronously = True  # as strports.service: a failed listen raises at start
 
-    def __init__(self, kind: str, description: str, factory, reactor, foreground=True):
-        super().__init__(listener_endpoint(reactor, description), factory)
+    def __init__(
+        self,
+        kind: str,
+        description: str,
+        factory,
+        reactor,
+        foreground=True,
+        *,
+        proxy_timeout: float = PROXY_TIMEOUT,
+    ):
+        endpoint = listener_endpoint(reactor, description, proxy_timeout=proxy_timeout)
+        super().__init__(endpoint, factory)
         self.kind = kind
         self.description = description
         self.foreground = foreground

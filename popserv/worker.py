@@ -5,7 +5,7 @@ descriptors 3, 4, ... and ``POPSERV_WORKER`` in the environment: JSON of the eff
 ``Config`` (command-line overrides applied, nothing parsed again), which socket serves
 which listener, and the shared-state file.  The worker builds the serving objects of
 ``popserv.service.make_service`` and adopts each socket instead of binding; ``haproxy:``
-listeners get Twisted's PROXY-protocol wrapper, as the endpoint would add it.
+listeners get ``popserv.proxyproto``'s PROXY-protocol wrapper, as the endpoint would add it.
 
 Its log goes to standard output as JSON lines, which the supervisor writes into its own
 log with ``worker=<pid>``.  A worker dies with its supervisor, as a killed server of one
@@ -30,11 +30,11 @@ from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popserv.config import Config
+from popserv.proxyproto import PROXY_TIMEOUT, ProxyEndpoint
 
 #: Named, since the module runs as __main__.
 log = Logger(namespace="popserv.worker")
@@ -165,8 +165,11 @@ class _SharedUNIXPort(unix.Port):
         tcp.Port.connectionLost(self, reason)
 
 
-def adopting(listeners: list[dict], reactor):
-    """The ``listen`` of ``make_service`` for a worker: each listener from its descriptor."""
+def adopting(listeners: list[dict], reactor, proxy_timeout: float = PROXY_TIMEOUT):
+    """The ``listen`` of ``make_service`` for a worker: each listener from its descriptor.
+
+    ``proxy_timeout`` is ``haproxy:`` listeners' time for the PROXY header.
+    """
     by_name = {spec["name"]: spec for spec in listeners}
 
     def listen(kind: str, name: str, description: str, factory):
@@ -177,7 +180,7 @@ def adopting(listeners: list[dict], reactor):
         endpoint = InheritedSocketEndpoint(reactor, spec["fd"], spec["family"])
         if spec["haproxy"]:
             # As a haproxy: endpoint string wraps its inner endpoint.
-            endpoint = proxyEndpoint(endpoint)
+            endpoint = ProxyEndpoint(endpoint, reactor, proxy_timeout)
         return AdoptedListener(endpoint, factory)
 
     return listen
@@ -332,7 +335,7 @@ def main() -> None:
     top = make_service(
         config,
         reactor,
-        listen=adopting(listeners, reactor),
+        listen=adopting(listeners, reactor, config.proxy_timeout),
         shared=SharedParts(settings["shared_state"]),
         tls=tls,
     )
