@@ -29,11 +29,9 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
 from popserv import auth, service
 from popserv.config import Config
-from popserv.interfaces import ILoginThrottle
 from popserv.limits import accounting_key
 from popserv.pop3 import Reply
 from popserv.realm import MaildropRealm
@@ -136,41 +134,6 @@ class MemoryThrottleTests(unittest.TestCase):
         self.assertTrue(self.throttle.begin(peer, user))
         return self.throttle.failed(peer, user)
 
-    def test_interface(self):
-        """The in-memory throttle provides ILoginThrottle."""
-        verifyObject(ILoginThrottle, self.throttle)
-
-    def test_attempts_in_flight_count(self):
-        """Attempts not yet ended count against the limit, so parallel ones cannot pass it."""
-        begun = [self.throttle.begin("192.0.2.7", "alice") for _ in range(5)]
-        self.assertEqual(begun, [True, True, True, False, False])
-        for _ in range(5):
-            self.throttle.abandoned("192.0.2.7", "alice")
-        self.assertTrue(self.throttle.begin("192.0.2.7", "alice"))
-
-    def test_success_forgives_only_its_user(self):
-        """A login forgives its own user's failures from the address, not another's."""
-        self.fail("alice")
-        self.fail("bob")
-        self.assertTrue(self.throttle.begin("192.0.2.7", "bob"))
-        self.throttle.succeeded("192.0.2.7", "bob")
-        self.fail("alice")
-        self.assertTrue(self.throttle.begin("192.0.2.7", "alice"))
-        self.assertEqual(self.throttle.failed("192.0.2.7", "alice"), 4)
-        self.assertFalse(self.throttle.begin("192.0.2.7", "bob"))
-
-    def test_delay_doubles_up_to_cap(self):
-        """Each failure from an address doubles the delay, up to the cap."""
-        self.throttle.settings = ThrottleSettings(failure_delay=1, failure_delay_max=15)
-        self.assertEqual([self.fail() for _ in range(6)], [1, 2, 4, 8, 15, 15])
-
-    def test_quiet_spell_forgets(self):
-        """After FAILURE_MEMORY quiet seconds an address starts afresh."""
-        for _ in range(3):
-            self.fail()
-        self.clock.advance(self.throttle.memory + 1)
-        self.assertEqual(self.fail(), 1)
-
     def test_memory_is_bounded(self):
         """At most max_peers addresses, and MAX_USERS_PER_PEER names per address, are kept."""
         self.throttle.max_peers = 5
@@ -189,19 +152,6 @@ class MemoryThrottleTests(unittest.TestCase):
         self.throttle.begin("192.0.2.8", "alice")
         self.throttle.abandoned("192.0.2.8", "alice")
         self.assertEqual(len(self.throttle), 0)
-
-    def test_login_delay(self):
-        """With a LOGIN-DELAY a user's next login waits it out; old logins are forgotten."""
-        self.throttle.settings = ThrottleSettings(login_delay=60)
-        self.assertTrue(self.throttle.login_allowed("alice"))
-        self.clock.advance(59)
-        self.assertFalse(self.throttle.login_allowed("alice"))
-        self.assertTrue(self.throttle.login_allowed("bob"))
-        self.clock.advance(1)
-        self.assertTrue(self.throttle.login_allowed("alice"))
-        self.clock.advance(60)
-        self.throttle.login_allowed("carol")
-        self.assertEqual(list(self.throttle._logins), ["carol"])
 
 
 class SchedulerTests(unittest.TestCase):
