@@ -24,6 +24,7 @@ class Config:
     user: str = ""  # empty: keep the user the server starts as
     log_level: str = "info"
     state_dir: str = "popserv-data/state"
+    proxy_timeout: float = 5.0  # haproxy: listeners; popserv.proxyproto.PROXY_TIMEOUT
     workers: int = 0  # serving processes; 0: auto, one per CPU (popserv.supervisor)
 
     # tcp6:PORT: all addresses, IPv6 and IPv4, on one socket (popserv.listeners).
@@ -208,6 +209,7 @@ _KEYS = {
     ("server", "user"): ("user", _optional_text),
     ("server", "log_level"): ("log_level", _log_level),
     ("server", "state_dir"): ("state_dir", _text),
+    ("server", "proxy_timeout"): ("proxy_timeout", _positive_float),
     ("server", "workers"): ("workers", _workers),
     ("pop3", "listen"): ("pop3_listen", _listeners),
     ("pop3", "timeout"): ("pop3_timeout", _positive_float),

@@ -6,8 +6,10 @@ one ``[::]`` socket with ``IPV6_V6ONLY`` switched off, on which IPv4 clients arr
 IPv4-mapped addresses (``popserv.peers`` turns those back into IPv4).  Two sockets,
 ``0.0.0.0`` and ``[::]``, would collide on Linux: Twisted cannot set ``IPV6_V6ONLY``, so
 its ``[::]`` socket already takes IPv4.  A host without IPv6 gets ``0.0.0.0`` instead,
-with a warning, rather than a server that does not start.  Every other endpoint string
-is Twisted's own, unchanged.
+with a warning, rather than a server that does not start.  ``haproxy:`` before any
+listener string puts ``popserv.proxyproto`` in front of it, so that nothing is served
+before the PROXY header has named the client.  Every other endpoint string is
+Twisted's own, unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from popserv.proxyproto import PROXY_TIMEOUT, ProxyEndpoint
 
 log = Logger()
 
@@ -42,12 +46,20 @@ def dual_stack(description: str) -> tuple[int, int] | None:
     return int(match["port"]), int(match["backlog"] or DEFAULT_BACKLOG)
 
 
-def listener_endpoint(reactor, description: str) -> IStreamServerEndpoint:
+def listener_endpoint(
+    reactor, description: str, *, proxy_timeout: float = PROXY_TIMEOUT
+) -> IStreamServerEndpoint:
     """The endpoint ``description`` names: the dual-stack form is ours, the rest Twisted's.
 
-    As with ``strports.service``, a bad string raises here, and a port that cannot be
-    bound fails the endpoint's ``listen``.
+    ``haproxy:LISTENER`` is ours too: LISTENER's endpoint, its connections behind a
+    PROXY header that must arrive within ``proxy_timeout`` seconds.  As with
+    ``strports.service``, a bad string raises here, and a port that cannot be bound
+    fails the endpoint's ``listen``.
     """
+    prefix, colon, inner = description.partition(":")
+    if colon and prefix.strip().lower() == "haproxy":
+        inner_endpoint = listener_endpoint(reactor, inner, proxy_timeout=proxy_timeout)
+        return ProxyEndpoint(inner_endpoint, reactor, proxy_timeout)
     form = dual_stack(description)
     if form is not None:
         return DualStackEndpoint(reactor, *form)

@@ -5,6 +5,8 @@ arrives as an IPv4-mapped IPv6 address (``::ffff:192.0.2.7``).  Protocols take t
 peer's host from ``peer_host`` only, so trusted networks, connection limits, the
 failed-login throttle, log lines (and so fail2ban), ``Received:`` headers and
 ``popserv who`` all see the plain IPv4 address, whichever listener the client used.
+Behind ``haproxy:`` listeners the address is the one the PROXY header names: the
+transport's ``getPeer`` gives it (``popserv.proxyproto``).
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.config import Config
 from popserv.listeners import listener_endpoint
+from popserv.proxyproto import PROXY_TIMEOUT
 
 log = Logger()
 
 
 def make_service(
-    config: Config, reactor=None, *, foreground: bool = True, listen=None, shared=None
+    config: Config, reactor=None, *, foreground: bool = True, listen=None, shared=None, tls=None
 ) -> MultiService:
     """A MultiService with one named POP3 listener per ``config.pop3_listen`` entry.
 
@@ -35,12 +36,13 @@ def make_service(
     A worker of several (``popserv.worker``) passes ``listen(kind, name, description,
     factory)``, which returns the service serving that listener (one that adopts the socket its
     supervisor bound) or None where it serves none (the metrics page), and ``shared``
-    (``popserv.worker.SharedParts``): the throttle and limits all workers share.
+    (``popserv.worker.SharedParts``): the throttle and limits all workers share, and
+    ``tls``: the ``ReloadableTLS`` made of the files its supervisor read.
     """
     if reactor is None:
         from twisted.internet import reactor
     if listen is None:
-        listen = _endpoint_listener(reactor)
+        listen = _endpoint_listener(reactor, config.proxy_timeout)
     from popserv.auth import PasswdFile, checkers
     from popserv.credcache import VerifiedPasswords
     from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
@@ -54,7 +56,7 @@ def make_service(
     from popserv.sessions import WHO_DIR, MemorySessionRegistry
     from popserv.workers import Workers, WorkersService
 
-    created, secret, tls = prepare_files(config)
+    created, secret, tls = prepare_files(config, tls)
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
     who_dir = os.path.join(os.path.abspath(config.state_dir), WHO_DIR)
@@ -140,11 +142,12 @@ def make_service(
     return top
 
 
-def prepare_files(config: Config) -> tuple[list[str], bytes, object]:
+def prepare_files(config: Config, tls=None) -> tuple[list[str], bytes, object]:
     """What a first start needs, made if missing: mail root, users file, state directory
     with the secret, self-signed certificate.  Returns the paths this made (they go to
     [server] user when root becomes that user), the secret, and the ``ReloadableTLS``:
-    one object for STLS and every POP3S listener, so SIGHUP reloads them all.
+    one object for STLS and every POP3S listener, so SIGHUP reloads them all (``tls``,
+    when given, is that object already).
     """
     from popserv.sessions import WHO_DIR
     from popserv.state import load_or_create_secret
@@ -159,17 +162,18 @@ def prepare_files(config: Config) -> tuple[list[str], bytes, object]:
     created += made
     tls_dir = os.path.abspath(config.tls_self_signed_dir)
     tls_dir_existed = os.path.exists(tls_dir)
-    tls = load_or_create(config)
+    if tls is None:
+        tls = load_or_create(config)
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
     return created, secret, tls
 
 
-def _endpoint_listener(reactor):
+def _endpoint_listener(reactor, proxy_timeout: float):
     """How a server of one process listens: each endpoint string bound by its own service."""
 
     def listen(kind: str, name: str, description: str, factory):
-        return Listener(kind, description, factory, reactor)
+        return Listener(kind, description, factory, reactor, proxy_timeout=proxy_timeout)
 
     return listen
 
@@ -254,7 +258,7 @@ def _add_smtp(
         limiter=None if shared is None else shared.smtp_limiter(config),
     )
     if listen is None:
-        listen = _endpoint_listener(reactor)
+        listen = _endpoint_listener(reactor, config.proxy_timeout)
     for index, description in enumerate(config.smtp_listen):
         _add_listener(top, listen, "SMTP", f"smtp-{index}", description, factory)
 
@@ -270,8 +274,18 @@ class Listener(StreamServerEndpointService):
 
     _raiseSynchronously = True  # as strports.service: a failed listen raises at start
 
-    def __init__(self, kind: str, description: str, factory, reactor, foreground=True):
-        super().__init__(listener_endpoint(reactor, description), factory)
+    def __init__(
+        self,
+        kind: str,
+        description: str,
+        factory,
+        reactor,
+        foreground=True,
+        *,
+        proxy_timeout: float = PROXY_TIMEOUT,
+    ):
+        endpoint = listener_endpoint(reactor, description, proxy_timeout=proxy_timeout)
+        super().__init__(endpoint, factory)
         self.kind = kind
         self.description = description
         self.foreground = foreground

@@ -172,7 +172,12 @@ def read_sessions(directory: str, timeout: float = 5.0) -> tuple[list[OpenSessio
         for name in names:
             path = _socket_path(directory, name, directory_fd)
             try:
-                data = _ask(path, timeout)
+                try:
+                    data = _ask(path, timeout)
+                except ConnectionResetError:
+                    # A process killed with this connection in its queue resets it; the
+                    # second try is refused (gone) or answered (it was something else).
+                    data = _ask(path, timeout)
             except (ConnectionRefusedError, FileNotFoundError):
                 _remove_stale(path)
                 continue

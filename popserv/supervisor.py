@@ -42,7 +42,7 @@ from popserv import sharedstate
 from popserv.config import Config, ConfigError
 from popserv.notify import NotifyService
 from popserv.service import Listener
-from popserv.worker import FIRST_LISTENER_FD, WORKER_ENV, worker_settings
+from popserv.worker import FIRST_LISTENER_FD, WORKER_ENV, credentials_frame, worker_settings
 
 log = Logger()
 
@@ -126,7 +126,9 @@ def make_supervisor(
     from popserv.service import ReloadOnSIGHUP, prepare_files
 
     count = worker_count(config)
-    created, _, _ = prepare_files(config)
+    # Read now, as root if started so: workers get the bytes, not the files (a key only
+    # root may read, as certbot leaves it, still serves).
+    created, _, tls = prepare_files(config)
     state_dir = os.path.abspath(config.state_dir)
     metrics_dir = None
     if config.metrics_listen:
@@ -159,6 +161,7 @@ def make_supervisor(
         shared,
         reactor,
         spawn=spawn,
+        tls=tls,
         metrics_dir=metrics_dir,
         on_ready=notify.workers_ready,
         on_ended=on_ended,
@@ -403,6 +406,7 @@ class WorkerPool(Service):
         reactor,
         *,
         spawn=None,
+        tls=None,
         metrics_dir: str | None = None,
         on_ready=None,
         on_ended=None,
@@ -414,6 +418,8 @@ class WorkerPool(Service):
         self.shared = shared
         self._reactor = reactor
         self._spawn = spawn if spawn is not None else reactor.spawnProcess
+        #: The ReloadableTLS whose certificate and key each new worker is handed.
+        self.tls = tls
         self.metrics_dir = metrics_dir
         self._on_ready = on_ready
         #: Called with the pid of each worker that ended.
@@ -460,7 +466,8 @@ class WorkerPool(Service):
         )
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        worker = WorkerProcess(self, slot, self._reactor.seconds())
+        pem = self.tls.pem if self.tls is not None else None
+        worker = WorkerProcess(self, slot, self._reactor.seconds(), pem)
         self.workers[slot] = worker
         self._spawn(
             worker,
@@ -628,8 +635,9 @@ def _timestamp(text) -> float:
 class WorkerProcess(ProcessProtocol):
     """One worker: its output read line by line, its end reported to the pool."""
 
-    def __init__(self, pool: WorkerPool, slot: int, started: float):
+    def __init__(self, pool: WorkerPool, slot: int, started: float, pem=None):
         self.pool = pool
+        self._pem = pem
         self.slot = slot
         self.started = started
         self.pid: int | None = None
@@ -641,6 +649,10 @@ class WorkerProcess(ProcessProtocol):
     def makeConnection(self, transport) -> None:
         self.pid = transport.pid
         super().makeConnection(transport)
+        # First thing on the worker's standard input, which then stays silent until the
+        # supervisor ends (popserv.worker.ParentWatch).
+        transport.writeToChild(0, credentials_frame(self._pem))
+        self._pem = None
 
     def signal(self, name: str) -> None:
         try:

@@ -69,18 +69,21 @@ def _public_bytes(public_key) -> bytes:
     )
 
 
-def _certificates(cert_path: str) -> list[x509.Certificate]:
-    """The PEM chain of the file; read first, so that "cannot read" is not reported as
-    "no PEM certificate" (CertificateError is a ValueError too)."""
-    data = _read(cert_path, "TLS certificate", "cert")
+def _certificates(cert_path: str, data: bytes | None = None) -> list[x509.Certificate]:
+    """The PEM chain of the file (or ``data``, its bytes read earlier); read first, so that
+    "cannot read" is not reported as "no PEM certificate" (CertificateError is a ValueError
+    too)."""
+    if data is None:
+        data = _read(cert_path, "TLS certificate", "cert")
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CertificateError(f"{cert_path}: no PEM certificate in the file", "cert") from None
 
 
-def _private_key(key_path: str):
-    data = _read(key_path, "TLS key", "key")
+def _private_key(key_path: str, data: bytes | None = None):
+    if data is None:
+        data = _read(key_path, "TLS key", "key")
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -91,10 +94,14 @@ def _private_key(key_path: str):
         raise CertificateError(f"{key_path}: a key of a kind not supported: {e}", "key") from None
 
 
-def load_options(cert_path: str, key_path: str) -> CertificateOptions:
-    """``CertificateOptions`` (TLS 1.2 at least) for a PEM chain, leaf first, and its key."""
-    chain = _certificates(cert_path)
-    key = _private_key(key_path)
+def load_options(
+    cert_path: str, key_path: str, pem: tuple[bytes, bytes] | None = None
+) -> CertificateOptions:
+    """``CertificateOptions`` (TLS 1.2 at least) for a PEM chain, leaf first, and its key;
+    ``pem`` is the two files' bytes when they were read already."""
+    cert_data, key_data = pem if pem is not None else (None, None)
+    chain = _certificates(cert_path, cert_data)
+    key = _private_key(key_path, key_data)
     if _public_bytes(key.public_key()) != _public_bytes(chain[0].public_key()):
         raise CertificateError(
             f"{key_path}: the private key does not match the first certificate of {cert_path}"
@@ -138,12 +145,26 @@ class ReloadableTLS:
     changes the certificate for new connections only and drops no session.
     """
 
-    def __init__(self, cert_path: str, key_path: str, *, self_signed: bool = False):
+    def __init__(
+        self,
+        cert_path: str,
+        key_path: str,
+        *,
+        self_signed: bool = False,
+        pem: tuple[bytes, bytes] | None = None,
+    ):
+        """``pem``: the files' bytes, read by a process that could (a supervisor still
+        root hands them to its workers); otherwise the files are read here."""
         self.cert_path = cert_path
         self.key_path = key_path
         self.self_signed = self_signed
-        self.options = load_options(cert_path, key_path)
-        self.fingerprint = fingerprint(cert_path)
+        if pem is None:
+            pem = (_read(cert_path, "TLS certificate", "cert"), _read(key_path, "TLS key", "key"))
+        #: The certificate chain and key as read at the start or the last reload.
+        self.pem = pem
+        self.options = load_options(cert_path, key_path, pem)
+        self.fingerprint = _certificates(cert_path, pem[0])[0].fingerprint(hashes.SHA256())
+        self.fingerprint = self.fingerprint.hex(":").upper()
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self.options.getContext(), None)
@@ -155,8 +176,12 @@ class ReloadableTLS:
     def reload(self) -> bool:
         """Re-read the files; a file that cannot be used is logged and the old one kept."""
         try:
-            options = load_options(self.cert_path, self.key_path)
-            new_fingerprint = fingerprint(self.cert_path)
+            pem = (
+                _read(self.cert_path, "TLS certificate", "cert"),
+                _read(self.key_path, "TLS key", "key"),
+            )
+            options = load_options(self.cert_path, self.key_path, pem)
+            new_fingerprint = _certificates(self.cert_path, pem[0])[0].fingerprint(hashes.SHA256())
         except CertificateError as e:
             log.error(
                 "tls.reload_failed: {error}; still serving {fingerprint}",
@@ -164,8 +189,9 @@ class ReloadableTLS:
                 fingerprint=self.fingerprint,
             )
             return False
+        self.pem = pem
         self.options = options
-        self.fingerprint = new_fingerprint
+        self.fingerprint = new_fingerprint.hex(":").upper()
         log.info(
             "tls.reloaded: {cert}, SHA-256 fingerprint {fingerprint}",
             cert=self.cert_path,

@@ -5,7 +5,7 @@ descriptors 3, 4, ... and ``POPSERV_WORKER`` in the environment: JSON of the eff
 ``Config`` (command-line overrides applied, nothing parsed again), which socket serves
 which listener, and the shared-state file.  The worker builds the serving objects of
 ``popserv.service.make_service`` and adopts each socket instead of binding; ``haproxy:``
-listeners get Twisted's PROXY-protocol wrapper, as the endpoint would add it.
+listeners get ``popserv.proxyproto``'s PROXY-protocol wrapper, as the endpoint would add it.
 
 Its log goes to standard output as JSON lines, which the supervisor writes into its own
 log with ``worker=<pid>``.  A worker dies with its supervisor, as a killed server of one
@@ -30,11 +30,11 @@ from twisted.internet import defer, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popserv.config import Config
+from popserv.proxyproto import PROXY_TIMEOUT, ProxyEndpoint
 
 #: Named, since the module runs as __main__.
 log = Logger(namespace="popserv.worker")
@@ -165,8 +165,11 @@ class _SharedUNIXPort(unix.Port):
         tcp.Port.connectionLost(self, reason)
 
 
-def adopting(listeners: list[dict], reactor):
-    """The ``listen`` of ``make_service`` for a worker: each listener from its descriptor."""
+def adopting(listeners: list[dict], reactor, proxy_timeout: float = PROXY_TIMEOUT):
+    """The ``listen`` of ``make_service`` for a worker: each listener from its descriptor.
+
+    ``proxy_timeout`` is ``haproxy:`` listeners' time for the PROXY header.
+    """
     by_name = {spec["name"]: spec for spec in listeners}
 
     def listen(kind: str, name: str, description: str, factory):
@@ -177,7 +180,7 @@ def adopting(listeners: list[dict], reactor):
         endpoint = InheritedSocketEndpoint(reactor, spec["fd"], spec["family"])
         if spec["haproxy"]:
             # As a haproxy: endpoint string wraps its inner endpoint.
-            endpoint = proxyEndpoint(endpoint)
+            endpoint = ProxyEndpoint(endpoint, reactor, proxy_timeout)
         return AdoptedListener(endpoint, factory)
 
     return listen
@@ -223,8 +226,38 @@ class SharedParts:
         )
 
 
+def credentials_frame(pem: tuple[bytes, bytes] | None) -> bytes:
+    """The certificate chain and key for a worker's standard input: a line of the two
+    lengths, then the bytes (``0 0`` when there are none)."""
+    cert, key = pem if pem is not None else (b"", b"")
+    return b"%d %d\n" % (len(cert), len(key)) + cert + key
+
+
+def read_credentials(fd: int = 0) -> tuple[bytes, bytes] | None:
+    """What ``credentials_frame`` wrote on ``fd``, read before the reactor runs."""
+
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = os.read(fd, count - len(data))
+            if not chunk:
+                raise EOFError("the supervisor ended before it sent the certificate")
+            data += chunk
+        return data
+
+    header = b""
+    while not header.endswith(b"\n"):
+        header += exactly(1)
+        if len(header) > 40:
+            raise ValueError("not a credentials frame")
+    cert_length, key_length = map(int, header.split())
+    cert, key = exactly(cert_length), exactly(key_length)
+    return (cert, key) if cert and key else None
+
+
 class ParentWatch:
-    """Reads a pipe the supervisor never writes (standard input): its end stops the worker.
+    """Reads the supervisor's pipe (standard input), silent after the credentials: its end
+    stops the worker.
 
     The end shows as end of file, or (epoll) as a hang-up, which the reactor reports
     with ``connectionLost`` alone.
@@ -292,11 +325,19 @@ def main() -> None:
 
     config = config_from_json(settings["config"])
     listeners = settings["listeners"]
+    tls = None
+    pem = read_credentials(0)
+    if pem is not None:
+        from popserv.tls import ReloadableTLS, tls_files
+
+        cert_path, key_path, self_signed = tls_files(config)
+        tls = ReloadableTLS(cert_path, key_path, self_signed=self_signed, pem=pem)
     top = make_service(
         config,
         reactor,
-        listen=adopting(listeners, reactor),
+        listen=adopting(listeners, reactor, config.proxy_timeout),
         shared=SharedParts(settings["shared_state"]),
+        tls=tls,
     )
     stop = _Stopper(reactor)
     top.privilegedStartService()

@@ -25,6 +25,7 @@ users = /etc/popserv/users
 user = popserv
 log_level = debug
 state_dir = /var/lib/popserv/state
+proxy_timeout = 2.5
 workers = 3
 
 [pop3]
@@ -109,6 +110,7 @@ class ConfigFromStringTests(SynchronousTestCase):
                 user="popserv",
                 log_level="debug",
                 state_dir="/var/lib/popserv/state",
+                proxy_timeout=2.5,
                 workers=3,
                 pop3_listen=("tcp:110", "tcp:1110:interface=127.0.0.1"),
                 pop3_timeout=900.0,

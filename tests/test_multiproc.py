@@ -36,7 +36,14 @@ from popserv.logs import event_as_json
 from popserv.pop3.replies import Reply
 from popserv.sessions import read_sessions
 from popserv.tls import generate_self_signed
-from popserv.worker import WORKER_ENV, ParentWatch, config_from_json, config_to_json
+from popserv.worker import (
+    WORKER_ENV,
+    ParentWatch,
+    config_from_json,
+    config_to_json,
+    credentials_frame,
+    read_credentials,
+)
 from tests.live import require_client
 from tests.live_smtp import free_port
 from tests.live_twistd import REPO, TWISTD, TwistdServer
@@ -266,6 +273,18 @@ class WorkersTests(SynchronousTestCase):
         self.assertNotEqual(set(new.values()), old)
         for pid in new:
             self.assertRegex(self.server.log(), rf"\[popserv.tls#info,worker={pid}\] tls.reloaded")
+
+    def test_a_new_worker_gets_the_key_from_the_supervisor(self):
+        """Workers are handed the certificate and key the supervisor read at start (as root,
+        when started so), not the files: with the key file gone, a worker started in a dead
+        one's place still serves POP3S, with the same certificate."""
+        before = {self.fingerprint_on(pid) for pid in self.server.workers()}
+        os.remove(os.path.join(self.server.root, "tls", "key.pem"))
+        killed, survivor = self.server.workers()
+        os.kill(killed, signal.SIGKILL)
+        (replacement,) = set(self.server.wait_ready(exclude=(killed,))) - {survivor}
+        self.assertEqual(self.fingerprint_on(replacement), before.pop())
+        self.assertNotIn("cannot read the TLS key", self.server.log())
 
     def fingerprint_on(self, pid: int) -> str:
         """The certificate a POP3S connection served by worker ``pid`` gets."""
@@ -550,8 +569,8 @@ class StartFailureTests(SynchronousTestCase):
 
     def test_key_the_server_user_cannot_read(self):
         """Started as root with [server] user = nobody and a key only root may read, the
-        supervisor binds and drops root, its workers cannot read the key, and twistd
-        stops saying so instead of restarting them without end."""
+        supervisor reads the key as root and hands it to its workers, which serve POP3S as
+        nobody."""
         if os.geteuid() != 0:
             raise SkipTest("needs root, to become [server] user")
         nobody = pwd.getpwnam("nobody")
@@ -573,21 +592,24 @@ class StartFailureTests(SynchronousTestCase):
             raise SkipTest(f"nobody cannot run {sys.executable} (a Python under /root?)")
         keys = os.path.abspath(self.mktemp())
         cert, key = generate_self_signed("twistd.test", keys)
+        os.chmod(key, 0o600)  # root's, as certbot leaves a key
+        port = free_port()
         server = WorkersServer(
             self,
             {"alice": "secret"},
-            settings={"server": {"user": "nobody"}, "tls": {"cert": cert, "key": key}},
+            settings={
+                "server": {"user": "nobody"},
+                "tls": {"cert": cert, "key": key},
+                "pop3s": {"listen": f"tcp:{port}:interface=127.0.0.1"},
+            },
         )
         os.chmod(os.path.dirname(server.root), 0o711)
-        child = server.spawn()
-        try:
-            child.wait(60)
-        except subprocess.TimeoutExpired:
-            self.fail(f"twistd kept running:\n{server.log()}")
-        log = server.log()
-        self.assertIn("popserv.worker_failed: pid=", log)
-        self.assertIn(f"{key}: cannot read: Permission denied", log)
-        self.assertNotIn("popserv.worker_ended", log)
+        server.start()
+        for _ in server.workers():
+            with Client(port, tls=True) as client:
+                self.assertTrue(client.login("alice", "secret").startswith(b"+OK"))
+                client.quit()
+        self.assertNotIn("popserv.worker_failed", server.log())
 
 
 class FakeWorkerTransport:
@@ -596,9 +618,13 @@ class FakeWorkerTransport:
     def __init__(self, pid: int):
         self.pid = pid
         self.signals: list[str] = []
+        self.written: list[tuple[int, bytes]] = []
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append((fd, data))
 
 
 class FakeListener:
@@ -867,6 +893,34 @@ class ParentWatchTests(TestCase):
     def test_end_of_file_stops(self):
         """A pipe closed after something was written stops the worker once it is read."""
         return self.watch(b"ignored")
+
+
+class CredentialsFrameTests(SynchronousTestCase):
+    """The certificate and key reach a worker on its standard input, before anything else."""
+
+    def through_a_pipe(self, pem):
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        os.write(write, credentials_frame(pem) + b"later bytes")
+        os.close(write)
+        return read_credentials(read), os.read(read, 100)
+
+    def test_read_back_exactly(self):
+        """The two PEM texts come back as written, and nothing after them is consumed."""
+        pem = (b"-----BEGIN CERTIFICATE-----\nAAA\n", b"-----BEGIN PRIVATE KEY-----\nBB\n")
+        self.assertEqual(self.through_a_pipe(pem), (pem, b"later bytes"))
+
+    def test_none(self):
+        """A supervisor without TLS material sends an empty frame: the worker reads the files."""
+        self.assertEqual(self.through_a_pipe(None), (None, b"later bytes"))
+
+    def test_supervisor_ended_early(self):
+        """A pipe that ends inside the frame is an error, not a worker serving without TLS."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        os.write(write, b"10 10\nshort")
+        os.close(write)
+        self.assertRaises(EOFError, read_credentials, read)
 
 
 class SupervisorPartsTests(SynchronousTestCase):

