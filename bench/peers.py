@@ -1,16 +1,20 @@
 """The servers the benchmark compares: how to lay out their data, start, stop and measure them.
 
 Every server gets its own copy of the same mail (hard links to the generated files, in a
-directory tree of its own), its own users file with the same ``{PLAIN}`` passwords, and
-listens on 127.0.0.1 high ports only.
+directory tree of its own), its own users file with the same ``{PLAIN}`` passwords (and,
+for the Argon2 scenario, the same ``{ARGON2ID}`` hashes), and listens on 127.0.0.1 high
+ports only.  POP3S peers serve the one self-signed RSA-2048 certificate the run makes.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -47,6 +51,75 @@ def wait_for_port(port: int, proc: subprocess.Popen | None, log: str, timeout: f
     raise RuntimeError(f"nothing answers on port {port} after {timeout}s:\n{tail(log)}")
 
 
+def client_tls_context() -> ssl.SSLContext:
+    """TLS for the load clients: no certificate check (the bench's own self-signed one)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def wait_for_tls_port(port: int, proc: subprocess.Popen | None, log: str, timeout: float = 30.0):
+    """Wait until a TLS handshake succeeds on the port and a greeting follows."""
+    deadline = time.monotonic() + timeout
+    context = client_tls_context()
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                with context.wrap_socket(raw) as s:
+                    if s.recv(512):
+                        return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"no TLS greeting on port {port} after {timeout}s:\n{tail(log)}")
+
+
+def make_certificate(directory: str) -> tuple[str, str]:
+    """A self-signed RSA-2048 certificate for localhost and 127.0.0.1: (cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(directory, "cert.pem")
+    key_path = os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_path, key_path
+
+
 def tail(path: str, lines: int = 30) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -71,6 +144,12 @@ class Peer:
     name = "?"
     pop3 = True
     smtp = False
+    #: Serves POP3S (implicit TLS) with the run's certificate.
+    pop3s = False
+    #: Reads ``{ARGON2ID}`` password hashes.
+    argon2 = False
+    #: The only scenarios this peer takes part in (None: all it can).
+    only: tuple[str, ...] | None = None
     #: "rss" (one process) or "pss" (sum over a process tree).
     memory_kind = "rss"
 
@@ -82,12 +161,23 @@ class Peer:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.pop3_port = 0
+        self.pop3s_port = 0
         self.smtp_port = 0
+        #: Certificate and key files (PEM) for POP3S, set by the runner.
+        self.cert: str | None = None
+        self.key: str | None = None
 
     # -- data --------------------------------------------------------------
 
-    def build(self, mailboxes: dict[str, tuple[list[str], str]]) -> None:
-        """A fresh tree: ``user -> (message files, "new" or "cur")`` and the users file."""
+    def build(
+        self, mailboxes: dict[str, tuple[list[str], str]], hashed: dict[str, str] | None = None
+    ) -> None:
+        """A fresh tree: ``user -> (message files, "new" or "cur")`` and the users file.
+
+        ``hashed`` gives some users a password field of their own (``{ARGON2ID}$argon2id$...``)
+        instead of ``{PLAIN}``; every peer gets the same strings.
+        """
+        hashed = hashed or {}
         if os.path.isdir(self.root):
             shutil.rmtree(self.root)
         os.makedirs(self.mail)
@@ -95,7 +185,8 @@ class Peer:
             self.add_mailbox(user, files, sub)
         with open(self.users, "w") as f:
             for user in mailboxes:
-                f.write(f"{user}:{{PLAIN}}{PASSWORD}\n")
+                field = hashed.get(user, "{PLAIN}" + PASSWORD)
+                f.write(f"{user}:{field}\n")
         self.protect_users()
 
     def protect_users(self) -> None:
@@ -125,11 +216,13 @@ class Peer:
     # -- process -----------------------------------------------------------
 
     def command(self, smtp: bool) -> tuple[list[str], dict]:
+        """argv and environment; ``self.pop3s_port`` is 0 unless POP3S is wanted."""
         raise NotImplementedError
 
-    def start(self, smtp: bool = False) -> None:
+    def start(self, smtp: bool = False, tls: bool = False) -> None:
         self.pop3_port = free_port()
         self.smtp_port = free_port() if smtp else 0
+        self.pop3s_port = free_port() if tls else 0
         argv, env = self.command(smtp)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -146,6 +239,8 @@ class Peer:
         wait_for_port(port, self.proc, self.log)
         if smtp and self.pop3:
             wait_for_port(self.smtp_port, self.proc, self.log)
+        if tls:
+            wait_for_tls_port(self.pop3s_port, self.proc, self.log)
         self.after_start()
 
     def after_start(self) -> None:
@@ -191,12 +286,37 @@ def _twistd(*args: str) -> list[str]:
     return [sys.executable, "-c", run, "-n", "--pidfile=", *args]
 
 
+def _knows(section: str, key: str, value: str) -> bool:
+    """Whether this checkout's popserv/config.py accepts ``[section] key = value``."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from popserv.config import ConfigError, config_from_string
+
+    try:
+        config_from_string(f"[{section}]\n{key} = {value}\n")
+    except ConfigError:
+        return False
+    return True
+
+
 class Popserv(Peer):
+    """This checkout's ``twistd popserv``, one serving process (``[server] workers = 1``)."""
+
     name = "popserv"
+    pop3s = True
+    argon2 = True
+    workers = 1
 
     def __init__(self, root: str):
         super().__init__(root)
         self._smtp_option: bool | None = None
+        self._notify: socket.socket | None = None
+        self._notify_path = ""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this checkout can run the peer's number of workers."""
+        return cls.workers == 1 or _knows("server", "workers", str(cls.workers))
 
     @property
     def smtp(self) -> bool:
@@ -235,13 +355,47 @@ class Popserv(Peer):
             "--users",
             self.users,
         )
+        if self.pop3s_port:
+            argv += ["--pop3s", f"tcp:{self.pop3s_port}:interface=127.0.0.1"]
         if smtp:
             argv += ["--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1", "--domain", DOMAIN]
-        return argv, self._env()
+        env = self._env()
+        if os.path.exists(os.path.join(REPO, "popserv", "notify.py")):
+            # READY=1 comes once every worker serves, not when the first one does.
+            self._notify_path = os.path.join(self.root, "notify.sock")
+            if os.path.exists(self._notify_path):
+                os.unlink(self._notify_path)
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notify.bind(self._notify_path)
+            self._notify.settimeout(0.5)
+            env["NOTIFY_SOCKET"] = self._notify_path
+        return argv, env
 
-    #: (section, key, value): no POP3S, no SMTP unless asked, and connection limits above
-    #: what the idle scenario opens (as Dovecot's are raised).  Keys this checkout's
-    #: config.py does not know yet are left out.
+    def after_start(self) -> None:
+        if self._notify is None:
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail(self.log)}")
+            try:
+                message = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            if b"READY=1" in message.split(b"\n"):
+                return
+        raise RuntimeError(f"no READY=1 from popserv after 60s:\n{tail(self.log)}")
+
+    def stop(self) -> None:
+        super().stop()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+            os.unlink(self._notify_path)
+
+    #: (section, key, value): no POP3S unless asked (``--pop3s`` replaces it), no SMTP
+    #: unless asked, and connection limits above what the idle scenario opens (as
+    #: Dovecot's are raised).  Keys this checkout's config.py does not know yet are left out.
     SETTINGS = (
         ("server", "hostname", DOMAIN),
         ("pop3s", "listen", ""),
@@ -251,21 +405,27 @@ class Popserv(Peer):
     )
 
     def _config_text(self) -> str:
-        if REPO not in sys.path:
-            sys.path.insert(0, REPO)
-        from popserv.config import ConfigError, config_from_string
-
-        sections: dict[str, list[str]] = {"tls": [f"self_signed_dir = {self.root}/tls"]}
-        for section, key, value in self.SETTINGS:
-            try:
-                config_from_string(f"[{section}]\n{key} = {value}\n")
-            except ConfigError:
-                continue
-            sections.setdefault(section, []).append(f"{key} = {value}")
+        if self.cert:
+            tls = [f"cert = {self.cert}", f"key = {self.key}"]
+        else:
+            tls = [f"self_signed_dir = {self.root}/tls"]
+        sections: dict[str, list[str]] = {"tls": tls}
+        settings = (*self.SETTINGS, ("server", "workers", str(self.workers)))
+        for section, key, value in settings:
+            if _knows(section, key, value):
+                sections.setdefault(section, []).append(f"{key} = {value}")
         return "".join(
             f"[{name}]\n" + "".join(line + "\n" for line in lines)
             for name, lines in sections.items()
         )
+
+
+class PopservWorkers(Popserv):
+    """The same popserv with two serving processes behind its supervisor."""
+
+    name = "popserv-w2"
+    workers = 2
+    memory_kind = "pss"
 
 
 class TwistedPeer(Peer):
@@ -297,11 +457,17 @@ class Dovecot(Peer):
     """Debian's Dovecot: its own config file and base_dir, passwd-file auth, maildir.
 
     Login processes run in high-performance mode (``service_count = 0``, one per core).
+    Everything else, the authentication cache (``auth_cache_size = 0``) and the TLS
+    settings besides the certificate, stays at Dovecot's defaults.
     """
 
     name = "dovecot"
     memory_kind = "pss"
     binary = "/usr/sbin/dovecot"
+    pop3s = True
+    argon2 = True
+    #: Settings added to the defaults (none: no authentication cache).
+    tuning = ""
 
     def __init__(self, root: str):
         super().__init__(root)
@@ -324,15 +490,20 @@ class Dovecot(Peer):
     def command(self, smtp: bool):
         config = os.path.join(self.root, "dovecot.conf")
         cores = os.cpu_count() or 1
+        if self.pop3s_port:
+            tls = f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.key}"
+            pop3s = f"address = 127.0.0.1\n    port = {self.pop3s_port}"
+        else:
+            tls, pop3s = "ssl = no", "port = 0"
         with open(config, "w") as f:
             f.write(f"""# Written by bench/peers.py
 base_dir = {self.base_dir}/run
 state_dir = {self.base_dir}/state
-instance_name = popbench-{os.getpid()}
+instance_name = popbench-{self.name}-{os.getpid()}
 protocols = pop3
 listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
+{tls}
+{self.tuning}disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = {self.log}
 mail_location = maildir:{self.mail}/%u
@@ -354,7 +525,7 @@ service pop3-login {{
     port = {self.pop3_port}
   }}
   inet_listener pop3s {{
-    port = 0
+    {pop3s}
   }}
   service_count = 0
   process_min_avail = {cores}
@@ -369,6 +540,24 @@ service pop3 {{
 
     def cleanup(self) -> None:
         shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+class DovecotCache(Dovecot):
+    """The same Dovecot with a 10 MB authentication cache (Argon2 scenario only)."""
+
+    name = "dovecot-cache"
+    only = ("argon2",)
+    tuning = "auth_cache_size = 10M\n"
+
+    def auth_cache_entries(self) -> int | None:
+        """Entries in the authentication cache (``doveadm auth cache flush`` empties it)."""
+        out = subprocess.run(
+            ["doveadm", "-c", os.path.join(self.root, "dovecot.conf"), "auth", "cache", "flush"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        return int(out[0]) if out and out[0].isdigit() else None
 
 
 class Postfix(Peer):
@@ -399,8 +588,8 @@ class Postfix(Peer):
     def own(self, path: str) -> None:
         _chown_tree(path, NOBODY, NOBODY)
 
-    def build(self, mailboxes) -> None:
-        super().build(mailboxes)
+    def build(self, mailboxes, hashed=None) -> None:
+        super().build(mailboxes, hashed)
         with open(os.path.join(self.root, "vmailbox"), "w") as f:
             for user in mailboxes:
                 f.write(f"{user}@{DOMAIN} {user}/\n")

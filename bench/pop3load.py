@@ -2,7 +2,10 @@
 
 Each mode prints one JSON object on its last line of output.  Modes:
 
-``sessions``  N clients loop connect, USER/PASS, STAT, QUIT for a while (one user each).
+``sessions``  N clients loop connect, USER/PASS, STAT, QUIT for a while; client i takes
+              users i, i+N, ... in turn.  With ``--tls`` each connection is POP3S (a full
+              handshake), and with ``--resume`` too each client offers the TLS session of
+              its previous connection and counts the ones the server resumed.
 ``download``  LIST, then RETR every message, ``--pipeline`` commands in flight; each RETR
               must carry exactly the octets LIST announced, and with ``--manifest`` the
               multiset of SHA-1s of the un-stuffed messages must equal the generator's.
@@ -13,6 +16,9 @@ Each mode prints one JSON object on its last line of output.  Modes:
 ``retr``      RETR 1 of one user (the runner watches the server's memory meanwhile).
 ``stall``     sends RETR 1 and reads nothing for ``--hold`` seconds.
 ``warm``      log in and QUIT once per user, so a server's first-login work is done.
+
+``--tls`` makes every connection POP3S (implicit TLS, certificate not checked: the bench
+makes its own self-signed one) in every mode.
 
 Example: ``python3 bench/pop3load.py download --port 11110 --user dl --password pw``.
 """
@@ -25,6 +31,7 @@ import collections
 import hashlib
 import json
 import resource
+import ssl
 import sys
 import time
 
@@ -55,9 +62,11 @@ class POP3Client(asyncio.Protocol):
         self.received = 0
 
     @classmethod
-    async def connect(cls, host: str, port: int) -> tuple[POP3Client, bytes]:
+    async def connect(
+        cls, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> tuple[POP3Client, bytes]:
         loop = asyncio.get_running_loop()
-        _, client = await loop.create_connection(cls, host, port)
+        _, client = await loop.create_connection(cls, host, port, ssl=tls)
         status, _ = await client.greeting
         if not status.startswith(b"+OK"):
             client.close()
@@ -138,6 +147,34 @@ class POP3Client(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self.transport.get_extra_info("ssl_object")
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers ``offer``, a session of an earlier connection.
+
+    asyncio's ``create_connection`` has no ``session`` argument; it makes its
+    ``SSLObject`` with ``wrap_bio``, which is where the session goes in.  One context per
+    client: a session may only be offered through the context that made it.
+    """
+
+    offer: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session or self.offer
+        )
+
+
+def tls_context(resume: bool = False) -> ssl.SSLContext:
+    """POP3S without a certificate check; TLS as the Python/OpenSSL default negotiates."""
+    context = (ResumingContext if resume else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
 
 def unstuffed_size(body: bytes) -> int:
     """Octets of a multi-line body once its dot-stuffing is removed (RFC 1939 3)."""
@@ -169,20 +206,41 @@ def raise_nofile() -> None:
 # -- modes -----------------------------------------------------------------
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def run_sessions(args) -> dict:
     users = args.user.split(",")
     count = [0] * args.clients
+    offered = [0] * args.clients
+    resumed = [0] * args.clients
     errors: list[str] = []
+    seen: set[tuple[str, str]] = set()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.duration
 
     async def one(i: int) -> None:
-        user = users[i % len(users)]
+        mine = users[i % len(users) :: args.clients] or [users[i % len(users)]]
+        tls = tls_context(args.resume) if args.tls else None
+        turn = 0
         while loop.time() < deadline:
+            user = mine[turn % len(mine)]
+            turn += 1
             try:
-                client, _ = await POP3Client.connect(args.host, args.port)
+                client, _ = await POP3Client.connect(args.host, args.port, tls)
+                if tls is not None:
+                    sslobj = client.ssl_object
+                    seen.add((sslobj.version(), sslobj.cipher()[0]))
+                    if args.resume and tls.offer is not None:
+                        offered[i] += 1
+                        resumed[i] += sslobj.session_reused
                 await client.login(user, args.password)
                 await client.expect(False, b"STAT")
+                if args.resume:
+                    # Taken after the replies: a TLS 1.3 ticket comes after the handshake.
+                    tls.offer = client.ssl_object.session
                 await client.quit()
                 count[i] += 1
             except (OSError, POP3Error) as e:
@@ -191,15 +249,29 @@ async def run_sessions(args) -> dict:
                     return
                 await asyncio.sleep(0.05)
 
+    cpu = _cpu()
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(args.clients)))
     wall = time.perf_counter() - start
-    return {"sessions": sum(count), "wall": wall, "errors": errors[:5], "error_count": len(errors)}
+    result = {
+        "sessions": sum(count),
+        "wall": wall,
+        "client_cpu": _cpu() - cpu,
+        "errors": errors[:5],
+        "error_count": len(errors),
+    }
+    if args.tls:
+        result["tls"] = sorted(" ".join(pair) for pair in seen)
+    if args.resume:
+        result["offered"] = sum(offered)
+        result["resumed"] = sum(resumed)
+    return result
 
 
 async def run_download(args) -> dict:
-    client, _ = await POP3Client.connect(args.host, args.port)
+    client, _ = await POP3Client.connect(args.host, args.port, _tls(args))
     await client.login(args.user, args.password)
+    cpu = _cpu()
     start = time.perf_counter()
     _, body = await client.expect(True, b"LIST")
     listing = parse_listing(body)
@@ -226,12 +298,14 @@ async def run_download(args) -> dict:
     # The semaphore keeps at most ``pipeline`` RETRs on the wire; replies come in order.
     await asyncio.gather(*(retr(number) for number in sorted(sizes)))
     wall = time.perf_counter() - start
+    client_cpu = _cpu() - cpu
     await client.quit()
     result = {
         "messages": len(sizes),
         "octets": octets,
         "listed_octets": sum(sizes.values()),
         "wall": wall,
+        "client_cpu": client_cpu,
         "size_mismatches": len(mismatches),
         "first_mismatches": mismatches[:3],
     }
@@ -354,19 +428,26 @@ async def run_warm(args) -> dict:
     users = args.user.split(",")
     gate = asyncio.Semaphore(args.concurrency)
     errors = []
+    tls = _tls(args)
 
     async def one(user: str) -> None:
         async with gate:
             try:
-                client, _ = await POP3Client.connect(args.host, args.port)
+                client, _ = await POP3Client.connect(args.host, args.port, tls)
                 await client.login(user, args.password)
                 await client.expect(False, b"STAT")
                 await client.quit()
             except (OSError, POP3Error) as e:
                 errors.append(f"{user}: {e}")
 
+    start = time.perf_counter()
     await asyncio.gather(*(one(user) for user in users))
-    return {"users": len(users), "errors": errors[:5], "error_count": len(errors)}
+    wall = time.perf_counter() - start
+    return {"users": len(users), "wall": wall, "errors": errors[:5], "error_count": len(errors)}
+
+
+def _tls(args) -> ssl.SSLContext | None:
+    return tls_context() if args.tls else None
 
 
 MODES = {
@@ -398,6 +479,10 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", help="generator manifest to check contents against")
     parser.add_argument("--later", type=int, default=3, help="later logins to time (bigdrop)")
     parser.add_argument("--hold", type=float, default=5.0)
+    parser.add_argument("--tls", action="store_true", help="POP3S: TLS from the first octet")
+    parser.add_argument(
+        "--resume", action="store_true", help="offer the previous TLS session (sessions --tls)"
+    )
     args = parser.parse_args(argv)
     try:
         result = asyncio.run(MODES[args.mode](args))

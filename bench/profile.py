@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     results = os.path.join(HERE, "results")
     os.makedirs(results, exist_ok=True)
     out = os.path.join(results, f"profile-{args.scenario}.txt")
-    peer.start(smtp=args.scenario == "smtp")
+    peer.start(**run.start_options(args.scenario))
     try:
         spy = subprocess.Popen(
             [

@@ -13,7 +13,11 @@ their spread, and the ratio popserv/peer of each row -- and writes it with the r
 numbers to bench/results/.  Everything listens on 127.0.0.1 only; it needs root (Dovecot
 and Postfix are started with their own configuration and drop to their users).
 
-Scenarios: sessions, download, idle, bigdrop, smtp, stream (see bench/README.rst).
+POP3S peers (popserv, popserv-w2, dovecot) serve one self-signed RSA-2048 certificate
+made at the start of the run.
+
+Scenarios: sessions, download, idle, bigdrop, smtp, stream, tls, tlsdownload, argon2 (see
+bench/README.rst).
 """
 
 from __future__ import annotations
@@ -35,12 +39,42 @@ import gen  # noqa: E402
 import peers  # noqa: E402
 import procstat  # noqa: E402
 
-SCENARIOS = ("sessions", "download", "idle", "bigdrop", "smtp", "stream")
-PEERS = ("popserv", "dovecot", "postfix", "twisted")
+SCENARIOS = (
+    "sessions",
+    "download",
+    "idle",
+    "bigdrop",
+    "smtp",
+    "stream",
+    "tls",
+    "tlsdownload",
+    "argon2",
+)
+#: Scenarios whose servers listen for POP3S too.
+TLS_SCENARIOS = ("tls", "tlsdownload")
+PEERS = ("popserv", "popserv-w2", "dovecot", "dovecot-cache", "postfix", "twisted")
 
 SETTINGS = {
-    "full": dict(reps=3, duration=8.0, idle=1000, hold=4.0, smtp_duration=8.0, later=3),
-    "quick": dict(reps=1, duration=3.0, idle=300, hold=2.0, smtp_duration=3.0, later=2),
+    "full": dict(
+        reps=3,
+        duration=8.0,
+        idle=1000,
+        hold=4.0,
+        smtp_duration=8.0,
+        later=3,
+        argon2_users=200,
+        argon2_duration=10.0,
+    ),
+    "quick": dict(
+        reps=1,
+        duration=3.0,
+        idle=300,
+        hold=2.0,
+        smtp_duration=3.0,
+        later=2,
+        argon2_users=40,
+        argon2_duration=3.0,
+    ),
 }
 
 #: row -> (label, unit, "higher" or "lower" is better)
@@ -63,6 +97,31 @@ ROWS = {
     "smtp_cpu": ("5. ... server CPU per message", "ms", "lower"),
     "stream_mem": ("6. memory growth, RETR of 50 MB", "MiB", "lower"),
     "stall_mem": ("6. memory growth, 50 MB RETR not read", "MiB", "lower"),
+    "tls_rate": (
+        "7. POP3S sessions/s (RSA-2048 certificate, {PLAIN} users), 8 clients, full handshakes",
+        "sessions/s",
+        "higher",
+    ),
+    "tls_cpu": ("7. ... server CPU per session", "ms", "lower"),
+    "tlsr_rate": (
+        "7. POP3S sessions/s, each client resuming its last session",
+        "sessions/s",
+        "higher",
+    ),
+    "tlsr_cpu": ("7. ... server CPU per session", "ms", "lower"),
+    "tlsr_reused": ("7. ... reconnections that resumed", "%", "higher"),
+    "tlshuge_rate": ("8. POP3S download 5 MiB messages", "MB/s", "higher"),
+    "tlshuge_cpu": ("8. ... server CPU", "s/GB", "lower"),
+    "argon2_cold_rate": ("9. ARGON2ID users: first logins, 8 at a time", "logins/s", "higher"),
+    "argon2_cold_cpu": ("9. ... server CPU per login", "ms", "lower"),
+    "argon2_rate": (
+        "9. ARGON2ID users: repeat logins, 8 clients, first window",
+        "logins/s",
+        "higher",
+    ),
+    "argon2_cpu": ("9. ... server CPU per login", "ms", "lower"),
+    "argon2_next_rate": ("9. ARGON2ID users: repeat logins, next window", "logins/s", "higher"),
+    "argon2_next_cpu": ("9. ... server CPU per login", "ms", "lower"),
 }
 
 
@@ -82,6 +141,28 @@ def client(tool: str, *args, timeout: float = 600) -> dict:
     if "error" in result:
         raise Failed(f"{tool} {args[0]}: {result['error']}")
     return result
+
+
+def start_options(scenario: str) -> dict:
+    """What ``Peer.start`` needs for a scenario: an SMTP listener, a POP3S one."""
+    return dict(smtp=scenario == "smtp", tls=scenario in TLS_SCENARIOS)
+
+
+def pop3s(peer, mode: str, user: str, *args, **kwargs) -> dict:
+    """A load client on the peer's POP3S port."""
+    return client(
+        "pop3load.py",
+        mode,
+        "--tls",
+        "--port",
+        peer.pop3s_port,
+        "--user",
+        user,
+        "--password",
+        peers.PASSWORD,
+        *args,
+        **kwargs,
+    )
 
 
 def pop3(peer, mode: str, user: str, *args, **kwargs) -> dict:
@@ -133,6 +214,8 @@ class Bench:
             self.settings["reps"] = args.reps
         self.values: dict[tuple[str, str], list[float]] = {}
         self.notes: list[str] = []
+        #: peer -> the TLS versions and ciphers its POP3S sessions negotiated.
+        self.tls_seen: dict[str, set[str]] = {}
         self.data = gen.generate(self.profile, args.seed)
         self.sets = {
             name: sorted(
@@ -150,13 +233,22 @@ class Bench:
         for name in names:
             if name == "popserv":
                 made.append(peers.Popserv(root))
+            elif name == "popserv-w2":
+                if peers.PopservWorkers.available():
+                    made.append(peers.PopservWorkers(root))
+                else:
+                    self.notes.append(
+                        "popserv-w2 is unavailable: this checkout's popserv has no "
+                        "[server] workers yet."
+                    )
             elif name == "twisted":
                 made.append(peers.TwistedPeer(root))
-            elif name == "dovecot":
-                if peers.Dovecot.available():
-                    made.append(peers.Dovecot(root))
+            elif name in ("dovecot", "dovecot-cache"):
+                kind = peers.Dovecot if name == "dovecot" else peers.DovecotCache
+                if kind.available():
+                    made.append(kind(root))
                 else:
-                    self.notes.append("Dovecot is not installed: no dovecot column.")
+                    self.notes.append(f"Dovecot is not installed: no {name} column.")
             elif name == "postfix":
                 if peers.Postfix.available():
                     made.append(peers.Postfix(root))
@@ -178,11 +270,50 @@ class Bench:
             boxes[f"big{rep}"] = (self.sets["big"], "new")
         for i in range(8):
             boxes[f"smtp{i}"] = ([], "new")
+        for user in self.argon2_users():
+            boxes[user] = (small, "cur")
         return boxes
 
-    def warm_users(self) -> list[str]:
+    def argon2_users(self) -> list[str]:
+        if "argon2" not in self.scenarios:
+            return []
+        return [f"argon{i:03d}" for i in range(self.settings["argon2_users"])]
+
+    def warm_users(self, peer) -> list[str]:
+        argon2 = self.argon2_users() if peer.argon2 else []
+        if peer.only == ("argon2",):
+            return argon2
         users = [f"sess{i}" for i in range(8)] + ["dl", "huge", "stream"]
-        return users + [f"idle{i:04d}" for i in range(self.settings["idle"])]
+        users += [f"idle{i:04d}" for i in range(self.settings["idle"])]
+        return users + argon2
+
+    def hashed_passwords(self) -> dict[str, str]:
+        """One ``{ARGON2ID}`` hash per Argon2 user, as ``popserv adduser`` makes them.
+
+        popserv's own ``hash_password`` (argon2-cffi's defaults: m=65536 KiB, t=3, p=4),
+        kept in the data directory so later runs skip the hashing.
+        """
+        users = self.argon2_users()
+        if not users:
+            return {}
+        path = os.path.join(self.data, "argon2-users.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("password") != peers.PASSWORD or not set(users) <= set(saved["hashes"]):
+            if peers.REPO not in sys.path:
+                sys.path.insert(0, peers.REPO)
+            from popserv.auth import hash_password
+
+            saved = {
+                "password": peers.PASSWORD,
+                "hashes": {user: hash_password(peers.PASSWORD) for user in users},
+            }
+            with open(path, "w") as f:
+                json.dump(saved, f, indent=1)
+        return {user: saved["hashes"][user] for user in users}
 
     # -- running -------------------------------------------------------------
 
@@ -193,14 +324,17 @@ class Bench:
         """Build every server's tree and do each one's first-login work."""
         started = time.monotonic()
         boxes = self.mailboxes()
+        hashed = self.hashed_passwords()
+        cert, key = peers.make_certificate(os.path.join(self.data, "tls"))
         for peer in self.peers:
-            peer.build(boxes)
+            peer.build(boxes, hashed)
+            peer.cert, peer.key = cert, key
             if peer.pop3:
                 # Each server's first-login work (indexes, size caches) happens here, once,
                 # in a process of its own, so that it weighs on no measurement below.
                 peer.start()
                 try:
-                    result = pop3(peer, "warm", ",".join(self.warm_users()))
+                    result = pop3(peer, "warm", ",".join(self.warm_users(peer)))
                     if result["error_count"]:
                         self.notes.append(f"{peer.name}: warm-up logins failed: {result['errors']}")
                 finally:
@@ -217,7 +351,7 @@ class Bench:
                         continue
                     t0 = time.monotonic()
                     try:
-                        peer.start(smtp=scenario == "smtp")
+                        peer.start(**start_options(scenario))
                         getattr(self, "scenario_" + scenario)(peer, rep)
                     except (Failed, RuntimeError, subprocess.TimeoutExpired) as e:
                         self.notes.append(f"{peer.name} {scenario} (repetition {rep + 1}): {e}")
@@ -234,6 +368,12 @@ class Bench:
         self.elapsed = time.monotonic() - started
 
     def _takes_part(self, peer, scenario: str, rep: int) -> bool:
+        if peer.only is not None and scenario not in peer.only:
+            return False
+        if scenario in TLS_SCENARIOS:
+            return peer.pop3s
+        if scenario == "argon2":
+            return peer.argon2
         if scenario == "smtp":
             if peer.name == "popserv" and not peer.smtp:
                 if rep == 0:
@@ -256,6 +396,87 @@ class Bench:
             raise Failed(f"{r['error_count']} failed sessions: {r['errors']}")
         self.record("sessions_rate", peer, r["sessions"] / r["wall"])
         self.record("sessions_cpu", peer, cpu * 1000 / r["sessions"])
+
+    def scenario_tls(self, peer, rep: int) -> None:
+        users = ",".join(f"sess{i}" for i in range(8))
+        pop3s(peer, "warm", users)
+        for row, resume in (("tls", []), ("tlsr", ["--resume"])):
+            before = peer.cpu()
+            r = pop3s(
+                peer,
+                "sessions",
+                users,
+                "--clients",
+                8,
+                "--duration",
+                self.settings["duration"],
+                *resume,
+            )
+            cpu = peer.cpu() - before
+            if r["error_count"] or not r["sessions"]:
+                raise Failed(f"{r['error_count']} failed POP3S sessions: {r['errors']}")
+            self.tls_seen.setdefault(peer.name, set()).update(r["tls"])
+            self.record(row + "_rate", peer, r["sessions"] / r["wall"])
+            self.record(row + "_cpu", peer, cpu * 1000 / r["sessions"])
+            self.record(row + "_client_cpu", peer, r["client_cpu"] * 1000 / r["sessions"])
+            if resume:
+                self.record("tlsr_reused", peer, 100 * r["resumed"] / max(r["offered"], 1))
+
+    def scenario_tlsdownload(self, peer, rep: int) -> None:
+        pop3s(peer, "warm", "huge")
+        extra = []
+        if rep == 0:
+            extra = ["--manifest", os.path.join(self.data, "sets", "huge.json")]
+        before = peer.cpu()
+        r = pop3s(peer, "download", "huge", *extra)
+        cpu = peer.cpu() - before
+        expected = len(self.sets["huge"])
+        if r["messages"] != expected:
+            raise Failed(f"huge: LIST shows {r['messages']} messages, not {expected}")
+        if r["size_mismatches"]:
+            raise Failed(f"huge: {r['size_mismatches']} RETRs differ from their LIST sizes")
+        if r.get("content_ok") is False:
+            raise Failed("huge: message contents differ from the generated ones")
+        self.record("tlshuge_rate", peer, r["octets"] / 1e6 / r["wall"])
+        self.record("tlshuge_cpu", peer, cpu / (r["octets"] / 1e9))
+        self.record("tlshuge_client_cpu", peer, r["client_cpu"] / (r["octets"] / 1e9))
+
+    def scenario_argon2(self, peer, rep: int) -> None:
+        users = ",".join(self.argon2_users())
+        # Every user's first login on a fresh server: no cache holds anything yet.
+        before = peer.cpu()
+        r = pop3(peer, "warm", users, "--concurrency", 8)
+        cpu = peer.cpu() - before
+        if r["error_count"]:
+            raise Failed(f"{r['error_count']} first logins failed: {r['errors']}")
+        self.record("argon2_cold_rate", peer, r["users"] / r["wall"])
+        self.record("argon2_cold_cpu", peer, cpu * 1000 / r["users"])
+        # Then the population polls: each client logs its share of the users in by turns,
+        # for two windows in a row.  The second shows how far caches kept per process (one
+        # per popserv worker) have got with every user.
+        for row in ("argon2", "argon2_next"):
+            before = peer.cpu()
+            r = pop3(
+                peer,
+                "sessions",
+                users,
+                "--clients",
+                8,
+                "--duration",
+                self.settings["argon2_duration"],
+            )
+            cpu = peer.cpu() - before
+            if r["error_count"] or not r["sessions"]:
+                raise Failed(f"{r['error_count']} failed logins: {r['errors']}")
+            self.record(row + "_rate", peer, r["sessions"] / r["wall"])
+            self.record(row + "_cpu", peer, cpu * 1000 / r["sessions"])
+        entries = getattr(peer, "auth_cache_entries", None)
+        if entries is not None:
+            note = (
+                f"{peer.name}: {entries()} authentication cache entries after the argon2 "
+                f"logins (repetition {rep + 1})"
+            )
+            self.notes.append(note)
 
     def scenario_download(self, peer, rep: int) -> None:
         pop3(peer, "warm", "dl,huge")
@@ -407,8 +628,10 @@ class Bench:
 
     def table(self) -> str:
         names = [p.name for p in self.peers]
-        others = [n for n in names if n != "popserv"]
-        head = ["scenario", "unit", *names] + [f"popserv/{n}" for n in others if "popserv" in names]
+        mine = [n for n in names if n.startswith("popserv")]
+        others = [n for n in names if not n.startswith("popserv")]
+        ratios = [(m, n) for m in mine for n in others]
+        head = ["scenario", "unit", *names] + [f"{m}/{n}" for m, n in ratios]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row, (label, unit, better) in ROWS.items():
             cells = {}
@@ -421,13 +644,12 @@ class Bench:
             out = [label, f"{unit} {arrow}"]
             for name in names:
                 out.append(_cell(cells[name]))
-            if "popserv" in names:
-                for name in others:
-                    mine, theirs = cells["popserv"], cells[name]
-                    if mine and theirs and statistics.median(theirs):
-                        out.append(f"{statistics.median(mine) / statistics.median(theirs):.2f}")
-                    else:
-                        out.append("–")
+            for m, n in ratios:
+                ours, theirs = cells[m], cells[n]
+                if ours and theirs and statistics.median(theirs):
+                    out.append(f"{statistics.median(ours) / statistics.median(theirs):.2f}")
+                else:
+                    out.append("–")
             lines.append("| " + " | ".join(out) + " |")
         return "\n".join(lines)
 
@@ -444,8 +666,16 @@ class Bench:
             "",
             self.table(),
         ]
-        if self.notes:
-            text += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
+        notes = list(self.notes)
+        if self.tls_seen:
+            notes.append(
+                "POP3S negotiated: "
+                + "; ".join(
+                    f"{name}: {', '.join(sorted(seen))}" for name, seen in self.tls_seen.items()
+                )
+            )
+        if notes:
+            text += ["", "Notes:", ""] + [f"- {n}" for n in notes]
         return "\n".join(text)
 
 
@@ -484,7 +714,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller sets, shorter runs, 1 repetition (under 3 minutes)",
+        help="smaller sets, shorter runs, 1 repetition (about 4 minutes)",
     )
     parser.add_argument("--only", help=f"comma-separated scenarios out of {', '.join(SCENARIOS)}")
     parser.add_argument(
