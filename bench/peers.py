@@ -8,8 +8,6 @@ ports only.  POP3S peers serve the one self-signed RSA-2048 certificate the run 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -78,46 +76,18 @@ def wait_for_tls_port(port: int, proc: subprocess.Popen | None, log: str, timeou
 
 
 def make_certificate(directory: str) -> tuple[str, str]:
-    """A self-signed RSA-2048 certificate for localhost and 127.0.0.1: (cert, key) paths."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
+    """A self-signed RSA-2048 certificate for localhost and 127.0.0.1: (cert, key) paths.
 
-    os.makedirs(directory, exist_ok=True)
+    popserv's own self-signed pair, with the key type the comparison asks for.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from popserv.tls import generate_self_signed
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = os.path.join(directory, "cert.pem")
-    key_path = os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return cert_path, key_path
+    return generate_self_signed("localhost", directory, key=key)
 
 
 def tail(path: str, lines: int = 30) -> str:

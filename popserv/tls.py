@@ -259,15 +259,17 @@ def _keep_owner(fd: int, path: str) -> None:
             pass
 
 
-def generate_self_signed(hostname: str, directory: str) -> tuple[str, str]:
-    """Make an EC P-256 key (mode 0600) and a self-signed certificate for ``hostname``.
+def generate_self_signed(hostname: str, directory: str, key=None) -> tuple[str, str]:
+    """Make a key (mode 0600; EC P-256 unless ``key`` is given) and a self-signed
+    certificate for ``hostname``.
 
     The certificate also names localhost, 127.0.0.1 and ::1, so local clients that
     check names accept it once they trust it.  Returns ``(cert_path, key_path)``.
     """
     os.makedirs(directory, mode=0o700, exist_ok=True)
     cert_path, key_path = self_signed_paths(directory)
-    key = ec.generate_private_key(ec.SECP256R1())
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
