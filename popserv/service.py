@@ -142,6 +142,16 @@ def make_service(
     return top
 
 
+def run_worker() -> None:
+    """``python -m popserv.worker``: serve as one of a supervisor's workers, on the global
+    reactor (chosen here, as for a server of one process)."""
+    from twisted.internet import reactor
+
+    from popserv.worker import main
+
+    main(reactor)
+
+
 def prepare_files(config: Config, tls=None) -> tuple[list[str], bytes, object]:
     """What a first start needs, made if missing: mail root, users file, state directory
     with the secret, self-signed certificate.  Returns the paths this made (they go to

@@ -112,15 +112,14 @@ def _listeners(config: Config) -> list[tuple[str, str, str]]:
 
 
 def make_supervisor(
-    config: Config, reactor=None, *, foreground: bool = True, spawn=None
+    config: Config, reactor, *, foreground: bool = True, spawn=None
 ) -> MultiService:
     """The twistd service of a server of several workers (see the module's docstring).
 
-    ``foreground`` as for ``make_service``; ``spawn`` is ``reactor.spawnProcess`` unless
-    a test hands in another.
+    ``reactor`` runs it all (``twistd popserv`` hands in the global one); ``foreground``
+    as for ``make_service``; ``spawn`` is ``reactor.spawnProcess`` unless a test hands in
+    another.
     """
-    if reactor is None:
-        from twisted.internet import reactor
     from popserv.notify import Notifier
     from popserv.process import ProcessSetup
     from popserv.service import ReloadOnSIGHUP, prepare_files

@@ -293,7 +293,9 @@ def makeService(options: Options) -> IService:
     foreground = options.parent is None or bool(options.parent.get("nodaemon"))
     try:
         if supervisor.worker_count(config) > 1:
-            server = supervisor.make_supervisor(config, foreground=foreground)
+            from twisted.internet import reactor
+
+            server = supervisor.make_supervisor(config, reactor=reactor, foreground=foreground)
         else:
             server = service.make_service(config, foreground=foreground)
     except ConfigError as e:

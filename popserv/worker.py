@@ -310,8 +310,8 @@ class _Stopper:
         self._reactor.callFromThread(self)
 
 
-def main() -> None:
-    """Serve as the worker ``POPSERV_WORKER`` describes, until stopped."""
+def main(reactor) -> None:
+    """Serve as the worker ``POPSERV_WORKER`` describes, on ``reactor``, until stopped."""
     from twisted.logger import globalLogBeginner
 
     from popserv.logs import json_file_observer
@@ -319,8 +319,6 @@ def main() -> None:
     settings = json.loads(os.environ.pop(WORKER_ENV))
     die_with(settings["supervisor"])
     globalLogBeginner.beginLoggingTo([json_file_observer(sys.stdout)], redirectStandardIO=False)
-    from twisted.internet import reactor
-
     from popserv.service import make_service
 
     config = config_from_json(settings["config"])
@@ -363,4 +361,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from popserv.service import run_worker
+
+    run_worker()

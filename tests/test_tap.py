@@ -260,7 +260,7 @@ class MakeServiceTests(SynchronousTestCase):
         calls = []
         built = MultiService()
 
-        def spy(config, foreground):
+        def spy(config, reactor, foreground):
             calls.append((config.workers, foreground))
             return built
 
