@@ -29,6 +29,24 @@ def write_private(path: str, text: str) -> str:
     return path
 
 
+def wait_for_greeting(port: int, process, timeout: float = 20.0, prefix: bytes = b"") -> bool:
+    """Whether POP3 on 127.0.0.1:``port`` greets (``+OK``) within ``timeout`` seconds,
+    each try sending ``prefix`` first; False as soon as ``process`` has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 1) as conn:
+                if prefix:
+                    conn.sendall(prefix)
+                if conn.recv(100).startswith(b"+OK"):
+                    return True
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 class TwistdServer:
     """One popserv child process over a directory of its own: config, users, Maildirs, log.
 
@@ -116,21 +134,15 @@ class TwistdServer:
             )
         return self.process
 
+    #: What a client sends before it can expect the greeting (a PROXY header, say).
+    greeting_prefix = b""
+
     def start(self, timeout: float = 20.0) -> None:
         """Start twistd and wait until POP3 answers with a greeting."""
         self.spawn()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.pop3_port), 1) as conn:
-                    if conn.recv(100).startswith(b"+OK"):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"twistd did not start:\n{self.log()}")
-            time.sleep(0.05)
+        if not wait_for_greeting(self.pop3_port, self.process, timeout, self.greeting_prefix):
+            self.kill()
+            raise AssertionError(f"twistd did not start:\n{self.log()}")
 
     def kill(self) -> None:
         """SIGKILL the server (if running) and reap it."""

@@ -12,10 +12,8 @@ import io
 import json
 import os
 import poplib
-import socket
 import subprocess
 import sys
-import time
 
 from twisted.application.service import Application, IServiceCollection, MultiService
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEvent
@@ -27,7 +25,7 @@ from popserv.config import ConfigError
 from popserv.logs import LogSettings, event_as_json, json_file_observer
 from popserv.logsafe import untrusted
 from popserv.startup import StartupError
-from tests.live_twistd import REPO, TWISTD, TwistdServer
+from tests.live_twistd import REPO, TWISTD, TwistdServer, wait_for_greeting
 from tests.test_fail2ban import FAILED_LOGIN, FORGED, fail2ban_regex
 
 #: A user name a client chose: line ends, quotes, a backslash, an escape and non-ASCII.
@@ -396,17 +394,8 @@ class LiveLoggerOptionTests(SynchronousTestCase):
         )
         self.addCleanup(process.wait, 10)
         self.addCleanup(process.kill)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", server.pop3_port), 1) as conn:
-                    if conn.recv(100).startswith(b"+OK"):
-                        break
-            except OSError:
-                pass
-            self.assertIsNone(process.poll(), "twistd exited")
-            self.assertLess(time.monotonic(), deadline, "twistd did not start")
-            time.sleep(0.05)
+        self.assertTrue(wait_for_greeting(server.pop3_port, process), "twistd did not start")
+        self.assertIsNone(process.poll(), "twistd exited")
         process.terminate()
         out, _ = process.communicate(timeout=10)
         records = [json.loads(line) for line in out.decode("ascii").splitlines()]
