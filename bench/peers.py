@@ -33,22 +33,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen | None, log: str, timeout: float = 30.0):
-    """Wait until something answers on the port (a greeting line), or fail with the log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                if s.recv(512):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing answers on port {port} after {timeout}s:\n{tail(log)}")
-
-
 def client_tls_context() -> ssl.SSLContext:
     """TLS for the load clients: no certificate check (the bench's own self-signed one)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -57,22 +41,30 @@ def client_tls_context() -> ssl.SSLContext:
     return context
 
 
-def wait_for_tls_port(port: int, proc: subprocess.Popen | None, log: str, timeout: float = 30.0):
-    """Wait until a TLS handshake succeeds on the port and a greeting follows."""
+def wait_for_port(
+    port: int,
+    proc: subprocess.Popen | None,
+    log: str,
+    timeout: float = 30.0,
+    tls: bool = False,
+):
+    """Wait until something answers on the port (a greeting line; after a TLS handshake
+    with ``tls``), or fail with the log."""
     deadline = time.monotonic() + timeout
-    context = client_tls_context()
+    context = client_tls_context() if tls else None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
-                with context.wrap_socket(raw) as s:
+                with context.wrap_socket(raw) if tls else raw as s:
                     if s.recv(512):
                         return
         except OSError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"no TLS greeting on port {port} after {timeout}s:\n{tail(log)}")
+    what = "no TLS greeting" if tls else "nothing answers"
+    raise RuntimeError(f"{what} on port {port} after {timeout}s:\n{tail(log)}")
 
 
 def make_certificate(directory: str) -> tuple[str, str]:
@@ -210,7 +202,7 @@ class Peer:
         if smtp and self.pop3:
             wait_for_port(self.smtp_port, self.proc, self.log)
         if tls:
-            wait_for_tls_port(self.pop3s_port, self.proc, self.log)
+            wait_for_port(self.pop3s_port, self.proc, self.log, tls=True)
         self.after_start()
 
     def after_start(self) -> None:
