@@ -132,9 +132,10 @@ def load_options(
     return options
 
 
-def fingerprint(cert_path: str) -> str:
-    """The SHA-256 fingerprint of the file's first certificate, as ``AB:CD:...``."""
-    return _certificates(cert_path)[0].fingerprint(hashes.SHA256()).hex(":").upper()
+def fingerprint(cert_path: str, data: bytes | None = None) -> str:
+    """The SHA-256 fingerprint of the file's first certificate (``data``: the file's bytes
+    read earlier), as ``AB:CD:...``."""
+    return _certificates(cert_path, data)[0].fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -163,8 +164,7 @@ class ReloadableTLS:
         #: The certificate chain and key as read at the start or the last reload.
         self.pem = pem
         self.options = load_options(cert_path, key_path, pem)
-        self.fingerprint = _certificates(cert_path, pem[0])[0].fingerprint(hashes.SHA256())
-        self.fingerprint = self.fingerprint.hex(":").upper()
+        self.fingerprint = fingerprint(cert_path, pem[0])
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self.options.getContext(), None)
@@ -181,7 +181,7 @@ class ReloadableTLS:
                 _read(self.key_path, "TLS key", "key"),
             )
             options = load_options(self.cert_path, self.key_path, pem)
-            new_fingerprint = _certificates(self.cert_path, pem[0])[0].fingerprint(hashes.SHA256())
+            new_fingerprint = fingerprint(self.cert_path, pem[0])
         except CertificateError as e:
             log.error(
                 "tls.reload_failed: {error}; still serving {fingerprint}",
@@ -191,7 +191,7 @@ class ReloadableTLS:
             return False
         self.pem = pem
         self.options = options
-        self.fingerprint = new_fingerprint.hex(":").upper()
+        self.fingerprint = new_fingerprint
         log.info(
             "tls.reloaded: {cert}, SHA-256 fingerprint {fingerprint}",
             cert=self.cert_path,
