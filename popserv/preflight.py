@@ -269,7 +269,7 @@ def check_start(config: Config, twistd_uid: int | None = None) -> None:
 
 def _listener_problems(config: Config) -> list[str]:
     """Listener strings that make no endpoint (parsed only, nothing is bound)."""
-    from twisted.internet import endpoints
+    from popserv.listeners import listener_endpoint
 
     problems = []
     if not config.pop3_listen:
@@ -290,7 +290,7 @@ def _listener_problems(config: Config) -> list[str]:
                 continue  # its sockets exist only in the unit systemd starts
             try:
                 # Parsing needs no reactor: the endpoint keeps it for listen(), never called.
-                endpoints.serverFromString(None, description)
+                listener_endpoint(None, description)
             except Exception as e:  # endpoint parsers raise ValueError, TypeError, ...
                 problems.append(f"[{section}] listen = {description}: not an endpoint: {e}")
     return problems

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pwd
 
 from twisted.application.service import IService
-from twisted.internet import endpoints
 from twisted.python import usage
 
 from popserv.config import (
@@ -215,9 +214,11 @@ def _check_endpoint(description: str, kind: str = "POP3") -> None:
     """Stop at a listener string that cannot make an endpoint; binds nothing."""
     from twisted.internet import reactor
 
+    from popserv.listeners import listener_endpoint
+
     option, key = LISTENER_SETTINGS[kind]
     try:
-        endpoints.serverFromString(reactor, description)
+        listener_endpoint(reactor, description)
     except Exception as e:  # endpoint parsers raise ValueError, TypeError, OSError...
         raise StartupError(
             f"invalid {kind} listener {description!r}: {one_line(e)}; give an endpoint "
