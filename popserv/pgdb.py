@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -146,6 +147,23 @@ class Database:
     def query(self, sql: str, params=()) -> defer.Deferred:
         """The rows (a list of tuples) of one statement; an empty list for one without rows."""
         return self.run(fetch_all, sql, params)
+
+
+class DatabaseService(Service):
+    """Keeps the pool open while the server runs; closes it when the server stops."""
+
+    name = "database"
+
+    def __init__(self, database: Database):
+        self.database = database
+
+    def startService(self) -> None:
+        super().startService()
+        self.database.start()
+
+    def stopService(self):
+        super().stopService()
+        self.database.stop()
 
 
 def fetch_all(connection, sql: str, params=()) -> list[tuple]:
