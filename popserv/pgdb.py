@@ -51,7 +51,8 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             "CREATE TABLE popserv_login_attempts ("
             " peer text NOT NULL, node text NOT NULL, pid integer NOT NULL,"
             " count integer NOT NULL, PRIMARY KEY (peer, node, pid))",
-            "CREATE TABLE popserv_last_logins (name text PRIMARY KEY, at double precision NOT NULL)",
+            "CREATE TABLE popserv_last_logins ("
+            " name text PRIMARY KEY, at double precision NOT NULL)",
             # Logged-in POP3 sessions (popserv who); backend is the pid of the process's
             # lock connection, so rows of a node that died are known stale.
             "CREATE TABLE popserv_sessions ("

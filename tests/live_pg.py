@@ -67,9 +67,7 @@ class LivePostgres:
         command = [os.path.join(self.bin, argv[0]), *argv[1:]]
         if self.user is not None:
             command = ["runuser", "-u", self.user.pw_name, "--", *command]
-        return subprocess.run(
-            command, check=check, capture_output=True, cwd=self.root, timeout=120
-        )
+        return subprocess.run(command, check=check, capture_output=True, cwd=self.root, timeout=120)
 
     def initdb(self) -> None:
         """A new cluster: trust authentication on loopback and the socket only."""
@@ -85,9 +83,7 @@ class LivePostgres:
         self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "start")
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            ready = self._run(
-                "pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False
-            )
+            ready = self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False)
             if ready.returncode == 0:
                 return
             time.sleep(0.1)

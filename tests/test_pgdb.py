@@ -1,4 +1,4 @@
-"""The shared database's plumbing against a real PostgreSQL: schema, queries off the reactor, outages."""
+"""The shared database's plumbing, against a real PostgreSQL: schema, queries, outages."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class SchemaTests(TestCase):
         ).split()
         self.assertIn("popserv_users", tables)
         self.assertIn("popserv_sessions", tables)
-        versions = self.server.psql("SELECT version FROM popserv_schema", self.url.rsplit("/", 1)[1])
+        name = self.url.rsplit("/", 1)[1]
+        versions = self.server.psql("SELECT version FROM popserv_schema", name)
         self.assertEqual(versions.split(), [str(v) for v, _ in MIGRATIONS])
 
     @defer.inlineCallbacks
