@@ -27,7 +27,9 @@ class ClusterNode(TwistdServer):
         }
         for section, keys in (settings or {}).items():
             sections.setdefault(section, {}).update(keys)
-        super().__init__(testcase, {}, smtp=smtp, settings=sections)
+        # The users are in the database; the node's users file holds them too, which a
+        # node reading users from the database never looks at.
+        super().__init__(testcase, cluster.users, smtp=smtp, settings=sections)
         self.name = name
         self.mailroot = cluster.mailroot
 
@@ -58,6 +60,7 @@ class LiveCluster:
             database.call(ensure_schema)
         finally:
             database.stop()
+        self.users = dict(users)
         for user, password in users.items():
             self.add_user(user, password, scheme)
         self.mailroot = os.path.abspath(testcase.mktemp())
