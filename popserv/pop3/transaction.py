@@ -282,10 +282,10 @@ class Transaction:
 
     def _log_lock_lost(self) -> None:
         log.error(
-            "pop3.lock_lost: peer={peer} user={user} deleted={deleted}",
+            "pop3.lock_lost: peer={peer} user={user} marked={marked}",
             peer=self.session.peer,
             user=untrusted(self.user),
-            deleted=len(self.deleted),
+            marked=len(self.deleted),
         )
 
     def _end(self, how: str) -> defer.Deferred:
