@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -56,6 +57,9 @@ NAMESPACE = 0x706F7033
 BEATS = 4
 #: Seconds to wait for the server when connecting.
 CONNECT_TIMEOUT = 2
+#: Seconds after a failed connection during which logins fail at once instead of each
+#: waiting for a server that does not answer.
+RETRY_AFTER = 1.0
 
 
 def lock_key(user: str) -> int:
@@ -162,6 +166,7 @@ class AdvisoryLocks:
         self._held: set[AdvisoryLease] = set()
         #: The server's pid for the current connection (``pg_stat_activity.pid``).
         self.backend: int | None = None
+        self._failed_at: float | None = None
 
     # -- life ---------------------------------------------------------------------
 
@@ -186,6 +191,8 @@ class AdvisoryLocks:
     def _connect(self):
         import psycopg
 
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER:
+            raise LockUnavailable("the database did not answer a moment ago")
         try:
             connection = psycopg.connect(
                 self.conninfo,
@@ -201,7 +208,9 @@ class AdvisoryLocks:
                 keepalives_count=3,
             )
         except psycopg.Error as e:
+            self._failed_at = time.monotonic()
             raise LockUnavailable(str(e).strip() or type(e).__name__) from e
+        self._failed_at = None
         try:
             connection.execute(
                 "SELECT set_config('idle_session_timeout', %s, false)",

@@ -152,7 +152,7 @@ class ClusterLockTests(ClusterTestCase):
         self.assertEqual(refusal(self.node2), Reply.TEMP_FAILURE)
         self.assertIn("reason=lock-unavailable", self.node2.log())
         self.start_database()
-        again = login(self.node2)
+        again = self.login_when_free(self.node2, within=5, retry=b"-ERR [SYS/TEMP]")
         self.assertEqual(again.stat()[0], 3)
         again.quit()
         self.assertEqual(self.stored(), 3)
@@ -163,14 +163,14 @@ class ClusterLockTests(ClusterTestCase):
             self.cluster.server.start()
             self.database_stopped = False
 
-    def login_when_free(self, node, within: float) -> poplib.POP3:
-        """Log in on ``node``, trying again while the maildrop is [IN-USE]."""
+    def login_when_free(self, node, within: float, retry=b"-ERR [IN-USE]") -> poplib.POP3:
+        """Log in on ``node``, trying again while the reply starts with ``retry``."""
         deadline = time.monotonic() + within
         while True:
             try:
                 return login(node)
             except poplib.error_proto as e:
-                if not e.args[0].startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
+                if not e.args[0].startswith(retry) or time.monotonic() > deadline:
                     raise
             time.sleep(0.1)
 

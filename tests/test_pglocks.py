@@ -189,6 +189,11 @@ class AdvisoryLockTests(DatabaseTestCase):
         self.addCleanup(locks.stop)
         self.assertRaises(LockUnavailable, locks.lock, "alice", self.maildir)
         FileLocks("popserv.lock.a").lock("alice", self.maildir).release()
+        # Right after a failure, the next login is told at once, without another try.
+        import psycopg
+
+        self.patch(psycopg, "connect", lambda *args, **kwargs: self.fail("connected again"))
+        self.assertRaises(LockUnavailable, locks.lock, "alice", self.maildir)
 
     def test_cluster_locks_use_a_lock_file_per_node(self):
         """Nodes on one host never wait on each other's flock, only on the database."""
