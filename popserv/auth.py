@@ -311,7 +311,8 @@ _SCHEMES: dict[str, _Scheme] = {
     "CLEARTEXT": _PLAIN,
 }
 
-# The schemes ``hash_password`` can make, for ``popserv adduser --scheme``.
+# The schemes popserv verifies, and those ``hash_password`` can make (``adduser --scheme``).
+VERIFIABLE = frozenset(_SCHEMES)
 MAKEABLE = tuple(name for name, scheme in _SCHEMES.items() if scheme.make is not None)
 
 
@@ -500,6 +501,12 @@ class UsersFile:
                 found = True
         if not found:
             raise KeyError(user)
+
+    def set_field(self, user: str, key: str, value: str | None) -> None:
+        """Set (None: remove) the extra field ``userdb_<key>`` on every line for ``user``."""
+        for i, line in enumerate(self.lines):
+            if isinstance(line, Entry) and line.user == user:
+                self.lines[i] = line.with_field(key, value)
 
     def remove(self, user: str) -> None:
         """Drop every line for ``user``."""

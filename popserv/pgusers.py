@@ -100,9 +100,17 @@ class UsersTable:
 
         Nothing is written unless the block calls ``write``; an exception rolls it back.
         """
-        with database.pool.connection() as connection, connection.transaction():
-            connection.execute("LOCK TABLE popserv_users IN SHARE ROW EXCLUSIVE MODE")
-            yield cls(connection, fetch_users(connection))
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        from popserv.pgdb import DatabaseUnavailable
+
+        try:
+            with database.pool.connection() as connection, connection.transaction():
+                connection.execute("LOCK TABLE popserv_users IN SHARE ROW EXCLUSIVE MODE")
+                yield cls(connection, fetch_users(connection))
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as e:
+            raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
 
     def entries(self) -> list[Entry]:
         return list(self._entries.values())
