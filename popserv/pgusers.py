@@ -186,12 +186,13 @@ def import_entries(connection, entries: Iterable[Entry]) -> tuple[int, int, int]
             else:
                 updated += 1
             changed.append(entry)
-        with connection.cursor() as cursor:
-            cursor.executemany(
-                _UPSERT,
-                [(entry.user, entry.password, entry.rest) for entry in changed],
-            )
-        # One notification for a large import: each node then reads the table once.
+        if changed:
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    _UPSERT, [(entry.user, entry.password, entry.rest) for entry in changed]
+                )
+        # The trigger names each row too; past a batch, EVERYONE has each node read the
+        # table whole at once rather than the names in turn.
         names = [entry.user for entry in changed]
         notify(connection, names if len(names) <= BATCH else [EVERYONE])
     return added, updated, unchanged

@@ -212,6 +212,10 @@ class ImportUsersTests(DatabaseMixin, unittest.TestCase):
         self.assertEqual(self.run_admin("import-users", path), 0)
         self.assertIn(": 1 added, 1 updated, 1 unchanged, 0 skipped", self.stdout.getvalue())
         self.assertEqual(self.rows()["b"].password, "{PLAIN}3")
+        self.stdout.truncate(0)
+        self.stdout.seek(0)
+        self.assertEqual(self.run_admin("import-users", path), 0)
+        self.assertIn(": 0 added, 0 updated, 3 unchanged, 0 skipped", self.stdout.getvalue())
 
     def test_skipped_lines_are_reported(self):
         """Bad lines, second entries, refused and colliding names are skipped, each named."""
