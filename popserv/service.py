@@ -75,7 +75,10 @@ def make_service(
         config.auth_cache_size,
         metrics=NO_METRICS if metrics is None else metrics,
     )
-    userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
+    if database is None:
+        userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
+    else:
+        userdb = _database_users(config, database, reactor, verify.run, secret, cache)
     locks = _maildrop_locks(config, database, reactor)
     store = MaildirStore(
         mailroot,
@@ -113,6 +116,7 @@ def make_service(
         from popserv.pgdb import DatabaseService
 
         DatabaseService(database).setServiceParent(top)
+        userdb.service().setServiceParent(top)
     if locks is not None:
         # Before the listeners too: stopped after them, it closes the lock connection last.
         from popserv.pglocks import AdvisoryLocksService
@@ -151,7 +155,7 @@ def make_service(
         tls_listeners=", ".join(config.pop3s_listen) or "none",
         smtp_listeners=", ".join(config.smtp_listen) or "none",
         mailroot=mailroot,
-        users=users,
+        users=users if database is None else "the database's popserv_users",
     )
     return top
 
@@ -214,6 +218,17 @@ def _maildrop_locks(config: Config, database, reactor):
 
     node = node_name(config.cluster_node)
     return cluster_locks(database.conninfo, node, reactor, config.cluster_lock_timeout)
+
+
+def _database_users(config: Config, database, reactor, run, secret, cache):
+    """The users of ``popserv_users``, read now (blocking, as the database was opened)."""
+    from popserv.cluster import node_name
+    from popserv.pgusers import DatabaseUsers
+
+    name = f"popserv {node_name(config.cluster_node)} users"
+    userdb = DatabaseUsers(database, reactor, run, secret=secret, cache=cache, name=name)
+    userdb.load()
+    return userdb
 
 
 def _endpoint_listener(reactor, proxy_timeout: float):
