@@ -17,7 +17,7 @@ from tests.live_cluster import LiveCluster
 USERS = {"alice": "secret", "bob": "hunter2"}
 MESSAGES = [b"Subject: %d\n\nmessage %d\n" % (n, n) for n in range(1, 4)]
 #: [cluster] lock_timeout of these nodes: a stopped node keeps its locks this long.
-LOCK_TIMEOUT = 2.0
+LOCK_TIMEOUT = 3.0
 
 
 def login(node, user: str = "alice") -> poplib.POP3:
