@@ -75,7 +75,10 @@ def make_service(
         config.auth_cache_size,
         metrics=NO_METRICS if metrics is None else metrics,
     )
-    userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
+    if database is None:
+        userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
+    else:
+        userdb = _database_users(config, database, reactor, verify.run, secret, cache)
     store = MaildirStore(
         mailroot,
         maildrops.run,
@@ -117,6 +120,7 @@ def make_service(
         from popserv.pgdb import DatabaseService
 
         DatabaseService(database, reactor).setServiceParent(top)
+        userdb.service().setServiceParent(top)
         cluster_state.setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
@@ -153,7 +157,7 @@ def make_service(
         tls_listeners=", ".join(config.pop3s_listen) or "none",
         smtp_listeners=", ".join(config.smtp_listen) or "none",
         mailroot=mailroot,
-        users=users,
+        users=users if database is None else "the database's popserv_users",
     )
     return top
 
@@ -204,6 +208,17 @@ def _database(config: Config, reactor):
 
     node = node_name(config.cluster_node)
     return open_database(config.cluster_database, reactor, name=f"popserv {node}")
+
+
+def _database_users(config: Config, database, reactor, run, secret, cache):
+    """The users of ``popserv_users``, read now (blocking, as the database was opened)."""
+    from popserv.cluster import node_name
+    from popserv.pgusers import DatabaseUsers
+
+    name = f"popserv {node_name(config.cluster_node)} users"
+    userdb = DatabaseUsers(database, reactor, run, secret=secret, cache=cache, name=name)
+    userdb.load()
+    return userdb
 
 
 def _cluster_state(config: Config, database, reactor):
