@@ -80,6 +80,10 @@ class Config:
     log_max_size: int = 10 * 1024 * 1024  # octets before a [log] file is rotated; 0: never
     log_keep: int = 10  # rotated files kept
 
+    cluster_database: str = ""  # postgresql://...; empty: one node, users file, flock only
+    cluster_node: str = ""  # empty: the host name (popserv.cluster.node_name)
+    cluster_lock_timeout: float = 10.0  # seconds a silent node keeps its maildrop locks
+
     def replace(self, **changes) -> Config:
         """A copy with some settings changed (command-line overrides)."""
         return dataclasses.replace(self, **changes)
@@ -202,6 +206,12 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
+def _node_name(text: str) -> str:
+    from popserv.cluster import check_node_name
+
+    return check_node_name(text.strip())
+
+
 _KEYS = {
     ("server", "hostname"): ("hostname", _text),
     ("server", "mailroot"): ("mailroot", _text),
@@ -256,6 +266,9 @@ _KEYS = {
     ("log", "file"): ("log_file", _optional_text),
     ("log", "max_size"): ("log_max_size", _size),
     ("log", "keep"): ("log_keep", _positive_int),
+    ("cluster", "database"): ("cluster_database", _optional_text),
+    ("cluster", "node"): ("cluster_node", _node_name),
+    ("cluster", "lock_timeout"): ("cluster_lock_timeout", _positive_float),
 }
 
 

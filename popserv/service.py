@@ -57,6 +57,8 @@ def make_service(
     from popserv.workers import Workers, WorkersService
 
     created, secret, tls = prepare_files(config, tls)
+    # [cluster] database: what the nodes share (users, locks, counters, sessions) is there.
+    database = _database(config, reactor)
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
     who_dir = os.path.join(os.path.abspath(config.state_dir), WHO_DIR)
@@ -104,6 +106,11 @@ def make_service(
     # First child: it checks and raises limits before the listeners bind, and drops
     # root only once they all have (see popserv.process).
     ProcessSetup(config, created).setServiceParent(top)
+    if database is not None:
+        # Before the listeners, so the pool closes after they have stopped.
+        from popserv.pgdb import DatabaseService
+
+        DatabaseService(database).setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
     # Before the listeners, so they stop (queued jobs done) after them.
@@ -177,6 +184,17 @@ def prepare_files(config: Config, tls=None) -> tuple[list[str], bytes, object]:
     if not tls_dir_existed and os.path.isdir(tls_dir):
         created += [tls_dir] + [os.path.join(tls_dir, name) for name in os.listdir(tls_dir)]
     return created, secret, tls
+
+
+def _database(config: Config, reactor):
+    """The shared ``popserv.pgdb.Database`` of ``[cluster] database``, or None without one."""
+    if not config.cluster_database:
+        return None
+    from popserv.cluster import node_name
+    from popserv.pgdb import open_database
+
+    node = node_name(config.cluster_node)
+    return open_database(config.cluster_database, reactor, name=f"popserv {node}")
 
 
 def _endpoint_listener(reactor, proxy_timeout: float):

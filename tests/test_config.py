@@ -91,6 +91,11 @@ format = JSON
 file = /var/log/popserv/popserv.log
 max_size = 1M
 keep = 3
+
+[cluster]
+database = postgresql://popserv@db.example.org/popserv
+node = pop-2
+lock_timeout = 4
 """
 
 
@@ -157,6 +162,9 @@ class ConfigFromStringTests(SynchronousTestCase):
                 log_file="/var/log/popserv/popserv.log",
                 log_max_size=1024 * 1024,
                 log_keep=3,
+                cluster_database="postgresql://popserv@db.example.org/popserv",
+                cluster_node="pop-2",
+                cluster_lock_timeout=4.0,
             ),
         )
 
