@@ -325,16 +325,17 @@ def ensure_schema(connection) -> int:
             "CREATE TABLE IF NOT EXISTS popserv_schema ("
             " version integer PRIMARY KEY, applied timestamptz NOT NULL DEFAULT now())"
         )
-        current = schema_version(connection)
-        for version, statements in MIGRATIONS:
-            if version <= current:
+        # Each version not yet recorded runs, in order: one that arrived late (a
+        # lower number after a higher one ran) still runs once.
+        applied = {row[0] for row in connection.execute("SELECT version FROM popserv_schema")}
+        for version, statements in sorted(MIGRATIONS):
+            if version in applied:
                 continue
             for statement in statements:
                 connection.execute(statement)
             connection.execute("INSERT INTO popserv_schema (version) VALUES (%s)", (version,))
             log.info("database schema upgraded to version {version}", version=version)
-            current = version
-    return current
+    return schema_version(connection)
 
 
 def open_database(conninfo: str, reactor=None, **kw) -> Database:
