@@ -40,6 +40,13 @@ class UserDBUnavailable(Exception):
     """The user database cannot be read (POP3 answers ``-ERR [SYS/TEMP]``)."""
 
 
+class SharedStateUnavailable(Exception):
+    """What the nodes share (login counters, sessions) cannot be reached: try again later.
+
+    POP3 answers a login ``-ERR [SYS/TEMP]``; SMTP answers ``451 4.3.0``.
+    """
+
+
 class QuotaLimits(NamedTuple):
     """A mailbox's limits: octets (physical sizes) and messages; 0 is no limit."""
 

@@ -93,6 +93,12 @@ def make_service(
     portal = Portal(realm, checkers(userdb))
     sessions = MemorySessionRegistry(reactor)
     shared_parts = {} if shared is None else shared.pop3_parts(config, reactor)
+    cluster_state = None
+    if database is not None:
+        # The nodes' lockout and session list; the connection limits stay per node.
+        cluster_state = _cluster_state(config, database, reactor)
+        sessions = cluster_state.sessions
+        shared_parts["throttle"] = cluster_state.throttle
     factory = POP3Factory(
         portal,
         config,
@@ -115,8 +121,9 @@ def make_service(
         # Before the listeners, so the pool closes after they have stopped.
         from popserv.pgdb import DatabaseService
 
-        DatabaseService(database).setServiceParent(top)
+        DatabaseService(database, reactor).setServiceParent(top)
         userdb.service().setServiceParent(top)
+        cluster_state.setServiceParent(top)
     if locks is not None:
         # Before the listeners too: stopped after them, it closes the lock connection last.
         from popserv.pglocks import AdvisoryLocksService
@@ -140,7 +147,9 @@ def make_service(
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
-        _add_smtp(top, config, store, userdb, policies, tls, reactor, metrics, listen, shared)
+        _add_smtp(
+            top, config, store, userdb, policies, tls, reactor, metrics, listen, shared, database
+        )
     _add_watching(top, config, metrics, sessions, who_dir, reactor, listen)
     # Last: started after every other part, stopped before them.
     notify.setServiceParent(top)
@@ -231,6 +240,17 @@ def _database_users(config: Config, database, reactor, run, secret, cache):
     return userdb
 
 
+def _cluster_state(config: Config, database, reactor):
+    """The ``popserv.pgstate.ClusterState`` of this node: its shared throttle and sessions."""
+    from popserv.cluster import node_name
+    from popserv.pgstate import ClusterState
+    from popserv.pop3 import throttle_settings
+
+    return ClusterState(
+        database, reactor, node_name(config.cluster_node), throttle_settings(config)
+    )
+
+
 def _endpoint_listener(reactor, proxy_timeout: float):
     """How a server of one process listens: each endpoint string bound by its own service."""
 
@@ -295,8 +315,12 @@ def _add_smtp(
     metrics=None,
     listen=None,
     shared=None,
+    database=None,
 ) -> None:
-    """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
+    """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start.
+
+    With the shared ``database``, recipients get 451 4.3.0 while it is unavailable.
+    """
     from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
     from popserv.quota import MaildirQuota
     from popserv.smtp import SMTPFactory
@@ -318,6 +342,7 @@ def _add_smtp(
         quota=quota,
         metrics=metrics,
         limiter=None if shared is None else shared.smtp_limiter(config),
+        available=None if database is None else lambda: database.available,
     )
     if listen is None:
         listen = _endpoint_listener(reactor, config.proxy_timeout)
