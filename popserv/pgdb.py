@@ -14,7 +14,8 @@ together do not race, and ``popserv_schema`` records the version reached.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -186,6 +187,11 @@ class Database:
         self.conninfo = conninfo
         self.timeout = timeout
         self.threads = Workers(reactor, size, "popserv-db")
+        self._connect_options = {
+            "autocommit": True,
+            "connect_timeout": max(1, int(timeout)),
+            "application_name": name,
+        }
         self.pool = ConnectionPool(
             conninfo,
             min_size=1,
@@ -195,11 +201,7 @@ class Database:
             # Short: past it the pool drops the attempt and the next call starts a new one,
             # so a database back after a long outage is used at once, not after a backoff.
             reconnect_timeout=max(timeout, 5.0),
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, int(timeout)),
-                "application_name": name,
-            },
+            kwargs=self._connect_options,
             name=name,
         )
         self._open = False
@@ -216,25 +218,40 @@ class Database:
 
     def stop(self) -> None:
         """Close the pool and end the threads; safe to call twice."""
+        self.threads.stop()
         if self._open:
             self._open = False
-            self.threads.stop()
             self.pool.close(timeout=self.timeout)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator:
+        """A connection for one block: the pool's once started, else one of its own.
+
+        Before ``start`` (a server being built, before twistd forks into the background,
+        or a command-line tool) no pool and no thread exists, so none is lost in the
+        fork; the block's connection is opened for it and closed after.
+        """
+        import psycopg
+
+        if self._open:
+            with self.pool.connection() as connection:
+                yield connection
+        else:
+            with psycopg.connect(self.conninfo, **self._connect_options) as connection:
+                yield connection
 
     def call(self, f: Callable, *args):
         """``f(connection, *args)`` here, blocking: for threads and command-line tools."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
-        if not self._open:
-            self.start()
         # No check before each use (a round trip, doubling a short query's time): a
         # connection the server dropped fails its first statement, the pool discards
         # it, and the call runs once more on another.
         for attempt in (1, 2):
             connection = None
             try:
-                with self.pool.connection() as connection:
+                with self.connection() as connection:
                     return f(connection, *args)
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as e:
                 if attempt == 1 and connection is not None and connection.broken:
@@ -339,18 +356,14 @@ def ensure_schema(connection) -> int:
 
 
 def open_database(conninfo: str, reactor=None, **kw) -> Database:
-    """A started ``Database`` for ``conninfo``, its schema made or upgraded (blocking).
+    """A ``Database`` for ``conninfo``, its schema made or upgraded (blocking).
 
     Used at start and by the command-line tools; a server that cannot reach the database
     at start fails with ``DatabaseUnavailable``, as one whose users file is unreadable.
+    Its pool opens with ``start`` (``DatabaseService``, once the server runs).
     """
     if reactor is None:
         from twisted.internet import reactor
     database = Database(conninfo, reactor, **kw)
-    database.start()
-    try:
-        database.call(ensure_schema)
-    except BaseException:
-        database.stop()
-        raise
+    database.call(ensure_schema)
     return database
