@@ -79,11 +79,13 @@ def make_service(
         userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
     else:
         userdb = _database_users(config, database, reactor, verify.run, secret, cache)
+    locks = _maildrop_locks(config, database, reactor)
     store = MaildirStore(
         mailroot,
         maildrops.run,
         dovecot_uidl_format=config.pop3_dovecot_uidl_format,
         dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
+        locks=locks,
     )
     policies = MailboxPolicies(userdb, config)
     realm = MaildropRealm(store, policies)
@@ -122,6 +124,11 @@ def make_service(
         DatabaseService(database, reactor).setServiceParent(top)
         userdb.service().setServiceParent(top)
         cluster_state.setServiceParent(top)
+    if locks is not None:
+        # Before the listeners too: stopped after them, it closes the lock connection last.
+        from popserv.pglocks import AdvisoryLocksService
+
+        AdvisoryLocksService(locks).setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
     # Before the listeners, so they stop (queued jobs done) after them.
@@ -208,6 +215,18 @@ def _database(config: Config, reactor):
 
     node = node_name(config.cluster_node)
     return open_database(config.cluster_database, reactor, name=f"popserv {node}")
+
+
+def _maildrop_locks(config: Config, database, reactor):
+    """With a shared database, maildrop locks every node sees (``popserv.pglocks``); else
+    None: the store's ``flock`` alone."""
+    if database is None:
+        return None
+    from popserv.cluster import node_name
+    from popserv.pglocks import cluster_locks
+
+    node = node_name(config.cluster_node)
+    return cluster_locks(database.conninfo, node, reactor, config.cluster_lock_timeout)
 
 
 def _database_users(config: Config, database, reactor, run, secret, cache):

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from popserv.interfaces import (
     IMaildrop,
+    LockUnavailable,
     MaildropLocked,
     SharedStateUnavailable,
     UserDBUnavailable,
@@ -204,6 +205,8 @@ class LoginAttempts:
             reason, reply, outcome = "in-use", Reply.IN_USE, throttle.succeeded
         elif failure.check(UserDBUnavailable):
             reason, reply, outcome = "userdb-unavailable", Reply.TEMP_FAILURE, throttle.abandoned
+        elif failure.check(LockUnavailable):
+            reason, reply, outcome = "lock-unavailable", Reply.TEMP_FAILURE, throttle.abandoned
         else:
             log.failure(
                 "pop3.login_error: peer={peer} user={user}",
