@@ -89,8 +89,9 @@ class TwistdServer:
                 "users": self.users_path,
                 "state_dir": os.path.join(self.root, "state"),
                 # One process, as the tests of these servers were written for; the
-                # tests of several workers (tests.test_multiproc) ask for them.
-                "workers": "1",
+                # tests of several workers (tests.test_multiproc) ask for them, and
+                # POPSERV_TEST_WORKERS=2 runs every other test's twistd with that many.
+                "workers": os.environ.get("POPSERV_TEST_WORKERS", "1"),
             },
             "pop3": {
                 "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1:backlog={backlog}",
