@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 HOST = "twistd.test"
 #: [server] workers of every TwistdServer whose test does not choose: one process, as the
-#: tests were written for, unless POPSERV_TEST_WORKERS asks for more (README, "Tests").
+#: tests were written for, unless POPSERV_TEST_WORKERS asks for more (README, "Development").
 TEST_WORKERS = os.environ.get("POPSERV_TEST_WORKERS", "1")
 
 
