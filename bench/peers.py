@@ -448,6 +448,13 @@ class PopservCluster(Popserv):
             return [tuple(line.rstrip("\n").split(":", 1)) for line in f if ":" in line]
 
     def start(self, smtp: bool = False, tls: bool = False) -> None:
+        try:
+            self._start(tls)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, tls: bool) -> None:
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
         from popserv.pgdb import ensure_schema, open_database
@@ -469,8 +476,6 @@ class PopservCluster(Popserv):
             )
         finally:
             db.stop()
-        self.pop3_port, self.pop3s_port = free_port(), free_port() if tls else 0
-        self.smtp_port = free_port()
         self.login_port = free_port()
         backends = []
         for n in range(1, self.nodes + 1):
@@ -481,7 +486,18 @@ class PopservCluster(Popserv):
         local = V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00])
         for proc, ports in zip(self.procs, backends, strict=True):
             wait_for_port(ports[110], proc, self.log, prefix=local)
-        self.procs.append(self._start_haproxy(backends))
+        for _ in range(5):
+            # A port free a moment ago may be taken by then (an outgoing connection's).
+            self.pop3_port, self.pop3s_port = free_port(), free_port() if tls else 0
+            self.smtp_port = free_port()
+            haproxy = self._start_haproxy(backends)
+            try:
+                haproxy.wait(1.0)
+            except subprocess.TimeoutExpired:
+                break
+        else:
+            raise RuntimeError(f"haproxy did not start:\n{tail(self.root + '/haproxy.log')}")
+        self.procs.append(haproxy)
         self.pid = self.procs[0].pid
         self._wait_checked(tls)
 
