@@ -1,7 +1,9 @@
 """The ``popserv`` admin command: add and remove users, set passwords, make a certificate,
 see who is logged in.
 
-It edits the users file that the server re-reads on change, so no restart is needed.
+It edits the users file that the server re-reads on change, or with ``[cluster] database``
+the ``popserv_users`` table every node follows (``popserv.pgusers``), so no restart is
+needed.
 """
 
 from __future__ import annotations
@@ -38,10 +40,74 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def _paths(args: argparse.Namespace) -> tuple[str, str]:
-    """The users file and mail root: from --config or the defaults, then --users/--mailroot."""
+class _Users:
+    """Where a command finds the users: the users file, or ``[cluster] database``.
+
+    With a database in the configuration (and no --users naming a file instead), the
+    users are the rows of ``popserv_users``, which every node follows within a second.
+    """
+
+    def __init__(self, config: Config, database=None):
+        self.config = config
+        self.database = database
+
+    def read(self):
+        """The users as they are now: a ``UsersFile`` or a ``UsersTable``, to look at."""
+        if self.database is None:
+            return auth.UsersFile.read(self.config.users)
+        from popserv.pgusers import UsersTable
+
+        return UsersTable.read(self.database)
+
+    def edit(self):
+        """The users for one read-modify-write, held against other writers until it ends."""
+        if self.database is None:
+            return _edit(self.config.users)
+        from popserv.pgusers import UsersTable
+
+        return UsersTable.locked(self.database)
+
+    def userdb(self):
+        """An ``IUserDB`` of these users, for lookups (no password checks)."""
+        if self.database is None:
+            return auth.PasswdFile(self.config.users)
+        from popserv.pgusers import DatabaseUsers
+
+        userdb = DatabaseUsers(self.database, None)
+        userdb.load()
+        return userdb
+
+
+@contextlib.contextmanager
+def _users(args: argparse.Namespace) -> Iterator[_Users]:
+    """The command's users (``_Users``); a database it opened is closed at the end."""
     config = _config(args)
-    return config.users, config.mailroot
+    if not config.cluster_database or args.users:
+        yield _Users(config)
+        return
+    import logging
+
+    import psycopg
+
+    from popserv.pgdb import DatabaseUnavailable, open_database
+
+    # The pool's own retries would each print a warning; the one reason is said below.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    try:
+        # One connection first: what libpq says when it fails is the message to show.
+        psycopg.connect(config.cluster_database, connect_timeout=5).close()
+        database = open_database(config.cluster_database)
+    except psycopg.OperationalError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdminError(f"[cluster] database: {reason}") from None
+    except DatabaseUnavailable as e:
+        raise AdminError(f"[cluster] database: {e}") from None
+    try:
+        yield _Users(config, database)
+    except DatabaseUnavailable as e:
+        raise AdminError(f"[cluster] database: {e}") from None
+    finally:
+        database.stop()
 
 
 @contextlib.contextmanager
@@ -167,7 +233,7 @@ def _password_field(args: argparse.Namespace) -> str:
         raise AdminError(str(e)) from None
 
 
-def _require_user(users: auth.UsersFile, user: str) -> None:
+def _require_user(users, user: str) -> None:
     if users.get(user) is None:
         raise AdminError(f"no such user: {user!r} in {users.path}")
 
@@ -199,13 +265,11 @@ def _quota_rule(args: argparse.Namespace, entry: auth.Entry | None) -> str | Non
     return format_rule(limits)
 
 
-def _set_quota(users: auth.UsersFile, user: str, rule: str | None) -> None:
-    for i, line in enumerate(users.lines):
-        if isinstance(line, auth.Entry) and line.user == user:
-            users.lines[i] = line.with_field("quota_rule", rule)
+def _set_quota(users, user: str, rule: str | None) -> None:
+    users.set_field(user, "quota_rule", rule)
 
 
-def _check_new_user(users: auth.UsersFile, user: str) -> None:
+def _check_new_user(users, user: str) -> None:
     if users.get(user) is not None:
         raise AdminError(f"user {user!r} already exists in {users.path}")
     clash = collision_of(user, users.users())
@@ -220,20 +284,21 @@ def adduser(args: argparse.Namespace) -> None:
     The checks run once before the password is asked and hashed, and again under the
     lock, which is held only for the edit itself.
     """
-    config = _config(args)
-    check_user_name(args.user, config.mailroot)
-    _check_new_user(auth.UsersFile.read(config.users), args.user)
-    check_lower_case_domain(args.user)
-    rule = _quota_rule(args, None)
-    owner = owner_for_new_files(config)
-    field = _password_field(args)
-    with _edit(config.users) as users:
-        _check_new_user(users, args.user)
-        path = _make_maildir(config.mailroot, args.user, owner)
-        users.add(args.user, field)
-        if rule is not None:
-            _set_quota(users, args.user, rule)
-        users.write(owner=(owner.uid, owner.gid) if owner is not None else None)
+    with _users(args) as source:
+        config = source.config
+        check_user_name(args.user, config.mailroot)
+        _check_new_user(source.read(), args.user)
+        check_lower_case_domain(args.user)
+        rule = _quota_rule(args, None)
+        owner = owner_for_new_files(config)
+        field = _password_field(args)
+        with source.edit() as users:
+            _check_new_user(users, args.user)
+            path = _make_maildir(config.mailroot, args.user, owner)
+            users.add(args.user, field)
+            if rule is not None:
+                _set_quota(users, args.user, rule)
+            users.write(owner=(owner.uid, owner.gid) if owner is not None else None)
     owned = f", owned by {owner.name}" if owner is not None else ""
     quota = f", quota {rule}" if rule is not None else ""
     print(f"added user {args.user} (Maildir {path}{owned}{quota})")
@@ -241,22 +306,22 @@ def adduser(args: argparse.Namespace) -> None:
 
 def passwd(args: argparse.Namespace) -> None:
     """Replace a user's password hash, keeping the line's other fields."""
-    users_path, _ = _paths(args)
-    _require_user(auth.UsersFile.read(users_path), args.user)
-    field = _password_field(args)
-    with _edit(users_path) as users:
-        _require_user(users, args.user)
-        rule = _quota_rule(args, users.get(args.user))
-        users.set_password(args.user, field)
-        _set_quota(users, args.user, rule)
-        users.write()
+    with _users(args) as source:
+        _require_user(source.read(), args.user)
+        field = _password_field(args)
+        with source.edit() as users:
+            _require_user(users, args.user)
+            rule = _quota_rule(args, users.get(args.user))
+            users.set_password(args.user, field)
+            _set_quota(users, args.user, rule)
+            users.write()
     print(f"password changed for {args.user}")
 
 
 def deluser(args: argparse.Namespace) -> None:
     """Remove a user's line; the Maildir stays unless --remove-mail."""
-    users_path, mailroot = _paths(args)
-    with _edit(users_path) as users:
+    with _users(args) as source, source.edit() as users:
+        mailroot = source.config.mailroot
         _require_user(users, args.user)
         others = [user for user in users.users() if user != args.user]
         clash = collision_of(args.user, others) if args.remove_mail else None
@@ -279,16 +344,16 @@ def deluser(args: argparse.Namespace) -> None:
     print(f"removed user {args.user} and the Maildir {path}")
 
 
-def _usages(args: argparse.Namespace, names: Sequence[str] | None = None):
-    """(user, Usage) for the users named, or all in file order; counted without writing."""
+def _usages(source: _Users, names: Sequence[str] | None = None):
+    """(user, Usage) for the users named, or all (in file order, or by name from a table);
+    counted without writing."""
     from popserv.policy import MailboxPolicies
     from popserv.quota import Usage, usage
 
-    config = _config(args)
-    users_path, mailroot = config.users, config.mailroot
-    policies = MailboxPolicies(auth.PasswdFile(users_path), config)
-    store = _store(mailroot)
-    for user in names if names is not None else auth.UsersFile.read(users_path).users():
+    config = source.config
+    policies = MailboxPolicies(source.userdb(), config)
+    store = _store(config.mailroot)
+    for user in names if names is not None else source.read().users():
         limits = policies.for_user(user).quota
         try:
             maildir = store.path_for(user)
@@ -307,44 +372,119 @@ def _limit_text(limit: int) -> str:
 def list_users(args: argparse.Namespace) -> None:
     """Print each user, tab-separated with usage and limits: bytes, messages, both limits.
 
-    A missing users file is an error.
+    A missing users file is an error (not so an empty table).
     """
-    users_path, _ = _paths(args)
-    if not os.path.exists(users_path):
-        raise AdminError(f"{users_path}: no such users file (popserv adduser creates it)")
-    for user, used in _usages(args):
-        storage, messages = used.limits
-        print(
-            "\t".join(
-                [
-                    user,
-                    str(used.bytes),
-                    str(used.messages),
-                    _limit_text(storage),
-                    _limit_text(messages),
-                ]
-            )
-        )
+    with _users(args) as source:
+        users_path = source.config.users
+        if source.database is None and not os.path.exists(users_path):
+            raise AdminError(f"{users_path}: no such users file (popserv adduser creates it)")
+        for user, used in _usages(source):
+            storage, messages = used.limits
+            row = [user, str(used.bytes), str(used.messages)]
+            print("\t".join(row + [_limit_text(storage), _limit_text(messages)]))
 
 
 def show_quota(args: argparse.Namespace) -> None:
     """Print a user's usage and limits; with --quota/--quota-messages, set the limit first."""
-    users_path, _ = _paths(args)
-    if args.quota is not None or args.quota_messages is not None:
-        with _edit(users_path) as users:
-            _require_user(users, args.user)
-            rule = _quota_rule(args, users.get(args.user))
-            _set_quota(users, args.user, rule)
-            users.write()
-        print(f"quota of {args.user} set to {rule or 'the default'}")
-    else:
-        _require_user(auth.UsersFile.read(users_path), args.user)
-    ((user, used),) = _usages(args, [args.user])
+    with _users(args) as source:
+        if args.quota is not None or args.quota_messages is not None:
+            with source.edit() as users:
+                _require_user(users, args.user)
+                rule = _quota_rule(args, users.get(args.user))
+                _set_quota(users, args.user, rule)
+                users.write()
+            print(f"quota of {args.user} set to {rule or 'the default'}")
+        else:
+            _require_user(source.read(), args.user)
+        ((user, used),) = _usages(source, [args.user])
     storage, messages = used.limits
     percent = f" ({100 * used.bytes // storage}%)" if storage else ""
     print(f"user: {user}")
     print(f"storage: {used.bytes} bytes of {storage or 'no limit'}{percent}")
     print(f"messages: {used.messages} of {messages or 'no limit'}")
+
+
+def import_users(args: argparse.Namespace) -> None:
+    """Load a Dovecot passwd-file into ``[cluster] database``: new users added, known ones
+    replaced (password and other fields), none removed.
+
+    Lines the server would not serve are skipped, each reported with its reason: no
+    ``user:password``, a name popserv refuses, a second entry for a name, a name whose
+    Maildir would meet another user's.  Users whose scheme popserv cannot verify are
+    imported, and named.
+    """
+    from popserv.pgusers import import_entries
+
+    os.stat(args.file)  # a missing file is an error, not an empty import
+    with _users(args) as source:
+        if source.database is None:
+            raise AdminError(
+                "import-users loads a passwd-file into [cluster] database, and the"
+                " configuration names none (without it, the users file is a passwd-file)"
+            )
+        existing = set(source.read().users())
+        entries, skipped = _importable(args.file, source.config.mailroot, existing)
+        added, updated, unchanged = source.database.call(import_entries, entries.values())
+    for number, reason in sorted(skipped):
+        print(f"{args.file}:{number}: skipped: {reason}")
+    print(
+        f"imported {args.file}: {added} added, {updated} updated, {unchanged} unchanged,"
+        f" {len(skipped)} skipped"
+    )
+    unknown: dict[str, list[str]] = {}
+    for entry in entries.values():
+        scheme = auth.split_scheme(entry.password)[0]
+        if scheme not in auth.VERIFIABLE:
+            unknown.setdefault(scheme, []).append(entry.user)
+    for scheme, names in sorted(unknown.items()):
+        print(
+            f"note: popserv cannot verify {scheme} passwords; these users cannot log in"
+            f" until given a new one (popserv passwd): {', '.join(names)}"
+        )
+
+
+def _importable(
+    path: str, mailroot: str, existing: set[str]
+) -> tuple[dict[str, auth.Entry], list[tuple[int, str]]]:
+    """The entries of a passwd-file worth importing, and (line number, reason) for the rest."""
+    entries: dict[str, auth.Entry] = {}
+    numbers: dict[str, int] = {}
+    skipped: list[tuple[int, str]] = []
+    for number, line in enumerate(auth.UsersFile.read(path).lines, 1):
+        if not isinstance(line, auth.Entry):
+            if line.strip() and not line.lstrip().startswith("#"):
+                skipped.append((number, "not a 'user:password' line"))
+            continue
+        if line.user in entries:
+            skipped.append(
+                (number, f"a second entry for {line.user!r} (line {numbers[line.user]})")
+            )
+            continue
+        try:
+            check_user_name(line.user, mailroot)
+            check_lower_case_domain(line.user)
+        except AdminError as e:
+            skipped.append((number, str(e)))
+            continue
+        entries[line.user] = line
+        numbers[line.user] = number
+    # A new name that would share files with another user's is left out; of two new
+    # ones, the later line.  (Old clashes in the table stay the server's to refuse.)
+    names = [*existing, *(user for user in entries if user not in existing)]
+    dropped: set[str] = set()
+    for collision in usernames.find_collisions(names):
+        pair = (collision.user, collision.other)
+        new = [user for user in pair if user in entries and user not in existing]
+        if not new or dropped.intersection(pair):
+            continue
+        user = max(new, key=numbers.__getitem__)
+        other = pair[1] if user == pair[0] else pair[0]
+        how = collision_of(user, [other])[1]
+        dropped.add(user)
+        skipped.append((numbers[user], f"user {user!r} collides with user {other!r}: {how}"))
+    for user in dropped:
+        del entries[user]
+    return entries, skipped
 
 
 def gencert(args: argparse.Namespace) -> None:
@@ -493,6 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("user")
     usage.set_defaults(run=show_quota)
+
+    load = commands.add_parser(
+        "import-users",
+        help="load a Dovecot passwd-file into [cluster] database (adding or replacing users)",
+    )
+    load.add_argument("file", metavar="FILE", help="the passwd-file (user:{SCHEME}hash:...)")
+    load.add_argument("--config", metavar="FILE", help="the configuration naming the database")
+    load.add_argument("--mailroot", metavar="DIR", help="the Maildir root (overrides --config)")
+    load.set_defaults(run=import_users, users=None)
 
     cert = commands.add_parser(
         "gencert", help="make a self-signed TLS certificate for the host name"

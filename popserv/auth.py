@@ -40,7 +40,7 @@ from popserv.credcache import VerifiedPasswords
 from popserv.interfaces import ISASLVerified, IUserDB, ScramKeys, UserDBUnavailable
 from popserv.logsafe import untrusted
 from popserv.state import scram_salt
-from popserv.usernames import find_collisions, user_text
+from popserv.usernames import Collision, find_collisions, user_text
 
 # New hashes and the unknown-user dummy use this hasher: argon2-cffi's defaults,
 # RFC 9106's low-memory profile.  Verification reads the parameters from each hash,
@@ -311,7 +311,8 @@ _SCHEMES: dict[str, _Scheme] = {
     "CLEARTEXT": _PLAIN,
 }
 
-# The schemes ``hash_password`` can make, for ``popserv adduser --scheme``.
+# The schemes popserv verifies, and those ``hash_password`` can make (``adduser --scheme``).
+VERIFIABLE = frozenset(_SCHEMES)
 MAKEABLE = tuple(name for name, scheme in _SCHEMES.items() if scheme.make is not None)
 
 
@@ -501,6 +502,12 @@ class UsersFile:
         if not found:
             raise KeyError(user)
 
+    def set_field(self, user: str, key: str, value: str | None) -> None:
+        """Set (None: remove) the extra field ``userdb_<key>`` on every line for ``user``."""
+        for i, line in enumerate(self.lines):
+            if isinstance(line, Entry) and line.user == user:
+                self.lines[i] = line.with_field(key, value)
+
     def remove(self, user: str) -> None:
         """Drop every line for ``user``."""
         kept = [line for line in self.lines if not (isinstance(line, Entry) and line.user == user)]
@@ -552,21 +559,25 @@ class UsersFile:
             os.close(dir_fd)
 
 
-@implementer(IUserDB)
-class PasswdFile:
-    """``IUserDB`` over a passwd-file, re-read whenever it changes on disk.
+class EntryUserDB:
+    """The answers of an ``IUserDB`` from users' entries, wherever the entries come from.
+
+    A subclass says where they are: ``_entries()`` returns the users served now (raising
+    ``UserDBUnavailable`` when it cannot), and ``_serve`` installs a new set, so that
+    passwords remembered for entries that changed are forgotten.  ``source`` names the
+    place in messages (the users file's path, the database's table).
 
     Names whose Maildirs collide (``popserv.usernames``) are refused, both of each pair:
     every lookup of one fails with ``UserDBUnavailable`` (POP3 ``-ERR [SYS/TEMP]``, SMTP
     ``451 4.3.0``), so no two of them ever reach the same files, and the mail waits at
-    the sender until the file is fixed.
+    the sender until the entries are fixed.
     """
 
     log = Logger()
+    source = "the user database"
 
     def __init__(
         self,
-        path: str,
         run: Callable[..., defer.Deferred] | None = None,
         secret: bytes | None = None,
         cache: VerifiedPasswords | None = None,
@@ -582,119 +593,45 @@ class PasswdFile:
         ``cache``: where passwords that passed a slow scheme are remembered, so the
         next login with the same one skips the hash; None: every check hashes.
         """
-        self.path = path
         self._run = run
         self._cache = cache
-        self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, Entry] = {}
         self._refused: dict[str, str] = {}  # a colliding name -> a name it collides with
         self._dummy: tuple[argon2.PasswordHasher, str] | None = None
         self._warned_schemes: set[str] = set()
-        self._unavailable_logged = False
         self._field_values: dict[str, tuple[dict, set[str]]] = {}
         # Keys the salts of SCRAM keys derived from clear passwords: stable per user.
         self._secret = secret if secret is not None else os.urandom(32)
 
     def _entries(self) -> dict[str, Entry]:
-        """The users, re-read if the file's mtime, size or inode changed since the last look.
+        """The users served now; raises ``UserDBUnavailable`` when they cannot be had."""
+        raise NotImplementedError
 
-        Never while an admin command holds the lock (``UsersFile.locked``): the last copy
-        serves meanwhile, and the next lookup tries again; there is no waiting.
+    def _serve(self, users: dict[str, Entry], refused: dict[str, str]) -> None:
+        """Answer from ``users`` from now on, refusing the ``refused`` names.
+
+        A changed or removed password would never match again: its remembered
+        verification is forgotten now.
         """
-        try:
-            st = os.stat(self.path)
-            if (st.st_mtime_ns, st.st_size, st.st_ino) != self._stamp:
-                self._reload()
-        except OSError as e:
-            self._stamp = None
-            self._users = {}
-            self._refused = {}
-            if not self._unavailable_logged:
-                self._unavailable_logged = True
-                self.log.error(
-                    "cannot read users file {path}: {error}", path=self.path, error=e.strerror
-                )
-            raise UserDBUnavailable(f"{self.path}: {e.strerror}") from None
-        return self._users
-
-    def _reload(self) -> None:
-        """Read the file under a shared lock; if a writer holds it, keep the last copy."""
-        try:
-            fd = _shared_lock(self.path)
-        except _Busy:
-            if self._stamp is None:  # no copy to serve yet: a temporary failure
-                raise UserDBUnavailable(f"{self.path}: being edited") from None
-            return
-        try:
-            st = os.stat(self.path)
-            lines = _read_lines(self.path)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        old, (self._users, self._refused) = self._users, self._parse(lines)
-        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        old, self._users, self._refused = self._users, users, refused
         if self._cache is not None:
-            # A changed or removed password would never match again: forget it now.
             for user, entry in old.items():
-                new = self._users.get(user)
+                new = users.get(user)
                 if new is None or new.password != entry.password:
                     self._cache.forget(user)
-        self._unavailable_logged = False
-        self.log.info("read {count} users from {path}", count=len(self._users), path=self.path)
-
-    def _parse(self, lines: list[str]) -> tuple[dict[str, Entry], dict[str, str]]:
-        """The users to serve, and the refused names whose Maildirs collide (one warning a pair)."""
-        users: dict[str, Entry] = {}
-        numbers: dict[str, int] = {}
-        for number, line in enumerate(lines, 1):
-            entry = Entry.parse(line)
-            if entry is None:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    self.log.warn(  # noqa: G010 (twisted.logger has no warning())
-                        "{path}:{line}: ignoring a line without 'user:password'",
-                        path=self.path,
-                        line=number,
-                    )
-            elif entry.user in users:
-                self.log.warn(  # noqa: G010 (twisted.logger has no warning())
-                    "{path}:{line}: ignoring a second entry for {user}",
-                    path=self.path,
-                    line=number,
-                    user=entry.user,
-                )
-            else:
-                users[entry.user] = entry
-                numbers[entry.user] = number
-        refused: dict[str, str] = {}
-        for user, other, nested in find_collisions(users):
-            self.log.warn(  # noqa: G010 (twisted.logger has no warning())
-                "{path}:{line}: the Maildir of user {user} {relation} that of user {other}"
-                " (line {other_line}); refusing both",
-                path=self.path,
-                relation="lies inside" if nested else "is",
-                line=numbers[user],
-                user=untrusted(user),
-                other=untrusted(other),
-                other_line=numbers[other],
-            )
-            refused.setdefault(user, other)
-            refused.setdefault(other, user)
-        for user in refused:
-            del users[user]
-        return users, refused
 
     def _entry(self, user: str) -> Entry | None:
         """``user``'s entry, None if unknown; ``UserDBUnavailable`` for a refused name."""
         entry = self._entries().get(user)
         if entry is None and user in self._refused:
             raise UserDBUnavailable(
-                f"{self.path}: the Maildir of {user!r} collides with that of "
+                f"{self.source}: the Maildir of {user!r} collides with that of "
                 f"{self._refused[user]!r}"
             )
         return entry
 
     def exists(self, user: str) -> bool:
-        """Whether ``user`` has a line in the file; raises ``UserDBUnavailable``."""
+        """Whether ``user`` has an entry; raises ``UserDBUnavailable``."""
         return self._entry(user) is not None
 
     def fields(self, user: str) -> dict[str, str]:
@@ -703,7 +640,7 @@ class PasswdFile:
         return entry.fields if entry is not None else {}
 
     def field_values(self, name: str) -> set[str]:
-        """The distinct values of one extra field over all users, kept until the file changes."""
+        """The distinct values of one extra field over all users, kept until the entries change."""
         users = self._entries()
         cached = self._field_values.get(name)
         if cached is None or cached[0] is not users:
@@ -716,7 +653,8 @@ class PasswdFile:
         dummy Argon2 verify."""
         if self._run is None:
             raise TypeError(
-                "PasswdFile needs run= (a popserv.workers.Workers.run) to check passwords"
+                f"{type(self).__name__} needs run= (a popserv.workers.Workers.run) to check"
+                " passwords"
             )
         try:
             entry = self._entry(user)
@@ -804,6 +742,118 @@ class PasswdFile:
             if stored and name in _SCHEMES:
                 found |= _SCHEMES[name].mechanisms
         return found
+
+
+def refuse_collisions(users: dict[str, Entry]) -> tuple[dict[str, str], list[Collision]]:
+    """Take every name whose Maildir meets another's out of ``users``.
+
+    Returns the names taken out (each -> a name it collides with) and the colliding
+    pairs, which the caller reports where it can say where each name came from.
+    """
+    collisions = find_collisions(users)
+    refused: dict[str, str] = {}
+    for user, other, _ in collisions:
+        refused.setdefault(user, other)
+        refused.setdefault(other, user)
+    for user in refused:
+        del users[user]
+    return refused, collisions
+
+
+@implementer(IUserDB)
+class PasswdFile(EntryUserDB):
+    """``IUserDB`` over a passwd-file, re-read whenever it changes on disk."""
+
+    def __init__(
+        self,
+        path: str,
+        run: Callable[..., defer.Deferred] | None = None,
+        secret: bytes | None = None,
+        cache: VerifiedPasswords | None = None,
+    ):
+        """``path``: the users file; the rest as ``EntryUserDB``."""
+        super().__init__(run, secret, cache)
+        self.path = self.source = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._unavailable_logged = False
+
+    def _entries(self) -> dict[str, Entry]:
+        """The users, re-read if the file's mtime, size or inode changed since the last look.
+
+        Never while an admin command holds the lock (``UsersFile.locked``): the last copy
+        serves meanwhile, and the next lookup tries again; there is no waiting.
+        """
+        try:
+            st = os.stat(self.path)
+            if (st.st_mtime_ns, st.st_size, st.st_ino) != self._stamp:
+                self._reload()
+        except OSError as e:
+            self._stamp = None
+            self._users = {}
+            self._refused = {}
+            if not self._unavailable_logged:
+                self._unavailable_logged = True
+                self.log.error(
+                    "cannot read users file {path}: {error}", path=self.path, error=e.strerror
+                )
+            raise UserDBUnavailable(f"{self.path}: {e.strerror}") from None
+        return self._users
+
+    def _reload(self) -> None:
+        """Read the file under a shared lock; if a writer holds it, keep the last copy."""
+        try:
+            fd = _shared_lock(self.path)
+        except _Busy:
+            if self._stamp is None:  # no copy to serve yet: a temporary failure
+                raise UserDBUnavailable(f"{self.path}: being edited") from None
+            return
+        try:
+            st = os.stat(self.path)
+            lines = _read_lines(self.path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._serve(*self._parse(lines))
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        self._unavailable_logged = False
+        self.log.info("read {count} users from {path}", count=len(self._users), path=self.path)
+
+    def _parse(self, lines: list[str]) -> tuple[dict[str, Entry], dict[str, str]]:
+        """The users to serve, and the refused names whose Maildirs collide (one warning a pair)."""
+        users: dict[str, Entry] = {}
+        numbers: dict[str, int] = {}
+        for number, line in enumerate(lines, 1):
+            entry = Entry.parse(line)
+            if entry is None:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    self.log.warn(  # noqa: G010 (twisted.logger has no warning())
+                        "{path}:{line}: ignoring a line without 'user:password'",
+                        path=self.path,
+                        line=number,
+                    )
+            elif entry.user in users:
+                self.log.warn(  # noqa: G010 (twisted.logger has no warning())
+                    "{path}:{line}: ignoring a second entry for {user}",
+                    path=self.path,
+                    line=number,
+                    user=entry.user,
+                )
+            else:
+                users[entry.user] = entry
+                numbers[entry.user] = number
+        refused, collisions = refuse_collisions(users)
+        for user, other, nested in collisions:
+            self.log.warn(  # noqa: G010 (twisted.logger has no warning())
+                "{path}:{line}: the Maildir of user {user} {relation} that of user {other}"
+                " (line {other_line}); refusing both",
+                path=self.path,
+                relation="lies inside" if nested else "is",
+                line=numbers[user],
+                user=untrusted(user),
+                other=untrusted(other),
+                other_line=numbers[other],
+            )
+        return users, refused
 
 
 class _UserDBChecker:

@@ -61,6 +61,33 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             " backend integer, PRIMARY KEY (node, pid, key))",
         ),
     ),
+    (
+        2,
+        (
+            # Every change to popserv_users, by popserv's tools or by hand in SQL, tells the
+            # nodes (popserv.pgusers) which name changed; an empty payload (TRUNCATE, or a
+            # name too long for one) means all of them.
+            "CREATE FUNCTION popserv_users_notify() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN"
+            "  IF TG_OP = 'TRUNCATE' THEN"
+            "   PERFORM pg_notify('popserv_users', ''); RETURN NULL;"
+            "  END IF;"
+            "  IF TG_OP <> 'INSERT' THEN"
+            "   PERFORM pg_notify('popserv_users',"
+            "    CASE WHEN octet_length(OLD.name) < 4000 THEN OLD.name ELSE '' END);"
+            "  END IF;"
+            "  IF TG_OP <> 'DELETE' THEN"
+            "   PERFORM pg_notify('popserv_users',"
+            "    CASE WHEN octet_length(NEW.name) < 4000 THEN NEW.name ELSE '' END);"
+            "  END IF;"
+            "  RETURN NULL;"
+            " END $$",
+            "CREATE TRIGGER popserv_users_notify AFTER INSERT OR UPDATE OR DELETE"
+            " ON popserv_users FOR EACH ROW EXECUTE FUNCTION popserv_users_notify()",
+            "CREATE TRIGGER popserv_users_truncate AFTER TRUNCATE"
+            " ON popserv_users FOR EACH STATEMENT EXECUTE FUNCTION popserv_users_notify()",
+        ),
+    ),
 ]
 
 

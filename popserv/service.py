@@ -76,7 +76,10 @@ def make_service(
         config.auth_cache_size,
         metrics=NO_METRICS if metrics is None else metrics,
     )
-    userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
+    if database is None:
+        userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
+    else:
+        userdb = _database_users(config, database, reactor, verify.run, secret, cache)
     store = MaildirStore(
         mailroot,
         maildrops.run,
@@ -113,6 +116,7 @@ def make_service(
         from popserv.pgdb import DatabaseService
 
         DatabaseService(database).setServiceParent(top)
+        userdb.service().setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(journal_dir(mailroot, naming_node(config))).setServiceParent(top)
     # Before the listeners, so they stop (queued jobs done) after them.
@@ -146,7 +150,7 @@ def make_service(
         tls_listeners=", ".join(config.pop3s_listen) or "none",
         smtp_listeners=", ".join(config.smtp_listen) or "none",
         mailroot=mailroot,
-        users=users,
+        users=users if database is None else "the database's popserv_users",
     )
     return top
 
@@ -197,6 +201,17 @@ def _database(config: Config, reactor):
 
     node = node_name(config.cluster_node)
     return open_database(config.cluster_database, reactor, name=f"popserv {node}")
+
+
+def _database_users(config: Config, database, reactor, run, secret, cache):
+    """The users of ``popserv_users``, read now (blocking, as the database was opened)."""
+    from popserv.cluster import node_name
+    from popserv.pgusers import DatabaseUsers
+
+    name = f"popserv {node_name(config.cluster_node)} users"
+    userdb = DatabaseUsers(database, reactor, run, secret=secret, cache=cache, name=name)
+    userdb.load()
+    return userdb
 
 
 def _endpoint_listener(reactor, proxy_timeout: float):
