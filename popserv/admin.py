@@ -533,21 +533,25 @@ def who(args: argparse.Namespace) -> None:
 
     Each running server answers on its own socket in ``<state_dir>/who``; those of
     servers that are gone are removed.  A server that does not answer is reported
-    after the others are listed, and the exit status is 1.
+    after the others are listed, and the exit status is 1.  With ``[cluster] database``
+    (and no ``--state-dir``) the list is every node's, from the database.
     """
     from datetime import datetime
 
     from popserv.sessions import WHO_DIR, read_sessions
 
     config = read_config(args.config) if args.config else Config(hostname="localhost")
-    state_dir = args.state_dir or config.state_dir
-    directory = os.path.join(state_dir, WHO_DIR)
-    if not os.path.isdir(directory):
-        raise AdminError(
-            f"no {directory}: no server has run with the state directory {state_dir}"
-            " (give the server's --config, or --state-dir)"
-        )
-    sessions, problems = read_sessions(directory)
+    if config.cluster_database and not args.state_dir:
+        sessions, problems = _cluster_sessions(config), []
+    else:
+        state_dir = args.state_dir or config.state_dir
+        directory = os.path.join(state_dir, WHO_DIR)
+        if not os.path.isdir(directory):
+            raise AdminError(
+                f"no {directory}: no server has run with the state directory {state_dir}"
+                " (give the server's --config, or --state-dir)"
+            )
+        sessions, problems = read_sessions(directory)
     rows = [
         {
             "user": s.user,
@@ -574,6 +578,17 @@ def who(args: argparse.Namespace) -> None:
             )
     if problems:
         raise AdminError("; ".join(problems))
+
+
+def _cluster_sessions(config: Config) -> list:
+    """Every node's sessions, from ``[cluster] database``."""
+    from popserv.pgdb import DatabaseUnavailable
+    from popserv.pgstate import read_cluster_sessions
+
+    try:
+        return read_cluster_sessions(config.cluster_database)
+    except DatabaseUnavailable as e:
+        raise AdminError(f"[cluster] database: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,5 +60,8 @@ class MailboxMaildrop:
             d.addCallback(lambda _: defer.fail(CommitFailed(failed)))
         return d
 
+    def when_lost(self, callback) -> None:
+        """IMailbox has no lock to lose."""
+
     def close(self) -> None:
         """IMailbox has no lock to release."""

@@ -20,6 +20,14 @@ class MaildropLocked(Exception):
     """Another session holds this maildrop (POP3 answers ``-ERR [IN-USE]``)."""
 
 
+class LockUnavailable(Exception):
+    """The maildrop lock cannot be taken now: its database is unreachable (``-ERR [SYS/TEMP]``)."""
+
+
+class LockLost(Exception):
+    """A session's maildrop lock is gone (its database connection was lost): commit nothing."""
+
+
 class CommitFailed(Exception):
     """Some messages marked deleted could not be removed at QUIT."""
 
@@ -30,6 +38,13 @@ class CommitFailed(Exception):
 
 class UserDBUnavailable(Exception):
     """The user database cannot be read (POP3 answers ``-ERR [SYS/TEMP]``)."""
+
+
+class SharedStateUnavailable(Exception):
+    """What the nodes share (login counters, sessions) cannot be reached: try again later.
+
+    POP3 answers a login ``-ERR [SYS/TEMP]``; SMTP answers ``451 4.3.0``.
+    """
 
 
 class QuotaLimits(NamedTuple):
@@ -97,7 +112,50 @@ class IMaildrop(Interface):
         """
 
     def close():
-        """Release the maildrop lock; idempotent, deletes nothing."""
+        """Release the maildrop lock; idempotent, deletes nothing.
+
+        Returns None, or a Deferred that fires once the lock is released (one kept in a
+        database): QUIT's ``+OK`` waits for it, so the client may log in again at once.
+        """
+
+    def when_lost(callback):
+        """Call ``callback()`` (in the reactor thread) if the lock is lost before ``close``.
+
+        The session must then end at once; its ``commit`` fails with ``LockLost``.  A
+        lock that cannot be lost (a local ``flock``) never calls it.
+        """
+
+
+class IMaildropLease(Interface):
+    """One session's hold on a maildrop lock, from ``IMaildropLocks.lock``."""
+
+    def verify():
+        """Raise ``LockLost`` unless the lock is still held; blocks (a store's thread).
+
+        A commit calls it first, so a session that lost its lock removes nothing.
+        """
+
+    def when_lost(callback):
+        """Call ``callback()`` in the reactor thread if the lock is lost before ``release``."""
+
+    def release():
+        """Give the lock up; idempotent, callable from any thread, never blocks.
+
+        Returns None once released, or a Deferred (fired in the reactor thread) when the
+        release waits for a database.
+        """
+
+
+class IMaildropLocks(Interface):
+    """How a store keeps one session at a time in a maildrop: ``flock``, or that and a
+    lock in the database all nodes share."""
+
+    def lock(user, path):
+        """Lock ``user``'s maildrop (``path``: its Maildir); blocks (a store's thread).
+
+        Returns an ``IMaildropLease``.  Raises ``MaildropLocked`` when another session
+        holds it, ``LockUnavailable`` when that cannot be told now.
+        """
 
 
 class IMaildropStore(Interface):

@@ -40,6 +40,8 @@ from popserv.cluster import create_temp
 from popserv.interfaces import (
     CommitFailed,
     IMaildrop,
+    IMaildropLease,
+    IMaildropLocks,
     IMaildropStore,
     MailboxPolicy,
     MaildropLocked,
@@ -550,21 +552,23 @@ class MaildirMaildrop:
         self,
         user: str,
         path: str,
-        lock_file: BinaryIO,
+        lease: IMaildropLease,
         entries: list[_Entry],
         run: Callable[..., Deferred],
         snapshot: tuple | None = None,
         policy: MailboxPolicy | None = None,
         node: str = "",
     ):
-        """``run``: runs the commit off the reactor thread (the store's); ``policy``:
-        what the commit does with retrieved messages (the defaults without it);
-        ``node``: the store's, for the names of temporary files."""
+        """``lease``: the maildrop lock (``IMaildropLocks.lock``); ``run``: runs the commit
+        off the reactor thread (the store's); ``policy``: what the commit does with
+        retrieved messages (the defaults without it); ``node``: the store's, for the
+        names of temporary files."""
         self.user = user
         self.path = path
         self.policy = policy or MailboxPolicy()
         self.expire_days = self.policy.expire_days
-        self._lock_file: BinaryIO | None = lock_file
+        self._lease: IMaildropLease | None = lease
+        self._verify = lease.verify
         self._entries = entries
         if snapshot is None:
             snapshot = tuple((e.uidl, e.size) for e in entries)
@@ -608,6 +612,8 @@ class MaildirMaildrop:
         return self._run(self._commit_blocking, doomed, kept)
 
     def _commit_blocking(self, doomed: list[_Entry], retrieved: list[_Entry]) -> None:
+        # A session whose lock went (another node may serve the maildrop now) changes nothing.
+        self._verify()
         try:
             remove_messages(self.path, doomed)
         finally:
@@ -637,11 +643,18 @@ class MaildirMaildrop:
             except OSError as e:
                 _warn_retention(self.path, e)
 
-    def close(self) -> None:
-        """Release the lock (closing its file descriptor); safe to call twice."""
-        lock_file, self._lock_file = self._lock_file, None
-        if lock_file is not None:
-            lock_file.close()
+    def when_lost(self, callback: Callable[[], object]) -> None:
+        """``callback()`` if the lock is lost while held (see ``IMaildrop.when_lost``)."""
+        if self._lease is not None:
+            self._lease.when_lost(callback)
+
+    def close(self) -> Deferred | None:
+        """Release the lock; safe to call twice.  A Deferred when the release waits for a
+        database (see ``IMaildropLease.release``)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            return lease.release()
+        return None
 
 
 def _warn_retention(path: str, error: OSError) -> None:
@@ -717,6 +730,54 @@ def remove_messages(maildir: str, entries: list[_Entry]) -> None:
         raise CommitFailed(failed)
 
 
+@implementer(IMaildropLease)
+class FileLease:
+    """A maildrop ``flock``: held while its file is open, so even a maildrop dropped
+    without ``close`` releases it."""
+
+    def __init__(self, lock_file: BinaryIO):
+        self._file: BinaryIO | None = lock_file
+
+    def verify(self) -> None:
+        """A lock held by an open file is never lost."""
+
+    def when_lost(self, callback) -> None:
+        """Never called: the lock lasts as long as the file is open."""
+
+    def release(self) -> None:
+        lock_file, self._file = self._file, None
+        if lock_file is not None:
+            lock_file.close()
+
+
+@implementer(IMaildropLocks)
+class FileLocks:
+    """``flock`` on ``<maildir>/<name>``: one session per maildrop among the processes of
+    a host (and of hosts whose shared file system honours ``flock``)."""
+
+    def __init__(self, name: str = LOCK_NAME):
+        self.name = name
+
+    def lock(self, user: str, path: str) -> FileLease:
+        fd = os.open(
+            os.path.join(path, self.name),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            _FILE_MODE,
+        )
+        lock_file = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            lock_file.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MaildropLocked(user) from None
+            raise
+        except BaseException:
+            lock_file.close()
+            raise
+        return FileLease(lock_file)
+
+
 @implementer(IMaildropStore)
 class MaildirStore:
     """Users' Maildirs under one mail root, ``<root>/<user>`` or ``<root>/<domain>/<user>``."""
@@ -728,6 +789,7 @@ class MaildirStore:
         *,
         dovecot_uidl_format: str = DEFAULT_DOVECOT_FORMAT,
         dovecot_reuse_xuidl: bool = False,
+        locks: IMaildropLocks | None = None,
         node: str = "",
     ):
         """``run`` opens and commits maildrops off the reactor thread (a ``Workers.run``
@@ -737,10 +799,13 @@ class MaildirStore:
         ``dovecot_uidl_format`` and ``dovecot_reuse_xuidl`` are the ``pop3_uidl_format``
         and ``pop3_reuse_xuidl`` Dovecot served these Maildirs with (see
         ``popserv.uidlist.UidlFormat``); ValueError for a format Dovecot could not have had.
+        ``locks`` keeps one session per maildrop: ``FileLocks()`` (``popserv.lock``) by
+        default, ``popserv.pglocks.AdvisoryLocks`` for nodes sharing a database.
         ``node``: this node's name (``[cluster] node``; empty: the host's) in the names of
         the temporary files written in the Maildirs.
         """
         self.mailroot = mailroot
+        self.locks = locks if locks is not None else FileLocks()
         self.node = node
         self._run = run
         self._inheritance = UidlInheritance(dovecot_uidl_format, dovecot_reuse_xuidl)
@@ -817,28 +882,17 @@ class MaildirStore:
 
     def _open_blocking(self, user: str, policy: MailboxPolicy) -> MaildirMaildrop:
         path = self.create(user)
-        lock_path = os.path.join(path, LOCK_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE)
-        # A file object, so that a maildrop dropped without close() still releases the lock.
-        lock_file = os.fdopen(fd, "r+b", buffering=0)
+        lease = self.locks.lock(user, path)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise MaildropLocked(user) from None
-                raise
             entries, snapshot = self._listing(path)
             if policy.expire_days:
                 entries, snapshot = _expire(
                     user, path, entries, snapshot, policy.expire_days, self.node
                 )
         except BaseException:
-            lock_file.close()
+            lease.release()
             raise
-        return MaildirMaildrop(
-            user, path, lock_file, entries, self._run, snapshot, policy, self.node
-        )
+        return MaildirMaildrop(user, path, lease, entries, self._run, snapshot, policy, self.node)
 
 
 def _expire(

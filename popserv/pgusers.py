@@ -106,7 +106,7 @@ class UsersTable:
         from popserv.pgdb import DatabaseUnavailable
 
         try:
-            with database.pool.connection() as connection, connection.transaction():
+            with database.connection() as connection, connection.transaction():
                 connection.execute("LOCK TABLE popserv_users IN SHARE ROW EXCLUSIVE MODE")
                 yield cls(connection, fetch_users(connection))
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as e:

@@ -23,6 +23,7 @@ from popserv.interfaces import Envelope, IRecipientPolicy, IUserDB, Session, Use
 from popserv.smtpreplies import (
     BAD_RECIPIENT,
     RELAY_DENIED,
+    SHARED_STATE_DOWN,
     UNKNOWN_USER,
     USERDB_DOWN,
     error_args,
@@ -104,9 +105,15 @@ class LocalRecipients:
         *,
         quota=None,
         full_tempfail: bool = False,
+        available=None,
     ):
-        """``quota``: an ``IQuota``, or None to leave quotas to the delivery."""
+        """``quota``: an ``IQuota``, or None to leave quotas to the delivery.
+
+        ``available``: a callable, false while the database the nodes share is down:
+        recipients then get 451 4.3.0 (None: no such database).
+        """
         self.userdb = userdb
+        self.available = available
         self.quota = quota
         self.full_tempfail = full_tempfail
         self.domains = frozenset(d.lower() for d in domains)
@@ -121,7 +128,10 @@ class LocalRecipients:
         """Local domain and known user, else ``SMTPBadRcpt``: 550 5.7.1 or 550 5.1.1.
 
         Then, with a quota, room for the message: a Deferred firing with the user.
+        While the shared database is unavailable: 451 4.3.0, try again later.
         """
+        if self.available is not None and not self.available():
+            raise smtp.SMTPServerError(*error_args(SHARED_STATE_DOWN))
         user = self.resolve(address)
         if self.quota is None:
             return user

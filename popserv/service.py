@@ -80,12 +80,14 @@ def make_service(
         userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
     else:
         userdb = _database_users(config, database, reactor, verify.run, secret, cache)
+    locks = _maildrop_locks(config, database, reactor)
     store = MaildirStore(
         mailroot,
         maildrops.run,
         node=node_name(config.cluster_node),
         dovecot_uidl_format=config.pop3_dovecot_uidl_format,
         dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
+        locks=locks,
     )
     policies = MailboxPolicies(userdb, config)
     realm = MaildropRealm(store, policies)
@@ -93,6 +95,12 @@ def make_service(
     portal = Portal(realm, checkers(userdb))
     sessions = MemorySessionRegistry(reactor)
     shared_parts = {} if shared is None else shared.pop3_parts(config, reactor)
+    cluster_state = None
+    if database is not None:
+        # The nodes' lockout and session list; the connection limits stay per node.
+        cluster_state = _cluster_state(config, database, reactor)
+        sessions = cluster_state.sessions
+        shared_parts["throttle"] = cluster_state.throttle
     factory = POP3Factory(
         portal,
         config,
@@ -115,8 +123,14 @@ def make_service(
         # Before the listeners, so the pool closes after they have stopped.
         from popserv.pgdb import DatabaseService
 
-        DatabaseService(database).setServiceParent(top)
+        DatabaseService(database, reactor).setServiceParent(top)
         userdb.service().setServiceParent(top)
+        cluster_state.setServiceParent(top)
+    if locks is not None:
+        # Before the listeners too: stopped after them, it closes the lock connection last.
+        from popserv.pglocks import AdvisoryLocksService
+
+        AdvisoryLocksService(locks).setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
     DeliveryRecovery(journal_dir(mailroot, naming_node(config))).setServiceParent(top)
     # Before the listeners, so they stop (queued jobs done) after them.
@@ -135,7 +149,9 @@ def make_service(
     reload_service.setName("tls-reload")
     reload_service.setServiceParent(top)
     if config.smtp_listen:
-        _add_smtp(top, config, store, userdb, policies, tls, reactor, metrics, listen, shared)
+        _add_smtp(
+            top, config, store, userdb, policies, tls, reactor, metrics, listen, shared, database
+        )
     _add_watching(top, config, metrics, sessions, who_dir, reactor, listen)
     # Last: started after every other part, stopped before them.
     notify.setServiceParent(top)
@@ -203,6 +219,18 @@ def _database(config: Config, reactor):
     return open_database(config.cluster_database, reactor, name=f"popserv {node}")
 
 
+def _maildrop_locks(config: Config, database, reactor):
+    """With a shared database, maildrop locks every node sees (``popserv.pglocks``); else
+    None: the store's ``flock`` alone."""
+    if database is None:
+        return None
+    from popserv.cluster import node_name
+    from popserv.pglocks import cluster_locks
+
+    node = node_name(config.cluster_node)
+    return cluster_locks(database.conninfo, node, reactor, config.cluster_lock_timeout)
+
+
 def _database_users(config: Config, database, reactor, run, secret, cache):
     """The users of ``popserv_users``, read now (blocking, as the database was opened)."""
     from popserv.cluster import node_name
@@ -212,6 +240,17 @@ def _database_users(config: Config, database, reactor, run, secret, cache):
     userdb = DatabaseUsers(database, reactor, run, secret=secret, cache=cache, name=name)
     userdb.load()
     return userdb
+
+
+def _cluster_state(config: Config, database, reactor):
+    """The ``popserv.pgstate.ClusterState`` of this node: its shared throttle and sessions."""
+    from popserv.cluster import node_name
+    from popserv.pgstate import ClusterState
+    from popserv.pop3 import throttle_settings
+
+    return ClusterState(
+        database, reactor, node_name(config.cluster_node), throttle_settings(config)
+    )
 
 
 def _endpoint_listener(reactor, proxy_timeout: float):
@@ -278,8 +317,12 @@ def _add_smtp(
     metrics=None,
     listen=None,
     shared=None,
+    database=None,
 ) -> None:
-    """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start."""
+    """The SMTP listeners, delivering into ``store``; dead deliveries are cleaned up at start.
+
+    With the shared ``database``, recipients get 451 4.3.0 while it is unavailable.
+    """
     from popserv.cluster import mail_host, naming_node
     from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner, journal_dir
     from popserv.quota import MaildirQuota
@@ -309,6 +352,7 @@ def _add_smtp(
         quota=quota,
         metrics=metrics,
         limiter=None if shared is None else shared.smtp_limiter(config),
+        available=None if database is None else lambda: database.available,
     )
     if listen is None:
         listen = _endpoint_listener(reactor, config.proxy_timeout)

@@ -586,12 +586,14 @@ class SMTPFactory(ServerFactory):
         limiter=None,
         quota=None,
         metrics=None,
+        available=None,
     ):
         """``clock``: the reactor (or a ``task.Clock``) that times sessions and headers.
 
         ``quota``: the ``IQuota`` that refuses mail for full mailboxes at RCPT (without
         it, only the delivery itself checks).  ``metrics``: the ``IMetrics`` connections
-        report to (default: none kept).
+        report to (default: none kept).  ``available``: a callable saying whether the
+        database the nodes share answers (default: none is needed).
         """
         self.metrics = NO_METRICS if metrics is None else metrics
         self.deliverer = deliverer
@@ -606,6 +608,7 @@ class SMTPFactory(ServerFactory):
             config.smtp_postmaster,
             quota=quota,
             full_tempfail=config.quota_full_tempfail,
+            available=available,
         )
         if limiter is None:
             # Besides its socket, a connection may open its message's temporary file.

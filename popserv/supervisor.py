@@ -17,7 +17,10 @@ at once.  SIGHUP is passed on to every worker, SIGTERM (the server's stop) too, 
 supervisor exits once they have.  Each worker's JSON log lines become events of the
 supervisor's log with ``worker=<pid>``.  With ``[metrics] listen`` the workers keep their
 figures in ``prometheus_client``'s multiprocess files under ``<state_dir>/metrics`` and
-the supervisor serves their sum.
+the supervisor serves their sum.  The supervisor makes the TLS session-ticket keys at
+start, in memory, hands them to each worker it starts and sends new ones every
+``ROTATION_INTERVAL`` (``popserv.ticketkeys``), so a client resumes its session
+whichever worker takes its next connection.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ from popserv import sharedstate
 from popserv.config import Config, ConfigError
 from popserv.notify import NotifyService
 from popserv.service import Listener
-from popserv.worker import FIRST_LISTENER_FD, WORKER_ENV, credentials_frame, worker_settings
+from popserv.ticketkeys import ROTATION_INTERVAL, TicketKeys
+from popserv.worker import (
+    FIRST_LISTENER_FD,
+    WORKER_ENV,
+    credentials_frame,
+    ticket_keys_frame,
+    worker_settings,
+)
 
 log = Logger()
 
@@ -410,7 +420,9 @@ class WorkerPool(Service):
         on_ready=None,
         on_ended=None,
         observer=None,
+        ticket_keys: TicketKeys | None = None,
     ):
+        """``ticket_keys``: the TLS session-ticket keys to start with (none: new ones)."""
         self.count = count
         self.config = config
         self.listeners = listeners
@@ -420,6 +432,9 @@ class WorkerPool(Service):
         #: The ReloadableTLS whose certificate and key each new worker is handed.
         self.tls = tls
         self.metrics_dir = metrics_dir
+        #: The session-ticket keys every worker has, made here in memory and rotated.
+        self.ticket_keys = ticket_keys if ticket_keys is not None else TicketKeys.make()
+        self._rotation = None
         self._on_ready = on_ready
         #: Called with the pid of each worker that ended.
         self._on_ended = on_ended
@@ -436,8 +451,22 @@ class WorkerPool(Service):
         super().startService()
         if self.shared.db is None:
             return  # the server is stopping: see popserv.shared_state_unavailable
+        self._rotation = task.LoopingCall(self.rotate_ticket_keys)
+        self._rotation.clock = self._reactor
+        self._rotation.start(ROTATION_INTERVAL, now=False)
         for slot in range(self.count):
             self._start(slot)
+
+    def rotate_ticket_keys(self) -> None:
+        """A new current ticket key to every worker; the old one still opens tickets until
+        the next rotation."""
+        self.ticket_keys = self.ticket_keys.rotated()
+        for worker in self.workers.values():
+            if worker is not None:
+                worker.send(ticket_keys_frame(self.ticket_keys))
+        log.info(
+            "tls.ticket_keys_rotated: new session-ticket key for workers {pids}", pids=self.pids()
+        )
 
     def pids(self) -> list[int]:
         """The pids of the workers running now."""
@@ -541,6 +570,8 @@ class WorkerPool(Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -648,10 +679,17 @@ class WorkerProcess(ProcessProtocol):
     def makeConnection(self, transport) -> None:
         self.pid = transport.pid
         super().makeConnection(transport)
-        # First thing on the worker's standard input, which then stays silent until the
-        # supervisor ends (popserv.worker.ParentWatch).
-        transport.writeToChild(0, credentials_frame(self._pem))
+        # First things on the worker's standard input, read before it serves; later
+        # frames are new ticket keys (popserv.worker.ParentWatch).
+        self.send(credentials_frame(self._pem) + ticket_keys_frame(self.pool.ticket_keys))
         self._pem = None
+
+    def send(self, data: bytes) -> None:
+        """Frames to the worker's standard input."""
+        try:
+            self.transport.writeToChild(0, data)
+        except Exception:  # already gone: processEnded follows
+            pass
 
     def signal(self, name: str) -> None:
         try:

@@ -17,6 +17,7 @@ from popserv.interfaces import (
     CommitFailed,
     IMaildrop,
     IMaildropStore,
+    LockLost,
     MailboxPolicy,
     MaildropLocked,
 )
@@ -35,6 +36,7 @@ class FakeMaildrop:
     ``unreadable`` indexes make ``open`` raise OSError; ``undeletable`` indexes survive
     ``commit``, which then fails with ``CommitFailed``.  After the session, ``closed``,
     ``committed`` and ``removed`` (UIDLs removed by commits) say what the caller did.
+    ``lose_lock()`` plays a lock kept in a database going away.
     """
 
     def __init__(
@@ -64,6 +66,8 @@ class FakeMaildrop:
         self.removed: list[str] = []
         #: The indexes the last commit was told were retrieved in full.
         self.retrieved: frozenset[int] = frozenset()
+        self.lock_lost = False
+        self._when_lost: list = []
 
     def _check(self, index: int) -> None:
         if not 0 <= index < len(self._data):
@@ -86,6 +90,8 @@ class FakeMaildrop:
         As the real store: with EXPIRE 0 the retrieved ones are removed too.
         """
         deleted = set(deleted)
+        if self.lock_lost:
+            return defer.fail(LockLost(self.user))
         self.retrieved = frozenset(retrieved)
         if self.policy.expire_days == 0:
             deleted |= self.retrieved
@@ -100,6 +106,17 @@ class FakeMaildrop:
         if failed:
             return defer.fail(CommitFailed(len(failed)))
         return defer.succeed(None)
+
+    def when_lost(self, callback) -> None:
+        """``callback()`` when the test calls ``lose_lock``."""
+        self._when_lost.append(callback)
+
+    def lose_lock(self) -> None:
+        """The lock is gone, as when its database connection breaks: tell the session."""
+        self.lock_lost = True
+        callbacks, self._when_lost = self._when_lost, []
+        for callback in callbacks:
+            callback()
 
     def close(self) -> None:
         """Release the store's lock, once."""

@@ -22,7 +22,9 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popserv import ticketkeys
 from popserv.config import Config, ConfigError, check_config
+from popserv.ticketkeys import TicketKeyRing
 
 log = Logger()
 
@@ -95,10 +97,14 @@ def _private_key(key_path: str, data: bytes | None = None):
 
 
 def load_options(
-    cert_path: str, key_path: str, pem: tuple[bytes, bytes] | None = None
+    cert_path: str,
+    key_path: str,
+    pem: tuple[bytes, bytes] | None = None,
+    ticket_keys: TicketKeyRing | None = None,
 ) -> CertificateOptions:
     """``CertificateOptions`` (TLS 1.2 at least) for a PEM chain, leaf first, and its key;
-    ``pem`` is the two files' bytes when they were read already."""
+    ``pem`` is the two files' bytes when they were read already, ``ticket_keys`` the
+    session-ticket keys the context shares with other processes (none: its own)."""
     cert_data, key_data = pem if pem is not None else (None, None)
     chain = _certificates(cert_path, cert_data)
     key = _private_key(key_path, key_data)
@@ -120,15 +126,18 @@ def load_options(
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         # A client that polls every few minutes resumes its last session (a ticket, or
-        # TLS 1.2's session ID) instead of a full handshake.  The ticket keys are this
-        # context's own, made by OpenSSL in memory, and go with it at a reload.
+        # TLS 1.2's session ID) instead of a full handshake.  Without ``ticket_keys`` the
+        # ticket keys are this context's own, made by OpenSSL in memory, and go with it
+        # at a reload.
         enableSessions=True,
         enableSessionTickets=True,
     )
     try:
-        options.getContext()
+        context = options.getContext()
     except SSL.Error as e:
         raise CertificateError(f"{cert_path}, {key_path}: OpenSSL refuses them: {e}") from None
+    if ticket_keys is not None:
+        ticketkeys.share(context, ticket_keys)
     return options
 
 
@@ -153,17 +162,20 @@ class ReloadableTLS:
         *,
         self_signed: bool = False,
         pem: tuple[bytes, bytes] | None = None,
+        ticket_keys: TicketKeyRing | None = None,
     ):
         """``pem``: the files' bytes, read by a process that could (a supervisor still
-        root hands them to its workers); otherwise the files are read here."""
+        root hands them to its workers); otherwise the files are read here.
+        ``ticket_keys``: the workers' shared session-ticket keys, kept at reloads."""
         self.cert_path = cert_path
         self.key_path = key_path
         self.self_signed = self_signed
+        self.ticket_keys = ticket_keys
         if pem is None:
             pem = (_read(cert_path, "TLS certificate", "cert"), _read(key_path, "TLS key", "key"))
         #: The certificate chain and key as read at the start or the last reload.
         self.pem = pem
-        self.options = load_options(cert_path, key_path, pem)
+        self.options = load_options(cert_path, key_path, pem, ticket_keys)
         self.fingerprint = fingerprint(cert_path, pem[0])
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
@@ -180,7 +192,7 @@ class ReloadableTLS:
                 _read(self.cert_path, "TLS certificate", "cert"),
                 _read(self.key_path, "TLS key", "key"),
             )
-            options = load_options(self.cert_path, self.key_path, pem)
+            options = load_options(self.cert_path, self.key_path, pem, self.ticket_keys)
             new_fingerprint = fingerprint(self.cert_path, pem[0])
         except CertificateError as e:
             log.error(

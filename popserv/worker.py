@@ -7,13 +7,17 @@ which listener, and the shared-state file.  The worker builds the serving object
 ``popserv.service.make_service`` and adopts each socket instead of binding; ``haproxy:``
 listeners get ``popserv.proxyproto``'s PROXY-protocol wrapper, as the endpoint would add it.
 
+Standard input is a pipe from the supervisor carrying frames (``frame``): first the
+certificate and key it read, then the TLS session-ticket keys shared by every worker
+(``popserv.ticketkeys``), again at each rotation; they are never written to disk.
+
 Its log goes to standard output as JSON lines, which the supervisor writes into its own
 log with ``worker=<pid>``.  A worker dies with its supervisor, as a killed server of one
 process takes its sessions with it: on Linux the kernel kills it (``PR_SET_PDEATHSIG``);
-elsewhere standard input, a pipe from the supervisor that is never written, ends, and
-the worker stops.  SIGTERM stops it cleanly (open sessions end without committing),
-SIGHUP re-reads the certificate, SIGINT is ignored: a Ctrl-C at the terminal reaches
-every process, and the supervisor stops the workers itself.
+elsewhere the pipe on standard input ends, and the worker stops.  SIGTERM stops it
+cleanly (open sessions end without committing), SIGHUP re-reads the certificate (the
+ticket keys stay), SIGINT is ignored: a Ctrl-C at the terminal reaches every process,
+and the supervisor stops the workers itself.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from zope.interface import implementer
 
 from popserv.config import Config
 from popserv.proxyproto import PROXY_TIMEOUT, ProxyEndpoint
+from popserv.ticketkeys import TicketKeyRing, TicketKeys
 
 #: Named, since the module runs as __main__.
 log = Logger(namespace="popserv.worker")
@@ -45,6 +50,10 @@ WORKER_ENV = "POPSERV_WORKER"
 FIRST_LISTENER_FD = 3
 #: prctl's option for the signal a process gets when its parent ends (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
+#: The kinds of frame on a worker's standard input, and the longest line that starts one.
+TLS_FRAME = b"tls"
+TICKET_KEYS_FRAME = b"ticket-keys"
+MAX_HEADER = 80
 
 
 def config_to_json(config: Config) -> dict:
@@ -226,46 +235,105 @@ class SharedParts:
         )
 
 
+def frame(kind: bytes, *parts: bytes) -> bytes:
+    """One message on a worker's standard input: a line of its kind and the length of each
+    part (``tls 1234 241``), then the parts."""
+    return b" ".join([kind, *(b"%d" % len(part) for part in parts)]) + b"\n" + b"".join(parts)
+
+
 def credentials_frame(pem: tuple[bytes, bytes] | None) -> bytes:
-    """The certificate chain and key for a worker's standard input: a line of the two
-    lengths, then the bytes (``0 0`` when there are none)."""
-    cert, key = pem if pem is not None else (b"", b"")
-    return b"%d %d\n" % (len(cert), len(key)) + cert + key
+    """The certificate chain and key (both empty when there are none): the first frame."""
+    return frame(TLS_FRAME, *(pem if pem is not None else (b"", b"")))
 
 
-def read_credentials(fd: int = 0) -> tuple[bytes, bytes] | None:
-    """What ``credentials_frame`` wrote on ``fd``, read before the reactor runs."""
+def ticket_keys_frame(keys: TicketKeys) -> bytes:
+    """The session-ticket keys: sent after the credentials, and again at each rotation."""
+    return frame(TICKET_KEYS_FRAME, keys.to_bytes())
+
+
+def _header(line: bytes) -> tuple[bytes, list[int]]:
+    kind, *lengths = line.split()
+    if not lengths or not all(length.isdigit() for length in lengths):
+        raise ValueError(f"not a frame from the supervisor: {line[:40]!r}")
+    return kind, [int(length) for length in lengths]
+
+
+def read_frame(fd: int, kind: bytes) -> list[bytes]:
+    """The parts of the next frame on ``fd``, which must be a ``kind`` one; read before the
+    reactor runs, no byte past the frame."""
 
     def exactly(count: int) -> bytes:
         data = b""
         while len(data) < count:
             chunk = os.read(fd, count - len(data))
             if not chunk:
-                raise EOFError("the supervisor ended before it sent the certificate")
+                raise EOFError(f"the supervisor ended before it sent the {kind.decode()} frame")
             data += chunk
         return data
 
-    header = b""
-    while not header.endswith(b"\n"):
-        header += exactly(1)
-        if len(header) > 40:
-            raise ValueError("not a credentials frame")
-    cert_length, key_length = map(int, header.split())
-    cert, key = exactly(cert_length), exactly(key_length)
+    line = b""
+    while not line.endswith(b"\n"):
+        line += exactly(1)
+        if len(line) > MAX_HEADER:
+            raise ValueError("not a frame from the supervisor")
+    found, lengths = _header(line)
+    if found != kind:
+        raise ValueError(f"a {found!r} frame from the supervisor, not {kind!r}")
+    return [exactly(length) for length in lengths]
+
+
+def read_credentials(fd: int = 0) -> tuple[bytes, bytes] | None:
+    """What ``credentials_frame`` wrote on ``fd``."""
+    cert, key = read_frame(fd, TLS_FRAME)
     return (cert, key) if cert and key else None
 
 
+def read_ticket_keys(fd: int = 0) -> TicketKeys:
+    """What ``ticket_keys_frame`` wrote on ``fd``."""
+    (keys,) = read_frame(fd, TICKET_KEYS_FRAME)
+    return TicketKeys.from_bytes(keys)
+
+
+class FrameReader:
+    """Frames out of bytes as they arrive, for reading in the reactor."""
+
+    def __init__(self):
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[tuple[bytes, list[bytes]]]:
+        """Every frame ``data`` completes, as ``(kind, parts)``."""
+        self._buffer += data
+        frames = []
+        while True:
+            line, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                if len(line) > MAX_HEADER:
+                    raise ValueError("not a frame from the supervisor")
+                return frames
+            kind, lengths = _header(line)
+            if len(rest) < sum(lengths):
+                return frames
+            parts = []
+            for length in lengths:
+                parts.append(rest[:length])
+                rest = rest[length:]
+            self._buffer = rest
+            frames.append((kind, parts))
+
+
 class ParentWatch:
-    """Reads the supervisor's pipe (standard input), silent after the credentials: its end
-    stops the worker.
+    """Reads the supervisor's pipe (standard input) after the first frames: later frames
+    go to ``received`` (new ticket keys), and the pipe's end stops the worker.
 
     The end shows as end of file, or (epoll) as a hang-up, which the reactor reports
     with ``connectionLost`` alone.
     """
 
-    def __init__(self, stop, fd: int = 0):
+    def __init__(self, stop, fd: int = 0, received=None):
         self._stop = stop
         self._fd = fd
+        self._received = received
+        self._frames = FrameReader()
         os.set_blocking(fd, False)
 
     def fileno(self) -> int:
@@ -276,13 +344,23 @@ class ParentWatch:
 
     def doRead(self):
         try:
-            data = os.read(self._fd, 4096)
+            data = os.read(self._fd, 65536)
         except BlockingIOError:
             return None
         except OSError:
             data = b""
         if not data:
             return CONNECTION_DONE
+        try:
+            frames = self._frames.feed(data)
+        except ValueError as e:
+            # Nothing after it can be trusted; serving goes on with what it has.
+            log.error("popserv.worker_bad_frame: {error}", error=str(e))
+            self._frames = FrameReader()
+            return None
+        for kind, parts in frames:
+            if self._received is not None:
+                self._received(kind, parts)
         return None
 
     def connectionLost(self, reason) -> None:
@@ -323,13 +401,15 @@ def main(reactor) -> None:
 
     config = config_from_json(settings["config"])
     listeners = settings["listeners"]
-    tls = None
     pem = read_credentials(0)
-    if pem is not None:
-        from popserv.tls import ReloadableTLS, tls_files
+    ticket_keys = TicketKeyRing(read_ticket_keys(0))
+    from popserv.tls import ReloadableTLS, tls_files
 
-        cert_path, key_path, self_signed = tls_files(config)
-        tls = ReloadableTLS(cert_path, key_path, self_signed=self_signed, pem=pem)
+    cert_path, key_path, self_signed = tls_files(config)
+    # Without pem (a supervisor that had none) the files are read here.
+    tls = ReloadableTLS(
+        cert_path, key_path, self_signed=self_signed, pem=pem, ticket_keys=ticket_keys
+    )
     top = make_service(
         config,
         reactor,
@@ -341,7 +421,12 @@ def main(reactor) -> None:
     top.privilegedStartService()
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    watch = ParentWatch(stop)
+
+    def received(kind: bytes, parts: list[bytes]) -> None:
+        if kind == TICKET_KEYS_FRAME:
+            ticket_keys.update(TicketKeys.from_bytes(parts[0]))
+
+    watch = ParentWatch(stop, received=received)
 
     def ready() -> None:
         # Twisted's handlers are in place by now; these replace them.

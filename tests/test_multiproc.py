@@ -35,18 +35,24 @@ from popserv.config import Config
 from popserv.logs import event_as_json
 from popserv.pop3.replies import Reply
 from popserv.sessions import read_sessions
+from popserv.ticketkeys import TicketKeys
 from popserv.tls import generate_self_signed
 from popserv.worker import (
+    TICKET_KEYS_FRAME,
     WORKER_ENV,
+    FrameReader,
     ParentWatch,
     config_from_json,
     config_to_json,
     credentials_frame,
     read_credentials,
+    read_ticket_keys,
+    ticket_keys_frame,
 )
 from tests.live import require_client
 from tests.live_smtp import free_port
 from tests.live_twistd import REPO, TWISTD, TwistdServer
+from tests.test_tls_tickets import require_shared_ticket_keys
 
 READY = re.compile(r"popserv\.worker_ready: pid=(\d+)")
 
@@ -564,6 +570,83 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+class TicketKeyTests(SynchronousTestCase):
+    """TLS sessions resume whichever worker takes the next connection (the workers share
+    the supervisor's ticket keys), as ``openssl s_client -sess_out``/``-sess_in`` see it.
+
+    Each connection is steered to one worker by stopping the other (SIGSTOP), so the
+    reconnections alternate between the two: none lands where its ticket was made by luck.
+    """
+
+    def setUp(self):
+        self.openssl = require_client("openssl")
+        require_shared_ticket_keys()
+        self.pop3s_port = free_port()
+        self.server = WorkersServer(
+            self,
+            {"alice": "secret"},
+            settings={"pop3s": {"listen": f"tcp:{self.pop3s_port}:interface=127.0.0.1"}},
+        )
+        self.server.start()
+        self.session_file = os.path.abspath(self.mktemp())
+
+    def s_client(self, version: str, *, first: bool = False, stls: bool = False) -> str:
+        """One POP3S (or STLS) connection that waits for the greeting and QUITs; "New" or
+        "Reused", as openssl says of its TLS session."""
+        args = [self.openssl, "s_client", version, "-crlf", "-ign_eof"]
+        if stls:
+            args += ["-connect", f"127.0.0.1:{self.server.pop3_port}", "-starttls", "pop3"]
+        else:
+            args += ["-connect", f"127.0.0.1:{self.pop3s_port}"]
+        args += ["-sess_out" if first else "-sess_in", self.session_file]
+        ran = subprocess.run(args, input=b"QUIT\n", capture_output=True, timeout=20)
+        out = ran.stdout.decode("utf-8", "replace")
+        self.assertIn("+OK Bye", out, ran.stderr)
+        (state,) = re.findall(r"^(New|Reused), TLSv", out, re.MULTILINE)
+        return state
+
+    def resumes_on_both(self, version: str, stls: bool = False) -> None:
+        first, second = self.server.workers()
+        self.server.only(first)
+        self.assertEqual(self.s_client(version, first=True, stls=stls), "New")
+        landed = []
+        for turn in range(6):
+            pid = (second, first)[turn % 2]
+            self.server.only(pid)
+            landed.append((pid, self.s_client(version, stls=stls)))
+        self.server.resume_all()
+        self.assertEqual(landed, [(pid, "Reused") for pid, _ in landed])
+        self.assertEqual({pid for pid, _ in landed}, {first, second})
+        for _ in range(4):
+            self.assertEqual(self.s_client(version, stls=stls), "Reused")
+        self.assertNotIn("tls.ticket_keys_local", self.server.log())
+
+    def test_tls13_tickets_resume_on_every_worker(self):
+        """A TLS 1.3 ticket from one worker resumes on the other, every time."""
+        self.resumes_on_both("-tls1_3")
+
+    def test_tls12_tickets_resume_on_every_worker(self):
+        """So does a TLS 1.2 session ticket."""
+        self.resumes_on_both("-tls1_2")
+
+    def test_stls_sessions_resume_on_every_worker(self):
+        """STLS on the POP3 port uses the same keys."""
+        self.resumes_on_both("-tls1_3", stls=True)
+
+    def test_sighup_keeps_the_keys(self):
+        """After a certificate reload (a new context in each worker), a session from before
+        it resumes on either worker."""
+        first, second = self.server.workers()
+        self.server.only(first)
+        self.assertEqual(self.s_client("-tls1_3", first=True), "New")
+        self.server.resume_all()
+        self.server.process.send_signal(signal.SIGHUP)
+        self.server.wait_log(r"tls\.reloaded:", count=2)
+        for pid in (second, first):
+            self.server.only(pid)
+            self.assertEqual(self.s_client("-tls1_3"), "Reused")
+
+
 class StartFailureTests(SynchronousTestCase):
     """A worker that cannot start stops the server, with the worker's error in the log."""
 
@@ -724,6 +807,43 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertNotIn("NOTIFY_SOCKET", env)
         self.assertNotIn("LISTEN_FDS", env)
 
+    def stdin_frames(self, worker) -> list[tuple[bytes, list[bytes]]]:
+        """The frames written to ``worker``'s standard input so far."""
+        data = b"".join(chunk for fd, chunk in worker.transport.written if fd == 0)
+        return FrameReader().feed(data)
+
+    def test_workers_get_the_credentials_then_the_ticket_keys(self):
+        """Every worker's standard input starts with the certificate frame, then the
+        pool's ticket keys: the same for every worker, made in memory."""
+        keys = self.pool.ticket_keys
+        for slot in (0, 1):
+            frames = self.stdin_frames(self.worker(slot))
+            self.assertEqual(frames, [(b"tls", [b"", b""]), (TICKET_KEYS_FRAME, [keys.to_bytes()])])
+
+    def test_ticket_keys_rotate_for_every_worker(self):
+        """Every ROTATION_INTERVAL each worker gets new keys, the previous current one
+        kept; a worker started later gets the keys of the moment."""
+        first = self.pool.ticket_keys
+        self.reactor.advance(supervisor.ROTATION_INTERVAL)
+        rotated = self.pool.ticket_keys
+        self.assertEqual(rotated.previous, first.current)
+        self.assertNotEqual(rotated.current, first.current)
+        for slot in (0, 1):
+            self.assertEqual(
+                self.stdin_frames(self.worker(slot))[-1], (TICKET_KEYS_FRAME, [rotated.to_bytes()])
+            )
+        for slot in (0, 1):
+            self.say_ready(self.worker(slot))
+        self.end(self.worker(0))
+        self.reactor.advance(supervisor.RESTART_DELAY)
+        self.assertEqual(
+            self.stdin_frames(self.worker(0)),
+            [(b"tls", [b"", b""]), (TICKET_KEYS_FRAME, [rotated.to_bytes()])],
+        )
+        self.pool.stopService()
+        self.reactor.advance(supervisor.ROTATION_INTERVAL)
+        self.assertEqual(self.pool.ticket_keys, rotated)
+
     def test_ready_once_every_worker_serves(self):
         """on_ready is called once, when the last of the first workers says it serves."""
         self.say_ready(self.worker(0))
@@ -871,13 +991,17 @@ class WorkerPoolTests(SynchronousTestCase):
 class ParentWatchTests(TestCase):
     """Where the kernel does not end a worker with its supervisor, the pipe's end does."""
 
-    def watch(self, data: bytes) -> defer.Deferred:
-        """A watch on a new pipe, ``data`` written and the writing end closed; fires on stop."""
+    def watch(self, data: bytes, received=None) -> defer.Deferred:
+        """A watch on a new pipe, ``data`` written and the writing end closed; fires on stop.
+
+        ``received`` is given each frame as ``(kind, parts)``.
+        """
         from twisted.internet import reactor
 
         read, write = os.pipe()
         stopped = defer.Deferred()
-        watch = ParentWatch(lambda: stopped.callback(None), read)
+        deliver = None if received is None else lambda kind, parts: received((kind, parts))
+        watch = ParentWatch(lambda: stopped.callback(None), read, deliver)
         self.addCleanup(os.close, read)
         reactor.addReader(watch)
         self.addCleanup(reactor.removeReader, watch)
@@ -891,36 +1015,65 @@ class ParentWatchTests(TestCase):
         return self.watch(b"")
 
     def test_end_of_file_stops(self):
-        """A pipe closed after something was written stops the worker once it is read."""
-        return self.watch(b"ignored")
+        """A pipe closed after a frame stops the worker once it is read."""
+        return self.watch(ticket_keys_frame(TicketKeys.make()))
+
+    def test_frames_while_serving(self):
+        """Frames written while the worker serves reach it, each whole, in order."""
+        keys = [TicketKeys.make(), TicketKeys.make().rotated()]
+        received = []
+        stopped = self.watch(b"".join(ticket_keys_frame(k) for k in keys), received.append)
+        return stopped.addCallback(
+            lambda _: self.assertEqual(
+                received, [(TICKET_KEYS_FRAME, [k.to_bytes()]) for k in keys]
+            )
+        )
 
 
-class CredentialsFrameTests(SynchronousTestCase):
-    """The certificate and key reach a worker on its standard input, before anything else."""
+class FrameTests(SynchronousTestCase):
+    """The certificate, key and ticket keys reach a worker on its standard input, before
+    anything else; later ticket keys arrive while it serves."""
 
     def through_a_pipe(self, pem):
         read, write = os.pipe()
         self.addCleanup(os.close, read)
-        os.write(write, credentials_frame(pem) + b"later bytes")
+        keys = TicketKeys.make().rotated()
+        os.write(write, credentials_frame(pem) + ticket_keys_frame(keys) + b"later bytes")
         os.close(write)
-        return read_credentials(read), os.read(read, 100)
+        return read_credentials(read), read_ticket_keys(read) == keys, os.read(read, 100)
 
     def test_read_back_exactly(self):
-        """The two PEM texts come back as written, and nothing after them is consumed."""
+        """The two PEM texts and the keys come back as written, and nothing after them is
+        consumed."""
         pem = (b"-----BEGIN CERTIFICATE-----\nAAA\n", b"-----BEGIN PRIVATE KEY-----\nBB\n")
-        self.assertEqual(self.through_a_pipe(pem), (pem, b"later bytes"))
+        self.assertEqual(self.through_a_pipe(pem), (pem, True, b"later bytes"))
 
     def test_none(self):
         """A supervisor without TLS material sends an empty frame: the worker reads the files."""
-        self.assertEqual(self.through_a_pipe(None), (None, b"later bytes"))
+        self.assertEqual(self.through_a_pipe(None), (None, True, b"later bytes"))
 
     def test_supervisor_ended_early(self):
         """A pipe that ends inside the frame is an error, not a worker serving without TLS."""
         read, write = os.pipe()
         self.addCleanup(os.close, read)
-        os.write(write, b"10 10\nshort")
+        os.write(write, b"tls 10 10\nshort")
         os.close(write)
         self.assertRaises(EOFError, read_credentials, read)
+
+    def test_frames_in_pieces(self):
+        """Frames split anywhere come out whole, once each, in order."""
+        keys = [TicketKeys.make(), TicketKeys.make().rotated()]
+        data = b"".join(ticket_keys_frame(k) for k in keys)
+        reader = FrameReader()
+        frames = []
+        for at in range(0, len(data), 7):
+            frames += reader.feed(data[at : at + 7])
+        self.assertEqual(frames, [(TICKET_KEYS_FRAME, [k.to_bytes()]) for k in keys])
+
+    def test_not_a_frame(self):
+        """A line that is no frame header is refused rather than guessed at."""
+        self.assertRaises(ValueError, FrameReader().feed, b"hello world\n")
+        self.assertRaises(ValueError, FrameReader().feed, b"x" * 100)
 
 
 class SupervisorPartsTests(SynchronousTestCase):

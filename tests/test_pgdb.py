@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
@@ -51,3 +53,63 @@ class OutageTests(TestCase):
         database.start()
         self.addCleanup(database.stop)
         yield self.assertFailure(database.query("SELECT 1"), DatabaseUnavailable)
+
+
+class DaemonTests(TestCase):
+    """twistd forks into the background after building the server: the pool must start
+    after the fork, or its threads stay behind in the parent that exits."""
+
+    def test_daemonized_node_serves(self):
+        import poplib
+        import subprocess
+        import sys
+        import time
+
+        from tests.live_cluster import LiveCluster
+        from tests.live_twistd import REPO, TWISTD
+
+        cluster = LiveCluster(self, {"alice": "wonderland"}, count=1)
+        node = cluster.nodes[0]
+        pidfile = os.path.join(node.root, "twistd.pid")
+        started = subprocess.run(
+            [sys.executable, "-c", TWISTD, f"--pidfile={pidfile}", f"--logfile={node.log_path}"]
+            + ["popserv", "--config", node.config_path],
+            cwd=REPO,
+            timeout=60,
+        )
+        self.assertEqual(started.returncode, 0)
+        self.addCleanup(_kill_pidfile, pidfile)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client = poplib.POP3("127.0.0.1", node.pop3_port, timeout=10)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(node.log()) from None
+                time.sleep(0.1)
+        client.user("alice")
+        self.assertTrue(client.pass_("wonderland").startswith(b"+OK"))
+        client.quit()
+        # Logins that reach the pool (the throttle's calls) were served by its threads.
+        rows = cluster.psql("SELECT count(*) FROM popserv_sessions")
+        self.assertEqual(rows.strip(), "0")
+
+
+def _kill_pidfile(path: str) -> None:
+    import signal
+    import time
+
+    try:
+        with open(path) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 import popserv
 from popserv import pop3, throttle
 from popserv.config import Config
-from popserv.interfaces import CommitFailed, UserDBUnavailable
+from popserv.interfaces import CommitFailed, SharedStateUnavailable, UserDBUnavailable
 from popserv.pop3 import POP3Factory, Reply, TopLimiter, WireEncoder
 from popserv.pop3 import wire as wire_form
 from popserv.realm import MaildropRealm
@@ -886,6 +886,26 @@ class AuthorizationTests(POP3TestCase):
         self.send(b"USER alice\r\nPASS secret\r\n")
         checker.pending[0][1].errback(UserDBUnavailable())
         self.assertEqual(self.lines(), [b"+OK", Reply.TEMP_FAILURE])
+
+    def test_shared_counters_down_is_temporary_failure(self):
+        """When the throttle's shared store cannot be reached, the login gets -ERR
+        [SYS/TEMP] unverified, logged as state-unavailable, and the next login goes on."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        memory = self.factory.throttle
+
+        class Unreachable(throttle.MemoryLoginThrottle):
+            def begin(self, peer, user):
+                return defer.fail(SharedStateUnavailable("the database is down"))
+
+        self.factory.throttle = Unreachable(self.clock)
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(self.lines(), [b"+OK", Reply.TEMP_FAILURE])
+        failed = [e for e in events if e["log_format"].startswith("pop3.login_failed")]
+        self.assertEqual([e["reason"] for e in failed], ["state-unavailable"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.factory.throttle = memory
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(self.lines()[-1][:3], b"+OK")
 
     def test_login_delay_enforced(self):
         """With LOGIN-DELAY, a second login within the delay is refused with its code."""

@@ -1,7 +1,8 @@
 """The throttle and connection limits that several worker processes share (popserv.sharedstate).
 
-Each contract runs against the in-memory implementation and the SQLite one, so the
-shared version cannot drift from the one a single process uses.  "Two workers" are two
+Each contract runs against the in-memory implementation and the SQLite one (the
+throttle's also against PostgreSQL's, popserv.pgstate), so the shared versions cannot
+drift from the one a single process uses.  "Two workers" are two
 connections to one database file with different pids, as two processes have.
 """
 
@@ -9,12 +10,14 @@ import os
 import sqlite3
 import stat
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from popserv.interfaces import IConnectionLimiter, ILoginThrottle
 from popserv.limits import DESCRIPTORS, IN_ALL, PER_PEER, ConnectionLimiter
+from popserv.pgdb import Database, ensure_schema
+from popserv.pgstate import PostgresLoginThrottle
 from popserv.sharedstate import (
     SHARED_STATE_FILE,
     SharedConnectionLimiter,
@@ -25,6 +28,7 @@ from popserv.sharedstate import (
     prune,
 )
 from popserv.throttle import FAILURE_MEMORY, MemoryLoginThrottle, ThrottleSettings
+from tests.live_pg import shared_server
 
 SETTINGS = ThrottleSettings(failure_delay=1, failure_delay_max=15, max_failures=3)
 
@@ -137,6 +141,56 @@ class MemoryThrottleContractTests(ThrottleContract, SynchronousTestCase):
 class SharedThrottleContractTests(ThrottleContract, SharedFile, SynchronousTestCase):
     def make(self, clock, settings):
         return SharedLoginThrottle(self.open(), clock, settings, pid=1001)
+
+
+class BlockingDatabase(Database):
+    """The shared PostgreSQL with each call made at once in the test's thread."""
+
+    def run(self, f, *args):
+        return defer.maybeDeferred(self.call, f, *args)
+
+
+class Resolved:
+    """A throttle whose Deferreds (fired at once) are replaced by their results."""
+
+    def __init__(self, throttle, testcase):
+        self.__dict__.update(wrapped=throttle, testcase=testcase)
+
+    def __getattr__(self, name):
+        value = getattr(self.wrapped, name)
+        if not callable(value):
+            return value
+
+        def resolved(*args):
+            result = value(*args)
+            if isinstance(result, defer.Deferred):
+                return self.testcase.successResultOf(result)
+            return result
+
+        return resolved
+
+    def __setattr__(self, name, value):
+        setattr(self.wrapped, name, value)
+
+
+def blocking_database(testcase) -> BlockingDatabase:
+    """A fresh database with popserv's schema on the process's PostgreSQL."""
+    database = BlockingDatabase(shared_server().new_database(), None)
+    testcase.addCleanup(database.stop)
+    database.call(ensure_schema)
+    return database
+
+
+class PostgresThrottleContractTests(ThrottleContract, SynchronousTestCase):
+    def make(self, clock, settings):
+        throttle = PostgresLoginThrottle(
+            blocking_database(self), clock, settings, node="node1", pid=1001
+        )
+        return Resolved(throttle, self)
+
+    def test_interface(self):
+        """It provides ILoginThrottle."""
+        verifyObject(ILoginThrottle, self.throttle.wrapped)
 
 
 class SharedThrottleTests(SharedFile, SynchronousTestCase):

@@ -296,6 +296,17 @@ class RecipientRuleTests(SMTPTestCase):
             self.assertEqual(self.rcpt(address), down, address)
         self.assertEqual(self.rcpt(b"bob@localhost"), b"250 2.1.5 Recipient OK")
 
+    def test_shared_database_down(self):
+        """While the database the nodes share is down, every recipient gets 451 4.3.0;
+        once it is back, the same recipient is accepted."""
+        up = [False]
+        self.proto.policy.available = lambda: up[0]
+        down = b"451 4.3.0 Shared database unavailable, try again later"
+        for address in (b"alice@localhost", b"mallory@localhost", b"postmaster"):
+            self.assertEqual(self.rcpt(address), down, address)
+        up[0] = True
+        self.assertEqual(self.rcpt(b"alice@localhost"), b"250 2.1.5 Recipient OK")
+
     def test_postmaster_without_domain_is_local(self):
         """An address without a domain is taken to be at this host."""
         self.assertEqual(self.rcpt(b"alice"), b"250 2.1.5 Recipient OK")

@@ -12,7 +12,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from popserv.interfaces import IMaildrop, MaildropLocked, UserDBUnavailable
+from popserv.interfaces import (
+    IMaildrop,
+    LockUnavailable,
+    MaildropLocked,
+    SharedStateUnavailable,
+    UserDBUnavailable,
+)
 from popserv.logsafe import untrusted
 from popserv.pop3.replies import LOG_NAMESPACE, Reply
 from popserv.pop3.transaction import Transaction
@@ -104,6 +110,11 @@ class LoginAttempts:
         return d
 
     def attempt_error(self, failure: Failure, user: str | None) -> None:
+        if failure.check(SharedStateUnavailable):
+            # The nodes' shared counters are out of reach: no verdict, try again later.
+            self.log_login_failed(user, "state-unavailable")
+            self.answer(Reply.TEMP_FAILURE)
+            return
         log.failure(
             "pop3.login_error: peer={peer} user={user}",
             failure,
@@ -194,6 +205,8 @@ class LoginAttempts:
             reason, reply, outcome = "in-use", Reply.IN_USE, throttle.succeeded
         elif failure.check(UserDBUnavailable):
             reason, reply, outcome = "userdb-unavailable", Reply.TEMP_FAILURE, throttle.abandoned
+        elif failure.check(LockUnavailable):
+            reason, reply, outcome = "lock-unavailable", Reply.TEMP_FAILURE, throttle.abandoned
         else:
             log.failure(
                 "pop3.login_error: peer={peer} user={user}",

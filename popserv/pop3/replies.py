@@ -30,6 +30,7 @@ class Reply:
     TEMP_FAILURE = b"-ERR [SYS/TEMP] Temporary server failure, try again later."
     UNREADABLE = b"-ERR [SYS/PERM] Message cannot be read."
     COMMIT_FAILED = b"-ERR [SYS/TEMP] Some deleted messages could not be removed."
+    LOCK_LOST = b"-ERR [SYS/TEMP] Mailbox lock lost; nothing was changed, log in again."
     TIMEOUT = b"-ERR Disconnected for inactivity."
     PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext login is not allowed without TLS; use STLS first."
     ALREADY_TLS = b"-ERR TLS is already active."
@@ -81,6 +82,9 @@ SPANISH = {
         Reply.TEMP_FAILURE: "-ERR [SYS/TEMP] Fallo temporal del servidor; inténtelo más tarde.",
         Reply.UNREADABLE: "-ERR [SYS/PERM] No se puede leer el mensaje.",
         Reply.COMMIT_FAILED: "-ERR [SYS/TEMP] No se pudieron eliminar algunos mensajes borrados.",
+        Reply.LOCK_LOST: (
+            "-ERR [SYS/TEMP] Se perdió el bloqueo del buzón; no se cambió nada, vuelva a entrar."
+        ),
         Reply.TIMEOUT: "-ERR Desconectado por inactividad.",
         Reply.PLAINTEXT_REFUSED: (
             "-ERR [AUTH] No se admiten contraseñas en claro sin TLS; use STLS primero."

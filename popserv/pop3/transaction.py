@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from popserv.interfaces import CommitFailed
+from popserv.interfaces import CommitFailed, LockLost
 from popserv.logsafe import untrusted
 from popserv.pop3.replies import LOG_NAMESPACE, CommandError, Reply, no_arguments
 from popserv.pop3.wire import TopLimiter, UnreadableMessage, send_message
@@ -58,6 +58,7 @@ class Transaction:
         #: Listed by ``popserv who`` until ``_end``.
         self._listed = factory.sessions.opened(user, session.peer)
         factory.metrics.pop3_session_opened()
+        maildrop.when_lost(self._lock_lost)
 
     def capabilities(self) -> list[bytes]:
         return []
@@ -231,11 +232,18 @@ class Transaction:
         )
         return d
 
-    def _committed(self, _) -> None:
-        self._end("quit")
-        self.session.close(Reply.LOGGING_OUT, len(self.deleted))
+    def _committed(self, _) -> defer.Deferred:
+        # The lock is released before the +OK: the client may log in again at once, anywhere.
+        released = self._end("quit")
+        released.addCallback(lambda _: self.session.close(Reply.LOGGING_OUT, len(self.deleted)))
+        return released
 
     def _commit_failed(self, failure: Failure) -> None:
+        if failure.check(LockLost):
+            self._log_lock_lost()
+            self._end("lock-lost")
+            self.session.close(Reply.LOCK_LOST)
+            return
         if failure.check(CommitFailed):
             log.error(
                 "pop3.commit_failed: peer={peer} user={user} failed={failed}",
@@ -257,11 +265,38 @@ class Transaction:
         """A dropped session deletes nothing."""
         self._end("disconnected")
 
-    def _end(self, how: str) -> None:
+    def _lock_lost(self) -> None:
+        """The maildrop lock went (another node may serve the maildrop now): end the
+        session at once, deleting nothing."""
+        session = self.session
+        if session.phase is not self:
+            return  # over, or in QUIT's commit, which checks the lock itself
+        self._log_lock_lost()
+        session.enter(None)
+        self._end("lock-lost")
+        if session.flow.stream is not None:
+            # In the middle of a message: a reply now would look like part of it.
+            session.flow.abort()
+        else:
+            session.close(Reply.LOCK_LOST)
+
+    def _log_lock_lost(self) -> None:
+        log.error(
+            "pop3.lock_lost: peer={peer} user={user} marked={marked}",
+            peer=self.session.peer,
+            user=untrusted(self.user),
+            marked=len(self.deleted),
+        )
+
+    def _end(self, how: str) -> defer.Deferred:
+        """Log out once; fires when the maildrop lock is released."""
         logout, self._logout = self._logout, None
         if logout is None:
-            return
-        logout()
+            return defer.succeed(None)
+        released = defer.maybeDeferred(logout)
+        released.addErrback(
+            lambda f: log.failure("pop3.logout_error: peer={peer}", f, peer=self.session.peer)
+        )
         factory = self.session.factory
         factory.sessions.closed(self._listed)
         factory.metrics.pop3_session_closed()
@@ -272,9 +307,10 @@ class Transaction:
             user=untrusted(self.user),
             how=how,
             retrieved=self.retrieved,
-            deleted=len(self.deleted) if how != "disconnected" else 0,
+            deleted=len(self.deleted) if how not in ("disconnected", "lock-lost") else 0,
             bytes_sent=self.session.bytes_sent,
         )
+        return released
 
 
 def _number(text: bytes, error: bytes) -> int:
