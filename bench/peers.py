@@ -47,9 +47,10 @@ def wait_for_port(
     log: str,
     timeout: float = 30.0,
     tls: bool = False,
+    prefix: bytes = b"",
 ):
     """Wait until something answers on the port (a greeting line; after a TLS handshake
-    with ``tls``), or fail with the log."""
+    with ``tls``; after sending ``prefix``, a PROXY header say), or fail with the log."""
     deadline = time.monotonic() + timeout
     context = client_tls_context() if tls else None
     while time.monotonic() < deadline:
@@ -57,6 +58,8 @@ def wait_for_port(
             raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                if prefix:
+                    raw.sendall(prefix)
                 with context.wrap_socket(raw) if tls else raw as s:
                     if s.recv(512):
                         return
@@ -207,6 +210,10 @@ class Peer:
 
     def after_start(self) -> None:
         pass
+
+    def login_target(self) -> int:
+        """The POP3 port the login-latency scenario logs in on."""
+        return self.pop3_port
 
     def stop(self) -> None:
         if self.proc is None:
@@ -388,6 +395,262 @@ class PopservWorkers(Popserv):
     name = "popserv-w2"
     workers = 2
     memory_kind = "pss"
+
+
+#: The shipped HAProxy configuration the cluster peers run, with loopback addresses.
+HAPROXY_CFG = os.path.join(REPO, "etc", "haproxy", "popserv.cfg")
+
+
+class PopservCluster(Popserv):
+    """popserv nodes in cluster mode behind ``haproxy -db`` (the shipped config), on one host.
+
+    A PostgreSQL of its own (``tests.live_pg``: initdb as ``postgres``, loopback only)
+    holds popserv's schema and the users; every node has ``[cluster] database``, a node
+    name, the peer's mail root and users file, and ``haproxy:`` listeners, which the
+    shipped etc/haproxy/popserv.cfg (its addresses replaced) balances.  Node 1 also
+    listens without PROXY on ``login_port``, for the login latency the database adds.
+    CPU is summed over the nodes, HAProxy and PostgreSQL.
+    """
+
+    name = "popserv-ha1"
+    nodes = 1
+    argon2 = False
+    only = ("sessions", "tls", "login")
+    memory_kind = "pss"
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.database = None
+        self.url = ""
+        self.procs: list[subprocess.Popen] = []
+        self.login_port = 0
+
+    def login_target(self) -> int:
+        return self.login_port
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this checkout knows [cluster] and HAProxy and PostgreSQL are installed."""
+        if shutil.which("haproxy", path="/usr/sbin:/usr/bin") is None:
+            return False
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        try:
+            from tests.live_pg import bin_dir
+
+            bin_dir()
+        except Exception:
+            return False
+        return _knows("cluster", "node", "node1")
+
+    def _users(self) -> list[tuple[str, str]]:
+        with open(self.users) as f:
+            return [tuple(line.rstrip("\n").split(":", 1)) for line in f if ":" in line]
+
+    def start(self, smtp: bool = False, tls: bool = False) -> None:
+        try:
+            self._start(tls)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, tls: bool) -> None:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        from popserv.pgdb import ensure_schema, open_database
+        from popserv.proxyproto import V2_SIGNATURE
+        from tests.live_pg import LivePostgres
+
+        self.database = LivePostgres()
+        self.database.initdb()
+        self.database.start()
+        self.url = self.database.new_database()
+        db = open_database(self.url)
+        try:
+            db.call(ensure_schema)
+            rows = ", ".join(f"('{user}', '{password}')" for user, password in self._users())
+            db.call(
+                lambda conn: conn.execute(
+                    f"INSERT INTO popserv_users (name, password) VALUES {rows}"
+                )
+            )
+        finally:
+            db.stop()
+        self.login_port = free_port()
+        backends = []
+        for n in range(1, self.nodes + 1):
+            ports = {110: free_port(), 995: free_port(), 25: free_port()}
+            backends.append(ports)
+            self.procs.append(self._start_node(n, ports, tls))
+        # A PROXY v2 LOCAL header, as HAProxy's health checks send.
+        local = V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00])
+        for proc, ports in zip(self.procs, backends, strict=True):
+            wait_for_port(ports[110], proc, self.log, prefix=local)
+        for _ in range(5):
+            # A port free a moment ago may be taken by then (an outgoing connection's).
+            self.pop3_port, self.pop3s_port = free_port(), free_port() if tls else 0
+            self.smtp_port = free_port()
+            haproxy = self._start_haproxy(backends)
+            try:
+                haproxy.wait(1.0)
+            except subprocess.TimeoutExpired:
+                break
+        else:
+            raise RuntimeError(f"haproxy did not start:\n{tail(self.root + '/haproxy.log')}")
+        self.procs.append(haproxy)
+        self.pid = self.procs[0].pid
+        self._wait_checked(tls)
+
+    def _start_node(self, n: int, ports: dict[int, int], tls: bool) -> subprocess.Popen:
+        pop3 = f"haproxy:tcp:{ports[110]}:interface=127.0.0.1"
+        if n == 1:
+            pop3 += f"\n    tcp:{self.login_port}:interface=127.0.0.1"
+        listen = {
+            "pop3": pop3,
+            "pop3s": f"haproxy:tcp:{ports[995]}:interface=127.0.0.1" if tls else "",
+            "smtp": f"haproxy:tcp:{ports[25]}:interface=127.0.0.1",
+        }
+        text = self._config_text()
+        for section, value in listen.items():
+            text += f"[{section}]\nlisten = {value}\n"
+        text += f"[cluster]\ndatabase = {self.url}\nnode = node{n}\n"
+        text += f"[server]\nmailroot = {self.mail}\nusers = {self.users}\n"
+        text += f"state_dir = {self.root}/state{n}\n"
+        config = os.path.join(self.root, f"node{n}.ini")
+        with open(config, "w") as f:
+            f.write(_merge_sections(text))
+        log = os.path.join(self.root, f"node{n}.log")
+        with open(log, "ab") as out:
+            return subprocess.Popen(
+                _twistd("--logfile", log, "popserv", "--config", config),
+                cwd=REPO,
+                env=self._env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _start_haproxy(self, backends: list[dict[int, int]]) -> subprocess.Popen:
+        with open(HAPROXY_CFG) as f:
+            text = f.read()
+        self.stats_port = free_port()
+        text = text.replace(
+            "global\n", f"global\n    stats socket ipv4@127.0.0.1:{self.stats_port} level user\n", 1
+        )
+        text = text.replace("    log /dev/log local0\n", "", 1)
+        text = text.replace("    log global\n", "", 1)
+        # The bench's clients all come from 127.0.0.1: no per-source limit applies.
+        text = text.replace("    tcp-request connection reject if", "    # reject if")
+        fronts = {110: self.pop3_port, 995: self.pop3s_port, 25: self.smtp_port}
+        for shipped, port in fronts.items():
+            servers = "".join(
+                f"    server node{n} 127.0.0.1:{ports[shipped]}\n"
+                for n, ports in enumerate(backends, 1)
+            )
+            old = f"    server node1 192.0.2.11:{shipped}\n    server node2 192.0.2.12:{shipped}\n"
+            assert old in text, shipped
+            text = text.replace(old, servers if port else "")
+            text = text.replace(
+                f"    bind :{shipped}\n", f"    bind 127.0.0.1:{port or free_port()}\n"
+            )
+        assert "192.0.2." not in text
+        config = os.path.join(self.root, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(text)
+        with open(os.path.join(self.root, "haproxy.log"), "ab") as out:
+            return subprocess.Popen(
+                ["haproxy", "-db", "-f", config],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _wait_checked(self, tls: bool) -> None:
+        """Until every node of the POP3 (and POP3S) backend has passed a health check."""
+        wanted = {"pop3_nodes"} | ({"pop3s_nodes"} if tls else set())
+        deadline = time.monotonic() + 60
+        rows = ""
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.stats_port), 5) as s:
+                    s.sendall(b"show stat\n")
+                    rows = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+            except OSError:
+                time.sleep(0.2)
+                continue
+            up = [
+                line.split(",")[0]
+                for line in rows.splitlines()
+                if line.split(",")[1:2]
+                and line.split(",")[1].startswith("node")
+                and line.split(",")[17] == "UP"
+            ]
+            if all(up.count(backend) == self.nodes for backend in wanted):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"HAProxy's checks did not pass:\n{rows}")
+
+    def after_start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+        self.procs = []
+        self.pid = None
+        if self.database is not None:
+            self.database.destroy()
+            self.database = None
+
+    def cpu(self) -> float:
+        total = sum(procstat.cpu_seconds(proc.pid) for proc in self.procs)
+        return total + procstat.cpu_seconds(self._postmaster())
+
+    def memory(self) -> int:
+        return sum(procstat.pss_tree(proc.pid) for proc in self.procs)
+
+    def _postmaster(self) -> int:
+        with open(os.path.join(self.database.data, "postmaster.pid")) as f:
+            return int(f.readline())
+
+
+class PopservCluster2(PopservCluster):
+    """The same with two nodes behind the one HAProxy."""
+
+    name = "popserv-ha2"
+    nodes = 2
+
+
+def _merge_sections(text: str) -> str:
+    """An INI text with each section's lines gathered under one header (later keys win)."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif "=" in line and current is not None:
+            key, value = (part.strip() for part in line.split("=", 1))
+            while i + 1 < len(lines) and lines[i + 1].startswith("    "):
+                i += 1
+                value += "\n" + lines[i]
+            current[key] = value
+        i += 1
+    return "".join(
+        f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+        for name, keys in sections.items()
+    )
 
 
 class TwistedPeer(Peer):

@@ -16,6 +16,8 @@ Each mode prints one JSON object on its last line of output.  Modes:
 ``retr``      RETR 1 of one user (the runner watches the server's memory meanwhile).
 ``stall``     sends RETR 1 and reads nothing for ``--hold`` seconds.
 ``warm``      log in and QUIT once per user, so a server's first-login work is done.
+``logins``    one client logs in again and again for a while, one session at a time:
+              the median and 90th percentile of the time from USER to PASS's ``+OK``.
 
 ``--tls`` makes every connection POP3S (implicit TLS, certificate not checked: the bench
 makes its own self-signed one) in every mode.
@@ -446,6 +448,28 @@ async def run_warm(args) -> dict:
     return {"users": len(users), "wall": wall, "errors": errors[:5], "error_count": len(errors)}
 
 
+async def run_logins(args) -> dict:
+    users = args.user.split(",")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.duration
+    times: list[float] = []
+    while loop.time() < deadline:
+        client, _ = await POP3Client.connect(args.host, args.port, _tls(args))
+        started = time.perf_counter()
+        await client.login(users[len(times) % len(users)], args.password)
+        times.append(time.perf_counter() - started)
+        await client.expect(False, b"STAT")
+        await client.quit()
+    times.sort()
+    return {
+        "logins": len(times),
+        "median_ms": 1000 * times[len(times) // 2],
+        "p90_ms": 1000 * times[len(times) * 9 // 10],
+        "errors": [],
+        "error_count": 0,
+    }
+
+
 def _tls(args) -> ssl.SSLContext | None:
     return tls_context() if args.tls else None
 
@@ -458,6 +482,7 @@ MODES = {
     "retr": run_retr,
     "stall": run_stall,
     "warm": run_warm,
+    "logins": run_logins,
 }
 
 

@@ -16,8 +16,9 @@ and Postfix are started with their own configuration and drop to their users).
 POP3S peers (popserv, popserv-w2, dovecot) serve one self-signed RSA-2048 certificate
 made at the start of the run.
 
-Scenarios: sessions, download, idle, bigdrop, smtp, stream, tls, tlsdownload, argon2 (see
-bench/README.rst).
+Scenarios: sessions, download, idle, bigdrop, smtp, stream, tls, tlsdownload, argon2, login
+(see bench/README.rst).  ``--peers popserv,popserv-ha1,popserv-ha2`` adds popserv nodes in
+cluster mode behind HAProxy (one and two nodes, with a PostgreSQL of their own).
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ SCENARIOS = (
     "tls",
     "tlsdownload",
     "argon2",
+    "login",
 )
 #: Scenarios whose servers listen for POP3S too.
 TLS_SCENARIOS = ("tls", "tlsdownload")
 PEERS = ("popserv", "popserv-w2", "dovecot", "dovecot-cache", "postfix", "twisted")
+#: Peers run only when asked for (--peers): popserv nodes behind HAProxy.
+CLUSTER_PEERS = ("popserv-ha1", "popserv-ha2")
 
 SETTINGS = {
     "full": dict(
@@ -122,6 +126,8 @@ ROWS = {
     "argon2_cpu": ("9. ... server CPU per login", "ms", "lower"),
     "argon2_next_rate": ("9. ARGON2ID users: repeat logins, next window", "logins/s", "higher"),
     "argon2_next_cpu": ("9. ... server CPU per login", "ms", "lower"),
+    "login_median": ("10. one client's logins, one at a time: USER to +OK, median", "ms", "lower"),
+    "login_p90": ("10. ... 90th percentile", "ms", "lower"),
 }
 
 
@@ -241,6 +247,14 @@ class Bench:
                         "popserv-w2 is unavailable: this checkout's popserv has no "
                         "[server] workers yet."
                     )
+            elif name in CLUSTER_PEERS:
+                kind = peers.PopservCluster if name == "popserv-ha1" else peers.PopservCluster2
+                if kind.available():
+                    made.append(kind(root))
+                else:
+                    self.notes.append(
+                        f"{name} is unavailable: it needs haproxy, PostgreSQL and [cluster]."
+                    )
             elif name == "twisted":
                 made.append(peers.TwistedPeer(root))
             elif name in ("dovecot", "dovecot-cache"):
@@ -255,7 +269,8 @@ class Bench:
                 else:
                     self.notes.append("Postfix is not installed: SMTP compares with twisted only.")
             else:
-                raise SystemExit(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+                known = ", ".join(PEERS + CLUSTER_PEERS)
+                raise SystemExit(f"unknown peer {name!r}; known: {known}")
         return made
 
     def mailboxes(self) -> dict[str, tuple[list[str], str]]:
@@ -374,6 +389,8 @@ class Bench:
             return peer.pop3s
         if scenario == "argon2":
             return peer.argon2
+        if scenario == "login":
+            return peer.name.startswith("popserv")
         if scenario == "smtp":
             if peer.name == "popserv" and not peer.smtp:
                 if rep == 0:
@@ -396,6 +413,24 @@ class Bench:
             raise Failed(f"{r['error_count']} failed sessions: {r['errors']}")
         self.record("sessions_rate", peer, r["sessions"] / r["wall"])
         self.record("sessions_cpu", peer, cpu * 1000 / r["sessions"])
+
+    def scenario_login(self, peer, rep: int) -> None:
+        """One client, one session at a time: what a login costs in latency, not in rate."""
+        users = ",".join(f"sess{i}" for i in range(8))
+        r = client(
+            "pop3load.py",
+            "logins",
+            "--port",
+            peer.login_target(),
+            "--user",
+            users,
+            "--password",
+            peers.PASSWORD,
+            "--duration",
+            self.settings["duration"],
+        )
+        self.record("login_median", peer, r["median_ms"])
+        self.record("login_p90", peer, r["p90_ms"])
 
     def scenario_tls(self, peer, rep: int) -> None:
         users = ",".join(f"sess{i}" for i in range(8))

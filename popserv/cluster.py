@@ -8,8 +8,10 @@ files and of temporary files in the shared Maildirs, so two nodes never pick the
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import tempfile
 
 #: Letters, digits, ``-``, ``_`` and ``.``: safe inside a Maildir file name, where
 #: ``/`` and ``:`` are not, and ``,`` starts the ``,S=`` size fields.
@@ -37,3 +39,31 @@ def node_name(configured: str = "", gethostname=socket.gethostname) -> str:
 def clustered(config) -> bool:
     """Whether ``config`` names a shared database: users, locks and counters live there."""
     return bool(config.cluster_database)
+
+
+def naming_node(config) -> str:
+    """The node that names shared files in a cluster; empty for a node alone.
+
+    A cluster (``[cluster] database`` or ``node`` set) names delivered files and
+    delivery journals after the node, so nodes sharing a mail root (and often
+    ``[server] hostname`` too) never pick the same; one node alone keeps the names
+    it always had.
+    """
+    if config.cluster_database or config.cluster_node:
+        return node_name(config.cluster_node)
+    return ""
+
+
+def mail_host(config) -> str:
+    """The host part of delivered file names: the node's in a cluster, else the host's."""
+    return naming_node(config) or config.hostname
+
+
+def create_temp(directory: str, name: str, node: str = "") -> tuple[int, str]:
+    """A new file (descriptor, path) in ``directory``, to be renamed over ``name``.
+
+    Its name holds the node, the process and a random part, and it is created
+    exclusively: writers on several nodes and in several processes never share one.
+    """
+    prefix = f"{name}.{node_name(node)}.P{os.getpid()}."
+    return tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)

@@ -8,7 +8,8 @@ each ``new/`` is fsynced.  Its name there is
 reads sizes from.  A failure removes what was linked.
 
 Links into several ``new/`` cannot appear at once, so before the first one a journal in
-``<mailroot>/.popserv-deliveries/`` lists them (fsynced), and once all are made and
+``<mailroot>/.popserv-deliveries/`` (``.popserv-deliveries-<node>/`` for each node of a
+cluster, ``journal_dir``) lists them (fsynced), and once all are made and
 fsynced it is marked committed (fsynced); only then does the delivery succeed (and SMTP
 answer 250).  At the next start ``roll_back_unfinished`` removes the links of every
 journal not committed: after a crash, a message whose sender got no 250 (and so sends it
@@ -62,6 +63,16 @@ DELIVERY_THREADS = 8
 _FILE_MODE = 0o600
 _BUFFER_SIZE = 64 * 1024
 _counter = itertools.count(1)
+
+
+def journal_dir(mailroot: str, node: str = "") -> str:
+    """Where the journals of a node's deliveries go: one directory per node of a cluster.
+
+    At its start a node undoes only its own unfinished deliveries, so it never takes
+    another node's delivery under way for one a crash cut off, whatever the shared file
+    system makes of locks.  ``node`` empty: one node alone, ``.popserv-deliveries``.
+    """
+    return os.path.join(mailroot, f"{JOURNAL_DIR}-{node}" if node else JOURNAL_DIR)
 
 
 def host_for_name(hostname: str) -> str:
@@ -167,13 +178,15 @@ class MaildirDelivery:
             return Delivered(self._place_all(name, self.users, self._maildirs))
         with contextlib.ExitStack() as locks:
             # Room is checked and taken under each mailbox's quota lock, in one order.
+            node = self._deliverer.store.node
             try:
                 for maildir in sorted(counted):
                     locks.enter_context(quota.locked(maildir))
                 full = [
                     user
                     for user, maildir, limit in zip(self.users, self._maildirs, limits, strict=True)
-                    if maildir in counted and not quota.usage(maildir, limit).room_for(self.size)
+                    if maildir in counted
+                    and not quota.usage(maildir, limit, node=node).room_for(self.size)
                 ]
             except OSError as e:
                 _unlink_quietly(self._temp)

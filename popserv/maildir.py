@@ -18,6 +18,7 @@ part of its name.  Neither file is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -35,6 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv import quota, retention
+from popserv.cluster import create_temp
 from popserv.interfaces import (
     CommitFailed,
     IMaildrop,
@@ -317,18 +319,25 @@ def _read_size_cache(path: str) -> dict[str, tuple[int, int]]:
     return cache
 
 
-def _write_size_cache(path: str, cache: dict[str, tuple[int, int]]) -> None:
-    """Replace the cache atomically, so a reader sees the old or the new one, never half."""
-    tmp = path + ".tmp"
+def _write_size_cache(path: str, cache: dict[str, tuple[int, int]], node: str = "") -> None:
+    """Replace the cache atomically, so a reader sees the old or the new one, never half.
+
+    The new one is written in the Maildir's ``tmp/`` under a name of this node's and
+    process's own (``popserv.cluster.create_temp``), so no two writers share it.
+    """
     text = "".join(f"{uidl} {size} {mtime}\n" for uidl, (size, mtime) in sorted(cache.items()))
+    tmp = None
     try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE
+        fd, tmp = create_temp(
+            os.path.join(os.path.dirname(path), "tmp"), os.path.basename(path), node
         )
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode("ascii"))
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         log.warn(  # noqa: G010 (twisted.logger has no warning())
             "Cannot write size cache {path}: {reason}", path=path, reason=str(e)
         )
@@ -343,6 +352,7 @@ def _scan(
     maildir: str,
     inheritance: UidlInheritance | None = None,
     known: dict[str, _Parsed] | None = None,
+    node: str = "",
 ) -> tuple[list[_Entry], dict[str, _Parsed]]:
     """List ``new/`` and ``cur/`` into snapshot entries in message-number order.
 
@@ -350,8 +360,8 @@ def _scan(
     popserv, Dovecot or Postfix's virtual(8) lists with one ``scandir`` per directory.
     ``known`` holds what earlier listings parsed, by file name (a flag change renames
     a file), so a listing after new mail parses only the new names; a size that was
-    read from a file is checked against its mtime.  Returns the entries and the
-    parsed names.
+    read from a file is checked against its mtime.  ``node`` names the size cache's
+    temporary file.  Returns the entries and the parsed names.
     """
     known = known or {}
     parsed_now: dict[str, _Parsed] = {}
@@ -419,7 +429,7 @@ def _scan(
         and new_cache != old_cache
         and (new_cache or os.path.exists(cache_path))
     ):
-        _write_size_cache(cache_path, new_cache)
+        _write_size_cache(cache_path, new_cache, node)
     entries = list(by_uidl.values())
     _assign_uidls(maildir, entries, inheritance or _DEFAULT_INHERITANCE)
     entries.sort(key=lambda e: e.order)
@@ -547,10 +557,12 @@ class MaildirMaildrop:
         run: Callable[..., Deferred],
         snapshot: tuple | None = None,
         policy: MailboxPolicy | None = None,
+        node: str = "",
     ):
         """``lease``: the maildrop lock (``IMaildropLocks.lock``); ``run``: runs the commit
         off the reactor thread (the store's); ``policy``: what the commit does with
-        retrieved messages (the defaults without it)."""
+        retrieved messages (the defaults without it); ``node``: the store's, for the
+        names of temporary files."""
         self.user = user
         self.path = path
         self.policy = policy or MailboxPolicy()
@@ -562,6 +574,7 @@ class MaildirMaildrop:
             snapshot = tuple((e.uidl, e.size) for e in entries)
         self._snapshot = snapshot
         self._run = run
+        self._node = node
 
     def _entry(self, index: int) -> _Entry:
         if not 0 <= index < len(self._entries):
@@ -626,7 +639,7 @@ class MaildirMaildrop:
             updated.setdefault(entry.key, now)
         if updated != times:
             try:
-                retention.write(self.path, updated)
+                retention.write(self.path, updated, self._node)
             except OSError as e:
                 _warn_retention(self.path, e)
 
@@ -777,6 +790,7 @@ class MaildirStore:
         dovecot_uidl_format: str = DEFAULT_DOVECOT_FORMAT,
         dovecot_reuse_xuidl: bool = False,
         locks: IMaildropLocks | None = None,
+        node: str = "",
     ):
         """``run`` opens and commits maildrops off the reactor thread (a ``Workers.run``
         of ``MAILDROP_THREADS``); without it the store only names and makes Maildirs,
@@ -787,9 +801,12 @@ class MaildirStore:
         ``popserv.uidlist.UidlFormat``); ValueError for a format Dovecot could not have had.
         ``locks`` keeps one session per maildrop: ``FileLocks()`` (``popserv.lock``) by
         default, ``popserv.pglocks.AdvisoryLocks`` for nodes sharing a database.
+        ``node``: this node's name (``[cluster] node``; empty: the host's) in the names of
+        the temporary files written in the Maildirs.
         """
         self.mailroot = mailroot
         self.locks = locks if locks is not None else FileLocks()
+        self.node = node
         self._run = run
         self._inheritance = UidlInheritance(dovecot_uidl_format, dovecot_reuse_xuidl)
         #: Maildir path -> (signature, entries, snapshot) of its last trustworthy listing.
@@ -847,7 +864,7 @@ class MaildirStore:
                 return cached[1], cached[2]
         with self._listings_lock:
             known = self._parsed.get(path)
-        entries, parsed = _scan(path, self._inheritance, known)
+        entries, parsed = _scan(path, self._inheritance, known, self.node)
         snapshot = tuple((e.uidl, e.size) for e in entries)
         with self._listings_lock:
             self._parsed[path] = parsed
@@ -869,15 +886,17 @@ class MaildirStore:
         try:
             entries, snapshot = self._listing(path)
             if policy.expire_days:
-                entries, snapshot = _expire(user, path, entries, snapshot, policy.expire_days)
+                entries, snapshot = _expire(
+                    user, path, entries, snapshot, policy.expire_days, self.node
+                )
         except BaseException:
             lease.release()
             raise
-        return MaildirMaildrop(user, path, lease, entries, self._run, snapshot, policy)
+        return MaildirMaildrop(user, path, lease, entries, self._run, snapshot, policy, self.node)
 
 
 def _expire(
-    user: str, path: str, entries: list[_Entry], snapshot: tuple, days: int
+    user: str, path: str, entries: list[_Entry], snapshot: tuple, days: int, node: str = ""
 ) -> tuple[list[_Entry], tuple]:
     """Remove the messages retrieved more than ``days`` ago; the listing without them."""
     times = retention.read(path)
@@ -896,7 +915,7 @@ def _expire(
     gone = {e.key for e in doomed if not os.path.lexists(e.path)}
     for key in gone:
         times.pop(key, None)
-    retention.write(path, times)
+    retention.write(path, times, node)
     log.info(
         "maildir.expired: user={user} messages={count} days={days}",
         user=untrusted(user),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import sys
 from dataclasses import dataclass
 
 from popserv.config import Config, ConfigError
@@ -257,7 +258,42 @@ def access_problems(config: Config, start: Start) -> list[str]:
                 f"chown {name}: {folder}, or set [log] max_size = 0 and rotate with logrotate",
             )
         )
+    problems.append(_worker_problem(config, start))
     return [problem for problem in problems if problem is not None]
+
+
+def _worker_problem(config: Config, start: Start) -> str | None:
+    """Why the server's user could not start a worker, or None: each worker is a new
+    process of this Python, run as that user, importing this popserv and Twisted."""
+    from popserv.supervisor import worker_count
+
+    count = worker_count(config)
+    if count < 2 or start.account.uid == os.geteuid():
+        return None  # one process, or this very user runs them
+    import twisted
+
+    needed = [
+        (os.path.realpath(sys.executable), _ENTER, "execute"),
+        *(
+            (os.path.dirname(os.path.abspath(package.__file__)), _READ | _ENTER, "read")
+            for package in (sys.modules["popserv"], twisted)
+        ),
+    ]
+    for target, wanted, verb in needed:
+        steps = [*((path, _ENTER, "enter") for path in _ancestors(target)), (target, wanted, verb)]
+        for path, bits, what in steps:
+            try:
+                st = os.stat(path)
+            except OSError:
+                break
+            if not _allows(start.account, path, st, bits):
+                return (
+                    f"{sys.executable}: user {start.account.name} cannot run the {count} "
+                    f"workers ([server] workers): it cannot {what} {path} "
+                    f"({_describe(path, st)}); fix: install Python, Twisted and popserv "
+                    "where that user can run them, or set [server] workers = 1"
+                )
+    return None
 
 
 def check_start(config: Config, twistd_uid: int | None = None) -> None:

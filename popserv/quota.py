@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popserv.cluster import create_temp
 from popserv.interfaces import IQuota, QuotaLimits
 
 log = Logger()
@@ -268,12 +269,14 @@ def _stale(read: _Read | None, limits: QuotaLimits, now: float) -> bool:
     return bool(over) and now - read.mtime > RECALCULATE_AGE
 
 
-def _write_recalculated(maildir: str, limits: QuotaLimits, total: int, count: int) -> None:
-    """Replace ``maildirsize`` through ``tmp/``, so no reader sees half a file."""
+def _write_recalculated(
+    maildir: str, limits: QuotaLimits, total: int, count: int, node: str = ""
+) -> None:
+    """Replace ``maildirsize`` through ``tmp/`` (a name of this node's and process's own),
+    so no reader sees half a file."""
     text = f"{_definition(limits)}\n{total} {count}\n".encode("ascii")
-    temp = os.path.join(maildir, "tmp", f"{MAILDIRSIZE}.{os.getpid()}.{time.time_ns()}")
+    fd, temp = create_temp(os.path.join(maildir, "tmp"), MAILDIRSIZE, node)
     target = os.path.join(maildir, MAILDIRSIZE)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             os.write(fd, text)
@@ -314,12 +317,13 @@ def effective_limits(maildir: str, limits: QuotaLimits) -> QuotaLimits:
     return read.limits
 
 
-def usage(maildir: str, limits: QuotaLimits, *, write: bool = True) -> Usage:
+def usage(maildir: str, limits: QuotaLimits, *, write: bool = True, node: str = "") -> Usage:
     """The mailbox's usage, recalculated when ``maildirsize`` is missing or stale.
 
     Without limits (from the rules or the file's header) nothing is kept and the files
     are counted.  ``write=False`` counts without writing (for a look from outside the
-    server, as another user).  Call with ``locked`` held when about to add to it.
+    server, as another user).  ``node`` names the temporary file of a recalculation.
+    Call with ``locked`` held when about to add to it.
     """
     limits = effective_limits(maildir, limits)
     path = os.path.join(maildir, MAILDIRSIZE)
@@ -331,7 +335,7 @@ def usage(maildir: str, limits: QuotaLimits, *, write: bool = True) -> Usage:
     total, count = count_usage(maildir)
     if limits and write:
         try:
-            _write_recalculated(maildir, limits, total, count)
+            _write_recalculated(maildir, limits, total, count, node)
         except OSError as e:
             log.warn(  # noqa: G010 (twisted.logger has no warning())
                 "Cannot recalculate quota file {path}: {reason}", path=path, reason=str(e)
@@ -400,13 +404,11 @@ class MaildirQuota:
             return succeed(True)  # a limit only maildirsize names is checked at delivery
         return self._run(self._admits, self.store.path_for(user), limits, max(size, 1))
 
-    @staticmethod
-    def _usage(maildir: str, limits: QuotaLimits) -> Usage:
+    def _usage(self, maildir: str, limits: QuotaLimits) -> Usage:
         if not os.path.isdir(maildir):
             return Usage(0, 0, limits)
         with locked(maildir):
-            return usage(maildir, limits)
+            return usage(maildir, limits, node=self.store.node)
 
-    @classmethod
-    def _admits(cls, maildir: str, limits: QuotaLimits, size: int) -> bool:
-        return cls._usage(maildir, limits).room_for(size)
+    def _admits(self, maildir: str, limits: QuotaLimits, size: int) -> bool:
+        return self._usage(maildir, limits).room_for(size)

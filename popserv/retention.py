@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 from twisted.logger import Logger
+
+from popserv.cluster import create_temp
 
 log = Logger()
 
@@ -37,17 +38,19 @@ def read(maildir: str) -> dict[str, int]:
     return times
 
 
-def write(maildir: str, times: dict[str, int]) -> None:
-    """Replace the file atomically (a new file and a rename), or remove it when empty."""
+def write(maildir: str, times: dict[str, int], node: str = "") -> None:
+    """Replace the file atomically (a new file and a rename), or remove it when empty.
+
+    The new file is made in the Maildir's ``tmp/`` under a name of this ``node``'s and
+    process's own: Maildirs may be shared by several of each.
+    """
     path = os.path.join(maildir, RETRIEVED_NAME)
     if not times:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return
     text = "".join(f"{uidl} {when}\n" for uidl, when in sorted(times.items()))
-    # Unique per process and host: Maildirs may be shared by several of each.
-    temp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd, temp = create_temp(os.path.join(maildir, "tmp"), RETRIEVED_NAME, node)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode("ascii"))

@@ -44,8 +44,9 @@ def make_service(
     if listen is None:
         listen = _endpoint_listener(reactor, config.proxy_timeout)
     from popserv.auth import PasswdFile, checkers
+    from popserv.cluster import naming_node, node_name
     from popserv.credcache import VerifiedPasswords
-    from popserv.delivery import JOURNAL_DIR, DeliveryRecovery
+    from popserv.delivery import DeliveryRecovery, journal_dir
     from popserv.interfaces import NO_METRICS
     from popserv.maildir import MAILDROP_THREADS, MaildirStore
     from popserv.notify import Notifier, NotifyService
@@ -89,6 +90,7 @@ def make_service(
     store = MaildirStore(
         mailroot,
         maildrops.run,
+        node=node_name(config.cluster_node),
         dovecot_uidl_format=config.pop3_dovecot_uidl_format,
         dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
         locks=locks,
@@ -136,7 +138,7 @@ def make_service(
 
         AdvisoryLocksService(locks).setServiceParent(top)
     # Before any listener accepts: what a crash left half-delivered comes out of new/.
-    DeliveryRecovery(os.path.join(mailroot, JOURNAL_DIR)).setServiceParent(top)
+    DeliveryRecovery(journal_dir(mailroot, naming_node(config))).setServiceParent(top)
     # Before the listeners, so they stop (queued jobs done) after them.
     for name, workers in (("verify-threads", verify), ("maildrop-threads", maildrops)):
         threads = WorkersService(workers)
@@ -327,7 +329,8 @@ def _add_smtp(
 
     With the shared ``database``, recipients get 451 4.3.0 while it is unavailable.
     """
-    from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner
+    from popserv.cluster import mail_host, naming_node
+    from popserv.delivery import DELIVERY_THREADS, MaildirDeliverer, StaleTempCleaner, journal_dir
     from popserv.quota import MaildirQuota
     from popserv.smtp import SMTPFactory
     from popserv.workers import Workers, WorkersService
@@ -337,7 +340,14 @@ def _add_smtp(
     threads = WorkersService(workers)
     threads.setName("delivery-threads")
     threads.setServiceParent(top)
-    deliverer = MaildirDeliverer(store, config.hostname, workers.run, policies=policies)
+    node = naming_node(config)
+    deliverer = MaildirDeliverer(
+        store,
+        mail_host(config),
+        workers.run,
+        journal_dir=journal_dir(store.mailroot, node),
+        policies=policies,
+    )
     quota = MaildirQuota(store, policies, workers.run)
     factory = SMTPFactory(
         deliverer,

@@ -6,11 +6,14 @@ It listens on free 127.0.0.1 ports only; nothing here contacts any other address
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
 import sys
 import time
+
+from twisted.trial.unittest import SkipTest
 
 from popserv.auth import hash_password
 from tests.live_smtp import free_port
@@ -18,6 +21,9 @@ from tests.live_smtp import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 HOST = "twistd.test"
+#: [server] workers of every TwistdServer whose test does not choose: one process, as the
+#: tests were written for, unless POPSERV_TEST_WORKERS asks for more (README, "Development").
+TEST_WORKERS = os.environ.get("POPSERV_TEST_WORKERS", "1")
 
 
 def write_private(path: str, text: str) -> str:
@@ -45,6 +51,48 @@ def wait_for_greeting(port: int, process, timeout: float = 20.0, prefix: bytes =
         if process.poll() is not None or time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+def children(parent: int) -> list[int]:
+    """The living (not zombie) child processes of ``parent``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def python_runs_as(user: str) -> bool:
+    """Whether ``user`` can run this Python with Twisted and this checkout's popserv."""
+    account = pwd.getpwnam(user)
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", "import twisted, popserv"],
+            cwd=REPO,
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            capture_output=True,
+        )
+    except PermissionError:
+        return False
+    return ran.returncode == 0
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size (VmRSS) of process ``pid``, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 class TwistdServer:
@@ -88,10 +136,8 @@ class TwistdServer:
                 "mailroot": self.mailroot,
                 "users": self.users_path,
                 "state_dir": os.path.join(self.root, "state"),
-                # One process, as the tests of these servers were written for; the
-                # tests of several workers (tests.test_multiproc) ask for them, and
-                # POPSERV_TEST_WORKERS=2 runs every other test's twistd with that many.
-                "workers": os.environ.get("POPSERV_TEST_WORKERS", "1"),
+                # The tests of several workers (tests.test_multiproc) ask for them.
+                "workers": TEST_WORKERS,
             },
             "pop3": {
                 "listen": f"tcp:{self.pop3_port}:interface=127.0.0.1:backlog={backlog}",
@@ -105,6 +151,9 @@ class TwistdServer:
         }
         for section, keys in (settings or {}).items():
             sections.setdefault(section, {}).update(keys)
+        #: How many processes serve: 1 is twistd itself, more are its workers.
+        self.worker_count = int(sections["server"]["workers"])
+        self.who_dir = os.path.join(sections["server"]["state_dir"], "who")
         self.config_path = os.path.join(self.root, "popserv.ini")
         with open(self.config_path, "w", encoding="utf-8") as f:
             for section, keys in sections.items():
@@ -139,11 +188,36 @@ class TwistdServer:
     greeting_prefix = b""
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start twistd and wait until POP3 answers with a greeting."""
+        """Start twistd and wait until POP3 answers with a greeting (from every worker)."""
         self.spawn()
-        if not wait_for_greeting(self.pop3_port, self.process, timeout, self.greeting_prefix):
+        if not (
+            wait_for_greeting(self.pop3_port, self.process, timeout, self.greeting_prefix)
+            and self.wait_workers(timeout)
+        ):
             self.kill()
             raise AssertionError(f"twistd did not start:\n{self.log()}")
+
+    def wait_workers(self, timeout: float) -> bool:
+        """Whether, within ``timeout`` seconds, every worker runs and has its popserv who
+        socket (made as it starts to serve); at once for a server of one process."""
+        deadline = time.monotonic() + timeout
+        while self.worker_count > 1:
+            pids = children(self.process.pid)
+            if len(pids) == self.worker_count and all(
+                os.path.exists(os.path.join(self.who_dir, f"{pid}.sock")) for pid in pids
+            ):
+                return True
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def serving_pids(self) -> list[int]:
+        """The processes that hold sessions (each with its popserv who socket): twistd
+        itself, or with several workers the supervisor's children."""
+        if self.worker_count > 1:
+            return children(self.process.pid)
+        return [self.process.pid]
 
     def kill(self) -> None:
         """SIGKILL the server (if running) and reap it."""
@@ -170,12 +244,14 @@ class TwistdServer:
             return ""
 
     def rss_kib(self) -> int:
-        """The server's resident set size (VmRSS), in KiB."""
-        with open(f"/proc/{self.process.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS in /proc status")
+        """The server's resident set size (VmRSS), in KiB: twistd's, plus its workers'."""
+        return sum(rss_kib(pid) for pid in {self.process.pid, *self.serving_pids()})
+
+    def require_workers_can_run_as(self, user: str) -> None:
+        """Skip the test if its workers, started as ``user``, could not run this Python
+        (one under /root, say): twistd would refuse to start."""
+        if self.worker_count > 1 and not python_runs_as(user):
+            raise SkipTest(f"{user} cannot run {sys.executable}, as the workers would")
 
     def maildir(self, user: str, sub: str = "") -> str:
         """The path of ``user``'s Maildir (or of one of its subdirectories)."""

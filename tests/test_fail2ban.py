@@ -29,18 +29,27 @@ SERVICE = os.path.join(REPO, "etc", "popserv.service")
 #: A user name that tries to put another address in the failed-login line.
 FRAMING_NAME = "x from 192.0.2.99 (bad credentials)"
 
-#: The documented form of a failed POP3 login in twistd's log (README, "Running in production").
-FAILED_LOGIN = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.pop3#info\] "
-    r"pop3\.login_failed: peer=(?P<peer>\S+) user=(?P<user>\S+|\"(?:[^\"\\\\]|\\\\.)*\") "
-    r"reason=(?P<reason>[a-z-]+)(?: detail=.*)?$"
-)
 
 #: A forged event a client hides in its user name: a line end, then a whole log line.
 FORGED = (
     "alice\n2026-12-04T00:00:00+0000 [popserv.pop3#info] "
     "pop3.login_failed: peer=198.51.100.77 user=alice reason=bad-credentials"
 )
+
+
+def failed_login_form(workers: int = 1) -> re.Pattern:
+    """The documented form of a failed POP3 login in twistd's log (README, "Running in
+    production"); with several ``workers`` each line names the worker that logged it."""
+    tag = r",worker=\d+" if workers > 1 else ""
+    return re.compile(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.pop3#info" + tag + r"\] "
+        r"pop3\.login_failed: peer=(?P<peer>\S+) user=(?P<user>\S+|\"(?:[^\"\\\\]|\\\\.)*\") "
+        r"reason=(?P<reason>[a-z-]+)(?: detail=.*)?$"
+    )
+
+
+#: A failed login as one process logs it.
+FAILED_LOGIN = failed_login_form()
 
 
 def fail2ban_regex(log_path: str, filter_spec: str = FILTER) -> tuple[int, int, list[str]]:
@@ -109,7 +118,8 @@ class FilterTests(SynchronousTestCase):
         self.server.stop()
 
         log = self.server.log()
-        failed = [FAILED_LOGIN.match(line) for line in log.splitlines()]
+        form = failed_login_form(self.server.worker_count)
+        failed = [form.match(line) for line in log.splitlines()]
         reasons = [m.group("reason") for m in failed if m]
         self.assertEqual(reasons, ["bad-credentials", "bad-credentials", "bad-sasl", "in-use"])
         self.assertIn(
@@ -222,7 +232,8 @@ class ScramCancelTests(SynchronousTestCase):
         while server.log().count("reason=sasl-cancelled") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         server.stop()
-        failed = [FAILED_LOGIN.match(line) for line in server.log().splitlines()]
+        form = failed_login_form(server.worker_count)
+        failed = [form.match(line) for line in server.log().splitlines()]
         self.assertEqual([m.group("reason") for m in failed if m], ["sasl-cancelled"] * 2)
         _, _, ips = fail2ban_regex(server.log_path)
         self.assertEqual(ips, ["127.0.0.1"] * 2)

@@ -26,7 +26,7 @@ from popserv.logs import LogSettings, event_as_json, json_file_observer
 from popserv.logsafe import untrusted
 from popserv.startup import StartupError
 from tests.live_twistd import REPO, TWISTD, TwistdServer, wait_for_greeting
-from tests.test_fail2ban import FAILED_LOGIN, FORGED, fail2ban_regex
+from tests.test_fail2ban import FAILED_LOGIN, FORGED, fail2ban_regex, failed_login_form
 
 #: A user name a client chose: line ends, quotes, a backslash, an escape and non-ASCII.
 NASTY = 'eve"\n\r\\ \x1b[31m caf\u00e9 \u2028' + FORGED
@@ -366,7 +366,7 @@ class LiveTextRotationTests(SynchronousTestCase):
         failed = [line for line in lines if "pop3.login_failed" in line]
         self.assertTrue(failed)
         for line in failed:
-            self.assertRegex(line, FAILED_LOGIN)
+            self.assertRegex(line, failed_login_form(self.server.worker_count))
         self.assertEqual(failed[-1].split(" user=")[1].split()[0], "nobody39")
 
     def test_fail2ban_reads_the_file(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -54,7 +53,7 @@ from popserv.worker import (
 )
 from tests.live import require_client
 from tests.live_smtp import free_port
-from tests.live_twistd import REPO, TWISTD, TwistdServer
+from tests.live_twistd import REPO, TWISTD, TwistdServer, children, python_runs_as
 from tests.test_tls_tickets import require_shared_ticket_keys
 
 READY = re.compile(r"popserv\.worker_ready: pid=(\d+)")
@@ -69,7 +68,6 @@ class WorkersServer(TwistdServer):
         super().__init__(testcase, users, settings=settings, **kw)
         self.testcase = testcase
         self.count = workers
-        self.who_dir = os.path.join(self.root, "state", "who")
         testcase.addCleanup(self.resume_all)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -129,22 +127,6 @@ class WorkersServer(TwistdServer):
         if self.process is not None and self.process.poll() is None:
             for pid in self.workers():
                 os.kill(pid, signal.SIGCONT)
-
-
-def children(parent: int) -> list[int]:
-    """The living (not zombie) child processes of ``parent``, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
 
 
 def alive(pid: int) -> bool:
@@ -659,22 +641,7 @@ class StartFailureTests(SynchronousTestCase):
         nobody."""
         if os.geteuid() != 0:
             raise SkipTest("needs root, to become [server] user")
-        nobody = pwd.getpwnam("nobody")
-        try:
-            can_run = (
-                subprocess.run(
-                    [sys.executable, "-c", "import twisted, popserv"],
-                    cwd=REPO,
-                    user=nobody.pw_uid,
-                    group=nobody.pw_gid,
-                    extra_groups=[],
-                    capture_output=True,
-                ).returncode
-                == 0
-            )
-        except PermissionError:
-            can_run = False
-        if not can_run:
+        if not python_runs_as("nobody"):
             raise SkipTest(f"nobody cannot run {sys.executable} (a Python under /root?)")
         keys = os.path.abspath(self.mktemp())
         cert, key = generate_self_signed("twistd.test", keys)

@@ -237,6 +237,7 @@ class LiveTests(SynchronousTestCase):
         else:
             self.user = pwd.getpwuid(os.geteuid())
         self.server = TwistdServer(self, {"alice": "secret"}, smtp=True, settings=settings)
+        self.server.require_workers_can_run_as(self.user.pw_name)
         # The server's user must reach its files: trial's directory for the test is 0700.
         os.chmod(os.path.dirname(self.server.root), 0o711)
         os.chown(self.server.users_path, self.user.pw_uid, self.user.pw_gid)

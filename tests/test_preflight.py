@@ -15,6 +15,8 @@ import sys
 from twisted.trial import unittest
 from twisted.trial.unittest import SkipTest
 
+import popserv
+import twisted
 from popserv import preflight
 from popserv.config import Config, ConfigError
 from popserv.tap import Options, StartupError
@@ -50,7 +52,11 @@ def admin(*argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
 
 
 class Files:
-    """A config file, mail root and users file under a fresh directory, for user nobody."""
+    """A config file, mail root and users file under a fresh directory, for user nobody.
+
+    One process ([server] workers = 1): these tests are about the files, and workers
+    also need a Python nobody can run (see WorkerCheckTests).
+    """
 
     def __init__(self, testcase, settings: str = "user = nobody\n"):
         self.root = os.path.abspath(testcase.mktemp())
@@ -62,12 +68,13 @@ class Files:
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(
                 f"[server]\nmailroot = {self.mailroot}\nusers = {self.users}\n"
-                f"state_dir = {self.root}/state\n{settings}"
+                f"state_dir = {self.root}/state\nworkers = 1\n{settings}"
                 f"[tls]\nself_signed_dir = {self.root}/tls\n"
             )
 
     def config(self, **changes) -> Config:
-        return Config(hostname=HOST, mailroot=self.mailroot, users=self.users).replace(**changes)
+        config = Config(hostname=HOST, mailroot=self.mailroot, users=self.users, workers=1)
+        return config.replace(**changes)
 
     def adduser(self, user: str) -> subprocess.CompletedProcess:
         return admin(
@@ -101,7 +108,7 @@ class AdduserOwnershipTests(unittest.TestCase):
         self.assertEqual(preflight.access_problems(files.config(user="nobody"), self.start()), [])
 
     def start(self) -> preflight.Start:
-        return preflight.start_of(Config(hostname=HOST, user="nobody"))
+        return preflight.start_of(Config(hostname=HOST, user="nobody", workers=1))
 
     def test_mail_root_owner_without_server_user(self):
         """Without [server] user, a mail root owned by nobody makes nobody the Maildir's owner."""
@@ -249,11 +256,81 @@ class StartCheckTests(unittest.TestCase):
         self.assertRaises(ConfigError, preflight.check_start, self.config)
 
 
+class WorkerCheckTests(unittest.TestCase):
+    """With several workers, nobody must also run this Python, and read popserv and Twisted:
+    each worker is a new process of them, started as nobody."""
+
+    def setUp(self):
+        require_root()
+        self.files = Files(self)
+        self.tree = os.path.abspath(self.mktemp())
+        os.makedirs(self.tree, 0o755)
+        let_in(self.tree)
+        self.python = self.place("bin/python3", 0o755)
+        self.patch(sys, "executable", self.python)
+        self.patch(popserv, "__file__", self.place("lib/popserv/__init__.py", 0o644))
+        self.patch(twisted, "__file__", self.place("lib/twisted/__init__.py", 0o644))
+
+    def place(self, name: str, mode: int) -> str:
+        """A file of ``mode`` at ``name`` under the tree, whose directories anyone may enter."""
+        path = os.path.join(self.tree, name)
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        with open(path, "w"):
+            pass
+        os.chmod(path, mode)
+        return path
+
+    def problems(self, workers: int) -> list[str]:
+        config = self.files.config(user="nobody", workers=workers)
+        return preflight.access_problems(config, preflight.start_of(config))
+
+    def test_usable_python_is_no_problem(self):
+        """A Python, popserv and Twisted that nobody may run and read are no problem."""
+        self.assertEqual(self.problems(2), [])
+
+    def test_python_in_a_directory_nobody_cannot_enter(self):
+        """A Python under a directory of mode 0700 (a pyenv under /root, say) is one line
+        naming the directory, with the fix; for one worker it is no problem."""
+        os.chmod(os.path.join(self.tree, "bin"), 0o700)
+        self.assertEqual(
+            self.problems(2),
+            [
+                f"{self.python}: user nobody cannot run the 2 workers ([server] workers): it "
+                f"cannot enter {self.tree}/bin (owner root, mode 0700); fix: install Python, "
+                "Twisted and popserv where that user can run them, or set [server] workers = 1"
+            ],
+        )
+        self.assertEqual(self.problems(1), [])
+
+    def test_python_nobody_cannot_execute(self):
+        """A Python only root may execute is named."""
+        os.chmod(self.python, 0o700)
+        (problem,) = self.problems(3)
+        self.assertIn(f"it cannot execute {self.python} (owner root, mode 0700)", problem)
+        self.assertIn("cannot run the 3 workers", problem)
+
+    def test_twisted_nobody_cannot_read(self):
+        """A Twisted package nobody cannot read is named."""
+        os.chmod(os.path.join(self.tree, "lib", "twisted"), 0o711)
+        (problem,) = self.problems(2)
+        self.assertIn(f"it cannot read {self.tree}/lib/twisted (owner root, mode 0711)", problem)
+
+    def test_twistd_popserv_refuses_to_start(self):
+        """``twistd popserv`` with such a Python stops before it starts, with that line."""
+        os.chmod(os.path.join(self.tree, "bin"), 0o700)
+        with self.assertRaises(StartupError) as cm:
+            Options().parseOptions(
+                ["--config", self.files.config_path, "--pop3", "tcp:0", "--workers", "2"]
+            )
+        self.assertIn("user nobody cannot run the 2 workers", str(cm.exception))
+
+
 class ServesAsServerUserTests(unittest.TestCase):
     def test_root_start_with_server_user_serves_adduser_maildir(self):
         """Started as root with [server] user = nobody, twistd serves what adduser made."""
         require_root()
         server = TwistdServer(self, {}, smtp=True, settings={"server": {"user": "nobody"}})
+        server.require_workers_can_run_as("nobody")
         let_in(server.root)
         os.unlink(server.users_path)  # adduser makes it, for nobody
         ran = admin(

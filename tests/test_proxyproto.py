@@ -6,19 +6,14 @@ front of ``twistd popserv`` on loopback, using the shipped etc/haproxy/popserv.c
 
 from __future__ import annotations
 
-import csv
-import io
 import ipaddress
 import json
 import os
 import poplib
-import re
-import signal
 import smtplib
 import socket
 import ssl
 import struct
-import subprocess
 import time
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -47,9 +42,15 @@ from popserv.proxyproto import (
 )
 from popserv.service import Listener
 from popserv.worker import InheritedSocketEndpoint, adopting
-from tests.live import require_client
-from tests.live_smtp import free_port
-from tests.live_twistd import HOST, REPO, TwistdServer
+from tests.live_haproxy import (
+    CLIENT_7,
+    CLIENT_8,
+    HAProxy,
+    ProxiedTwistd,
+    SourcedPOP3,
+    SourcedPOP3_SSL,
+)
+from tests.live_twistd import HOST
 from tests.test_pop3 import POP3TestCase
 from tests.test_smtp import SMTPTestCase
 from tests.test_who import run_who
@@ -459,160 +460,6 @@ class ListenerTests(unittest.SynchronousTestCase):
 
 # -- a real HAProxy in front of twistd popserv ------------------------------------------
 
-#: The shipped HAProxy configuration the integration tests run (a port-substituted copy).
-SHIPPED_CFG = os.path.join(REPO, "etc", "haproxy", "popserv.cfg")
-#: Loopback addresses the clients connect from, both other than HAProxy's own 127.0.0.1.
-CLIENT_7, CLIENT_8 = "127.0.0.7", "127.0.0.8"
-
-
-class ProxiedTwistd(TwistdServer):
-    """twistd popserv with haproxy: listeners only: POP3, POP3S and SMTP on loopback.
-
-    ``start`` waits for the greeting that a v2 LOCAL header (as a health check sends)
-    gets; a connection without a header would get none.
-    """
-
-    # The listener greets nothing before a PROXY header: a LOCAL one, as health checks send.
-    greeting_prefix = v2(local=True)
-
-    def __init__(self, testcase, users, settings=None):
-        ports = {"pop3": free_port(), "pop3s": free_port(), "smtp": free_port()}
-        listeners = {
-            section: {"listen": f"haproxy:tcp:{port}:interface=127.0.0.1"}
-            for section, port in ports.items()
-        }
-        for section, keys in (settings or {}).items():
-            listeners.setdefault(section, {}).update(keys)
-        super().__init__(testcase, users, smtp=True, settings=listeners)
-        self.pop3_port, self.pop3s_port, self.smtp_port = ports.values()
-        self.cert = os.path.join(self.root, "tls", "cert.pem")
-
-
-class HAProxy:
-    """``haproxy -db`` in the foreground over a copy of etc/haproxy/popserv.cfg, on loopback.
-
-    The copy differs from the shipped file only where a test must: the frontends bind free
-    127.0.0.1 ports, node1 of each backend is the test's popserv and node2 is left
-    out; its log goes to standard error (a file here) and a stats socket is added, so
-    the test can see the health checks pass.  Stopped by its PID at cleanup.
-    """
-
-    def __init__(self, testcase, nodes: dict[int, int]):
-        path = require_client("haproxy", search="/usr/sbin:/usr/bin")
-        self.root = os.path.abspath(testcase.mktemp())
-        os.makedirs(self.root)
-        # A loopback TCP stats socket: a Unix one's path would be too long for HAProxy.
-        self.stats_port = free_port()
-        self.log_path = os.path.join(self.root, "haproxy.log")
-        #: The shipped frontend port (110, 995, 25) -> the port this copy binds instead.
-        self.ports = {port: free_port() for port in nodes}
-        with open(SHIPPED_CFG, encoding="utf-8") as f:
-            text = f.read()
-        substitutions = [
-            (
-                r"(?m)^global\n",
-                f"global\n    stats socket ipv4@127.0.0.1:{self.stats_port} level user\n",
-                1,
-            ),
-            (r"(?m)^    log /dev/log local0$", "    log stderr format raw local0", 1),
-            (r"(?m)^    server node2 .*\n", "", len(nodes)),
-        ]
-        for pattern, replacement, count in substitutions:
-            text, made = re.subn(pattern, replacement, text)
-            testcase.assertEqual(made, count, pattern)
-        for shipped, port in self.ports.items():
-            text, made = re.subn(rf"(?m)^    bind :{shipped}$", f"    bind 127.0.0.1:{port}", text)
-            testcase.assertEqual(made, 1, shipped)
-            text, made = re.subn(
-                rf"(?m)^    server node1 192\.0\.2\.11:{shipped}$",
-                f"    server node1 127.0.0.1:{nodes[shipped]}",
-                text,
-            )
-            testcase.assertEqual(made, 1, shipped)
-        # Nothing of the copy may point anywhere but loopback.
-        testcase.assertNotIn("192.0.2.", text)
-        self.config_path = os.path.join(self.root, "haproxy.cfg")
-        with open(self.config_path, "w", encoding="utf-8") as f:
-            f.write(text)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [path, "-db", "-f", self.config_path],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        testcase.addCleanup(self.stop)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def servers(self) -> dict[str, tuple[str, str]]:
-        """Each backend's node1: (status, last check's status), from the stats socket."""
-        with socket.create_connection(("127.0.0.1", self.stats_port), 5) as s:
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
-        return {
-            row["pxname"]: (row["status"], row["check_status"])
-            for row in rows
-            if row["svname"] == "node1"
-        }
-
-    def wait_checked(self, timeout: float = 20.0) -> dict[str, tuple[str, str]]:
-        """Wait until every node1 has passed a health check; their states."""
-        deadline = time.monotonic() + timeout
-        servers = {}
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"haproxy exited:\n{self.log()}")
-            try:
-                servers = self.servers()
-            except OSError:
-                servers = {}
-            if servers and all(check == "L7OK" for _, check in servers.values()):
-                return servers
-            time.sleep(0.1)
-        raise AssertionError(f"health checks did not pass: {servers}\n{self.log()}")
-
-
-class SourcedPOP3(poplib.POP3):
-    """poplib.POP3 from a source address of the test's choosing (127.0.0.7, say)."""
-
-    def __init__(self, source: str, port: int):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=10)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection(
-            (self.host, self.port), timeout, source_address=(self.source, 0)
-        )
-
-
-class SourcedPOP3_SSL(poplib.POP3_SSL):
-    """poplib.POP3_SSL from a source address of the test's choosing."""
-
-    def __init__(self, source: str, port: int, context: ssl.SSLContext):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=10, context=context)
-
-    def _create_socket(self, timeout):
-        sock = socket.create_connection(
-            (self.host, self.port), timeout, source_address=(self.source, 0)
-        )
-        return self.context.wrap_socket(sock, server_hostname=self.host)
-
 
 class BehindHAProxyTests(unittest.TestCase):
     """popserv behind a real HAProxy (send-proxy-v2): each client is known by its own address.
@@ -632,10 +479,7 @@ class BehindHAProxyTests(unittest.TestCase):
             },
         )
         self.server.start()
-        self.haproxy = HAProxy(
-            self,
-            {110: self.server.pop3_port, 995: self.server.pop3s_port, 25: self.server.smtp_port},
-        )
+        self.haproxy = HAProxy(self, [self.server.backends()])
         self.checked = self.haproxy.wait_checked()
 
     def tls(self) -> ssl.SSLContext:
@@ -721,7 +565,10 @@ class BehindHAProxyTests(unittest.TestCase):
         """HAProxy's checks (LOCAL headers) pass on all three; a direct client gets nothing."""
         self.assertEqual(
             self.checked,
-            {name: ("UP", "L7OK") for name in ("pop3_nodes", "pop3s_nodes", "smtp_nodes")},
+            {
+                name: {"node1": ("UP", "L7OK")}
+                for name in ("pop3_nodes", "pop3s_nodes", "smtp_nodes")
+            },
         )
         self.assertNotIn("proxy.refused", self.server.log())
         for port in (self.server.pop3_port, self.server.pop3s_port, self.server.smtp_port):
@@ -748,9 +595,7 @@ class BehindHAProxyWorkersTests(unittest.TestCase):
             settings={"server": {"workers": "2", "proxy_timeout": "1"}},
         )
         server.start()
-        haproxy = HAProxy(
-            self, {110: server.pop3_port, 995: server.pop3s_port, 25: server.smtp_port}
-        )
+        haproxy = HAProxy(self, [server.backends()])
         haproxy.wait_checked()
         for _ in range(4):
             client = SourcedPOP3(CLIENT_7, haproxy.ports[110])
