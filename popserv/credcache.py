@@ -8,6 +8,11 @@ password against the same stored hash is then accepted with one HMAC, in the rea
 thread.  Anything else (another password, another stored hash, an entry past its
 time) goes the slow way again.  Failures are never remembered: each guess still costs
 a full verification.
+
+One process keeps its digests in memory (``MemoryDigests``).  The workers of one host
+share them (``popserv.sharedstate.SharedDigests``, in their SQLite file) under one key
+their supervisor made and handed each of them, so a user verified on one worker is a
+hit on every other.  Only the key is secret: it never leaves the processes' memory.
 """
 
 from __future__ import annotations
@@ -20,8 +25,41 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from twisted.internet import defer
+from zope.interface import implementer
 
-from popserv.interfaces import NO_METRICS
+from popserv.interfaces import NO_METRICS, IVerifiedDigests
+
+
+@implementer(IVerifiedDigests)
+class MemoryDigests:
+    """The digests of one process, in a dict kept in least recently used order."""
+
+    def __init__(self):
+        #: user -> (digest, the time it expires), least recently used first.
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, user: str, now: float) -> bytes | None:
+        entry = self._entries.get(user)
+        if entry is None:
+            return None
+        digest, expires = entry
+        if expires <= now:
+            del self._entries[user]
+            return None
+        self._entries.move_to_end(user)
+        return digest
+
+    def remember(self, user: str, digest: bytes, expires: float, size: int) -> None:
+        self._entries[user] = (digest, expires)
+        self._entries.move_to_end(user)
+        while len(self._entries) > size:
+            self._entries.popitem(last=False)
+
+    def forget(self, user: str) -> None:
+        self._entries.pop(user, None)
 
 
 class VerifiedPasswords:
@@ -29,8 +67,9 @@ class VerifiedPasswords:
 
     An entry's time counts from the slow verification that made it; using it does not
     extend it, so each user's password meets its real hash at least once per ``ttl``.
-    The least recently used entry goes first when the cache is full.  ``ttl`` 0 turns
-    the cache off: every check is the slow one.
+    When the cache is full, the store drops an entry: in memory the least recently
+    used, in the workers' shared store the soonest to expire.  ``ttl`` 0 turns the
+    cache off: every check is the slow one.
     """
 
     def __init__(
@@ -40,18 +79,20 @@ class VerifiedPasswords:
         size: int = 10000,
         metrics=NO_METRICS,
         key: bytes | None = None,
+        store: IVerifiedDigests | None = None,
     ):
-        """``clock`` (an ``IReactorTime``) dates the entries; ``metrics`` counts hits and misses."""
+        """``clock`` (an ``IReactorTime``) dates the entries; ``metrics`` counts hits and
+        misses; ``key`` (random by default) keys the digests in ``store`` (this process's
+        memory by default): caches with the same key and store share their entries."""
         self.clock = clock
         self.ttl = ttl
         self.size = size
         self.metrics = metrics
         self._key = os.urandom(32) if key is None else key
-        #: user -> (digest, the time it expires), least recently used first.
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._store = MemoryDigests() if store is None else store
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._store)
 
     def check(
         self, user: str, stored: str, password: bytes, verify: Callable[[], defer.Deferred[bool]]
@@ -65,28 +106,20 @@ class VerifiedPasswords:
         if self.ttl <= 0:
             return verify()
         digest = self._digest(user, stored, password)
-        entry = self._entries.get(user)
-        if entry is not None:
-            remembered, expires = entry
-            if expires <= self.clock.seconds():
-                del self._entries[user]
-            elif hmac.compare_digest(remembered, digest):
-                self._entries.move_to_end(user)
-                self.metrics.auth_cache(True)
-                return defer.succeed(True)
+        remembered = self._store.lookup(user, self.clock.seconds())
+        if remembered is not None and hmac.compare_digest(remembered, digest):
+            self.metrics.auth_cache(True)
+            return defer.succeed(True)
         self.metrics.auth_cache(False)
         return verify().addCallback(self._verified, user, digest)
 
     def forget(self, user: str) -> None:
         """Drop ``user``'s entry, if any: the stored password changed or the user is gone."""
-        self._entries.pop(user, None)
+        self._store.forget(user)
 
     def _verified(self, ok: bool, user: str, digest: bytes) -> bool:
         if ok:
-            self._entries[user] = (digest, self.clock.seconds() + self.ttl)
-            self._entries.move_to_end(user)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            self._store.remember(user, digest, self.clock.seconds() + self.ttl, self.size)
         return ok
 
     def _digest(self, user: str, stored: str, password: bytes) -> bytes:

@@ -435,6 +435,28 @@ class IRecipientPolicy(Interface):
         """The ``Return-Path`` and ``Received`` lines of the message (``bytes``, LF-ended)."""
 
 
+class IVerifiedDigests(Interface):
+    """Where ``popserv.credcache.VerifiedPasswords`` keeps its digests: one process's
+    memory, or the table the workers of a host share (``popserv.sharedstate``).
+
+    Each user has at most one entry; the store keeps the bytes and dates it is given and
+    decides nothing: the cache says what expires and how many stay.
+    """
+
+    def lookup(user, now):
+        """``user``'s digest if its entry expires after ``now``, else None."""
+
+    def remember(user, digest, expires, size):
+        """Keep ``digest`` as ``user``'s until ``expires``; beyond ``size`` users, drop
+        others: the least recently looked up (memory) or the soonest to expire (shared)."""
+
+    def forget(user):
+        """Drop ``user``'s entry, if any."""
+
+    def __len__():
+        """How many entries are kept now, expired ones included."""
+
+
 class IMetrics(Interface):
     """What the protocols tell the server's counters; they never see how those are kept.
 

@@ -69,13 +69,19 @@ def make_service(
     verify = Workers(reactor, config.auth_max_verifications, "popserv-verify")
     maildrops = Workers(reactor, MAILDROP_THREADS, "popserv-maildrop")
     metrics = _metrics(config)
-    # A password that passed a slow hash is accepted at the user's next poll with one HMAC.
-    cache = VerifiedPasswords(
-        reactor,
-        config.auth_cache_ttl,
-        config.auth_cache_size,
-        metrics=NO_METRICS if metrics is None else metrics,
-    )
+    # A password that passed a slow hash is accepted at the user's next poll with one HMAC;
+    # the workers of a host share what they verified.
+    if shared is None:
+        cache = VerifiedPasswords(
+            reactor,
+            config.auth_cache_ttl,
+            config.auth_cache_size,
+            metrics=NO_METRICS if metrics is None else metrics,
+        )
+    else:
+        cache = shared.verified_passwords(
+            config, reactor, NO_METRICS if metrics is None else metrics
+        )
     if database is None:
         userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
     else:

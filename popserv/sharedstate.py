@@ -1,11 +1,19 @@
-"""Failed logins and connection counts shared by the worker processes of one host, in SQLite.
+"""Failed logins, connection counts and verified passwords shared by the worker processes
+of one host, in SQLite.
 
 With ``[server] workers`` above 1 each worker opens ``<state_dir>/popserv-shared.sqlite3``
 and keeps there what must hold across them: failures per address and user name with the
 time of the last one, the login attempts being verified, each user's last login
-(LOGIN-DELAY), and the connections per address and in all.  The rows one process owns
-(attempts, connections) carry its pid, so the supervisor drops those of a worker that
-died (``forget_process``) before it starts another.
+(LOGIN-DELAY), the connections per address and in all, and the digests of passwords
+that passed a slow hash (``SharedDigests``, for ``popserv.credcache``).  The rows one
+process owns (attempts, connections) carry its pid, so the supervisor drops those of a
+worker that died (``forget_process``) before it starts another.
+
+The digests are HMAC-SHA-256 under a key the supervisor made at start and handed to
+each worker through its standard input; it is never written anywhere.  Without it a
+digest in the file (or in a copy of it, a backup, a disk) tests no guess at all: it is
+safe there only because the key stays in the processes' memory.  A new supervisor makes
+a new key, so it empties the table at start (``forget_verified``).
 
 The state is ephemeral: WAL mode with ``synchronous = OFF``, so nothing waits for the
 disk; a crash of the host may lose recent changes, which forgets failures as a restart of
@@ -26,7 +34,7 @@ from collections.abc import Callable, Iterator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.interfaces import IConnectionLimiter, ILoginThrottle
+from popserv.interfaces import IConnectionLimiter, ILoginThrottle, IVerifiedDigests
 from popserv.limits import DESCRIPTORS, IN_ALL, PER_PEER, ConnectionLimiter, accounting_key
 from popserv.throttle import FAILURE_MEMORY, MAX_USERS_PER_PEER, ThrottleSettings
 
@@ -53,6 +61,9 @@ CREATE TABLE IF NOT EXISTS last_logins (user TEXT PRIMARY KEY, at REAL NOT NULL)
 CREATE TABLE IF NOT EXISTS connections (
     service TEXT NOT NULL, key TEXT NOT NULL, pid INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (service, key, pid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS verified_passwords (
+    user TEXT PRIMARY KEY, digest BLOB NOT NULL, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS verified_passwords_expires ON verified_passwords (expires);
 """
 
 
@@ -104,6 +115,11 @@ def forget_process(db: sqlite3.Connection, pid: int) -> None:
         db.execute("DELETE FROM login_attempts WHERE pid = ?", (pid,))
 
 
+def forget_verified(db: sqlite3.Connection) -> None:
+    """Drop every verified password: made under another supervisor's key, none can match."""
+    db.execute("DELETE FROM verified_passwords")
+
+
 def forget_processes_except(db: sqlite3.Connection, alive: Callable[[int], bool]) -> list[int]:
     """Drop the rows of every process for which ``alive(pid)`` is false; their pids."""
     pids = {
@@ -124,7 +140,8 @@ def prune(
     max_peers: int = MAX_SHARED_PEERS,
 ) -> None:
     """Forget failures quiet for ``memory`` seconds, logins older than ``login_delay``,
-    and the longest quiet addresses beyond ``max_peers``: the file stays small."""
+    the longest quiet addresses beyond ``max_peers`` and expired verified passwords: the
+    file stays small."""
     with _immediate(db):
         stale = "SELECT peer FROM login_peers WHERE last < ?"
         db.execute(f"DELETE FROM login_failures WHERE peer IN ({stale})", (now - memory,))
@@ -135,6 +152,7 @@ def prune(
         db.execute("DELETE FROM last_logins WHERE at <= ?", (now - login_delay,))
         db.execute("DELETE FROM login_attempts WHERE count <= 0")
         db.execute("DELETE FROM connections WHERE count <= 0")
+        db.execute("DELETE FROM verified_passwords WHERE expires <= ?", (now,))
 
 
 @implementer(ILoginThrottle)
@@ -327,5 +345,73 @@ class SharedConnectionLimiter(ConnectionLimiter):
                 "popserv.shared_state_error: peer={peer} error={error}; "
                 "the connection stays counted until this worker ends",
                 peer=peer,
+                error=str(e),
+            )
+
+
+@implementer(IVerifiedDigests)
+class SharedDigests:
+    """``IVerifiedDigests`` over the shared database: a user verified by one worker is a
+    hit in every other that has the same key.
+
+    A lookup is one SELECT by primary key in the reactor thread.  A database error is a
+    miss (the slow way, logged); one while remembering or forgetting is logged and
+    passes: an entry left behind still holds the stored hash it matched, so a changed
+    password never meets it.
+    """
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __len__(self) -> int:
+        (count,) = self.db.execute("SELECT count(*) FROM verified_passwords").fetchone()
+        return count
+
+    def lookup(self, user: str, now: float) -> bytes | None:
+        try:
+            row = self.db.execute(
+                "SELECT digest FROM verified_passwords WHERE user = ? AND expires > ?",
+                (user, now),
+            ).fetchone()
+        except sqlite3.Error as e:
+            log.error(
+                "popserv.shared_state_error: verified password of {user}: {error}; "
+                "verifying the slow way",
+                user=user,
+                error=str(e),
+            )
+            return None
+        return None if row is None else row[0]
+
+    def remember(self, user: str, digest: bytes, expires: float, size: int) -> None:
+        try:
+            with _immediate(self.db) as db:
+                db.execute(
+                    "INSERT INTO verified_passwords (user, digest, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user) DO UPDATE SET digest = excluded.digest, "
+                    "expires = excluded.expires",
+                    (user, digest, expires),
+                )
+                (count,) = db.execute("SELECT count(*) FROM verified_passwords").fetchone()
+                if count > size:
+                    db.execute(
+                        "DELETE FROM verified_passwords WHERE user IN (SELECT user FROM "
+                        "verified_passwords ORDER BY expires LIMIT ?)",
+                        (count - size,),
+                    )
+        except sqlite3.Error as e:
+            log.error(
+                "popserv.shared_state_error: remembering the verified password of {user}: {error}",
+                user=user,
+                error=str(e),
+            )
+
+    def forget(self, user: str) -> None:
+        try:
+            self.db.execute("DELETE FROM verified_passwords WHERE user = ?", (user,))
+        except sqlite3.Error as e:
+            log.error(
+                "popserv.shared_state_error: forgetting the verified password of {user}: {error}",
+                user=user,
                 error=str(e),
             )

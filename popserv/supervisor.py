@@ -20,7 +20,9 @@ figures in ``prometheus_client``'s multiprocess files under ``<state_dir>/metric
 the supervisor serves their sum.  The supervisor makes the TLS session-ticket keys at
 start, in memory, hands them to each worker it starts and sends new ones every
 ``ROTATION_INTERVAL`` (``popserv.ticketkeys``), so a client resumes its session
-whichever worker takes its next connection.
+whichever worker takes its next connection.  It makes the key of the verified-password
+digests the workers share (``popserv.credcache``) the same way, once, and hands it to each
+worker it starts, so a password verified on one is a hit on all.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from popserv.ticketkeys import ROTATION_INTERVAL, TicketKeys
 from popserv.worker import (
     FIRST_LISTENER_FD,
     WORKER_ENV,
+    auth_cache_key_frame,
     credentials_frame,
     ticket_keys_frame,
     worker_settings,
@@ -334,6 +337,7 @@ class SharedStateKeeper(Service):
         try:
             self.db = sharedstate.open_database(self.path)
             sharedstate.forget_processes_except(self.db, _alive)
+            sharedstate.forget_verified(self.db)
         except (OSError, sqlite3.Error) as e:
             # No worker could count failed logins: better no server than one without.
             self.db = None
@@ -421,8 +425,10 @@ class WorkerPool(Service):
         on_ended=None,
         observer=None,
         ticket_keys: TicketKeys | None = None,
+        auth_cache_key: bytes | None = None,
     ):
-        """``ticket_keys``: the TLS session-ticket keys to start with (none: new ones)."""
+        """``ticket_keys``: the TLS session-ticket keys to start with (none: new ones);
+        ``auth_cache_key``: the key of the verified-password digests (none: a new one)."""
         self.count = count
         self.config = config
         self.listeners = listeners
@@ -435,6 +441,9 @@ class WorkerPool(Service):
         #: The session-ticket keys every worker has, made here in memory and rotated.
         self.ticket_keys = ticket_keys if ticket_keys is not None else TicketKeys.make()
         self._rotation = None
+        #: The key of the verified-password digests every worker shares; never rotated:
+        #: a new one would only turn every entry into a miss.
+        self.auth_cache_key = auth_cache_key if auth_cache_key is not None else os.urandom(32)
         self._on_ready = on_ready
         #: Called with the pid of each worker that ended.
         self._on_ended = on_ended
@@ -681,7 +690,11 @@ class WorkerProcess(ProcessProtocol):
         super().makeConnection(transport)
         # First things on the worker's standard input, read before it serves; later
         # frames are new ticket keys (popserv.worker.ParentWatch).
-        self.send(credentials_frame(self._pem) + ticket_keys_frame(self.pool.ticket_keys))
+        self.send(
+            credentials_frame(self._pem)
+            + ticket_keys_frame(self.pool.ticket_keys)
+            + auth_cache_key_frame(self.pool.auth_cache_key)
+        )
         self._pem = None
 
     def send(self, data: bytes) -> None:

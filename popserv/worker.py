@@ -9,7 +9,9 @@ listeners get ``popserv.proxyproto``'s PROXY-protocol wrapper, as the endpoint w
 
 Standard input is a pipe from the supervisor carrying frames (``frame``): first the
 certificate and key it read, then the TLS session-ticket keys shared by every worker
-(``popserv.ticketkeys``), again at each rotation; they are never written to disk.
+(``popserv.ticketkeys``), then the key of the verified-password digests they share
+(``popserv.credcache``); later, new ticket keys at each rotation.  No key is ever
+written to disk.
 
 Its log goes to standard output as JSON lines, which the supervisor writes into its own
 log with ``worker=<pid>``.  A worker dies with its supervisor, as a killed server of one
@@ -53,6 +55,7 @@ _PR_SET_PDEATHSIG = 1
 #: The kinds of frame on a worker's standard input, and the longest line that starts one.
 TLS_FRAME = b"tls"
 TICKET_KEYS_FRAME = b"ticket-keys"
+AUTH_CACHE_KEY_FRAME = b"auth-cache-key"
 MAX_HEADER = 80
 
 
@@ -196,13 +199,31 @@ def adopting(listeners: list[dict], reactor, proxy_timeout: float = PROXY_TIMEOU
 
 
 class SharedParts:
-    """The throttle and connection limiters of a worker, over the shared database."""
+    """The throttle, connection limiters and verified-password cache of a worker, over
+    the shared database."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache_key: bytes | None = None):
+        """``cache_key``: the supervisor's key of the verified-password digests (None:
+        one of this worker's own, so that its entries hit only here)."""
         from popserv.sharedstate import open_database
 
         self.path = path
         self.db = open_database(path)
+        self.cache_key = cache_key if cache_key is not None else os.urandom(32)
+
+    def verified_passwords(self, config: Config, clock, metrics):
+        """The ``VerifiedPasswords`` every worker with the same key shares."""
+        from popserv.credcache import VerifiedPasswords
+        from popserv.sharedstate import SharedDigests
+
+        return VerifiedPasswords(
+            clock,
+            config.auth_cache_ttl,
+            config.auth_cache_size,
+            metrics=metrics,
+            key=self.cache_key,
+            store=SharedDigests(self.db),
+        )
 
     def pop3_parts(self, config: Config, clock) -> dict:
         """``POP3Factory`` keywords: the shared ``throttle`` and ``limiter``."""
@@ -251,6 +272,11 @@ def ticket_keys_frame(keys: TicketKeys) -> bytes:
     return frame(TICKET_KEYS_FRAME, keys.to_bytes())
 
 
+def auth_cache_key_frame(key: bytes) -> bytes:
+    """The key of the shared verified-password digests: sent after the ticket keys."""
+    return frame(AUTH_CACHE_KEY_FRAME, key)
+
+
 def _header(line: bytes) -> tuple[bytes, list[int]]:
     kind, *lengths = line.split()
     if not lengths or not all(length.isdigit() for length in lengths):
@@ -292,6 +318,14 @@ def read_ticket_keys(fd: int = 0) -> TicketKeys:
     """What ``ticket_keys_frame`` wrote on ``fd``."""
     (keys,) = read_frame(fd, TICKET_KEYS_FRAME)
     return TicketKeys.from_bytes(keys)
+
+
+def read_auth_cache_key(fd: int = 0) -> bytes:
+    """What ``auth_cache_key_frame`` wrote on ``fd``."""
+    (key,) = read_frame(fd, AUTH_CACHE_KEY_FRAME)
+    if len(key) < 32:
+        raise ValueError("the supervisor's verified-password key is too short")
+    return key
 
 
 class FrameReader:
@@ -403,6 +437,7 @@ def main(reactor) -> None:
     listeners = settings["listeners"]
     pem = read_credentials(0)
     ticket_keys = TicketKeyRing(read_ticket_keys(0))
+    cache_key = read_auth_cache_key(0)
     from popserv.tls import ReloadableTLS, tls_files
 
     cert_path, key_path, self_signed = tls_files(config)
@@ -414,7 +449,7 @@ def main(reactor) -> None:
         config,
         reactor,
         listen=adopting(listeners, reactor, config.proxy_timeout),
-        shared=SharedParts(settings["shared_state"]),
+        shared=SharedParts(settings["shared_state"], cache_key),
         tls=tls,
     )
     stop = _Stopper(reactor)

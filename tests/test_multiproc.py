@@ -37,13 +37,16 @@ from popserv.sessions import read_sessions
 from popserv.ticketkeys import TicketKeys
 from popserv.tls import generate_self_signed
 from popserv.worker import (
+    AUTH_CACHE_KEY_FRAME,
     TICKET_KEYS_FRAME,
     WORKER_ENV,
     FrameReader,
     ParentWatch,
+    auth_cache_key_frame,
     config_from_json,
     config_to_json,
     credentials_frame,
+    read_auth_cache_key,
     read_credentials,
     read_ticket_keys,
     ticket_keys_frame,
@@ -781,11 +784,33 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def test_workers_get_the_credentials_then_the_ticket_keys(self):
         """Every worker's standard input starts with the certificate frame, then the
-        pool's ticket keys: the same for every worker, made in memory."""
+        pool's ticket keys, then its verified-password key: the same for every worker,
+        made in memory."""
         keys = self.pool.ticket_keys
+        self.assertEqual(len(self.pool.auth_cache_key), 32)
         for slot in (0, 1):
             frames = self.stdin_frames(self.worker(slot))
-            self.assertEqual(frames, [(b"tls", [b"", b""]), (TICKET_KEYS_FRAME, [keys.to_bytes()])])
+            self.assertEqual(
+                frames,
+                [
+                    (b"tls", [b"", b""]),
+                    (TICKET_KEYS_FRAME, [keys.to_bytes()]),
+                    (AUTH_CACHE_KEY_FRAME, [self.pool.auth_cache_key]),
+                ],
+            )
+
+    def test_a_restarted_worker_gets_the_same_cache_key(self):
+        """A worker started in a dead one's place gets the key the others have, so the
+        passwords they verified are hits there too; another pool makes another key."""
+        key = self.pool.auth_cache_key
+        for slot in (0, 1):
+            self.say_ready(self.worker(slot))
+        self.end(self.worker(1))
+        self.reactor.advance(supervisor.RESTART_DELAY)
+        self.assertEqual(len(self.spawned), 3)
+        self.assertEqual(self.stdin_frames(self.worker(1))[-1], (AUTH_CACHE_KEY_FRAME, [key]))
+        other = supervisor.WorkerPool(1, Config(), [], FakeKeeper(), self.reactor, spawn=self.spawn)
+        self.assertNotEqual(other.auth_cache_key, key)
 
     def test_ticket_keys_rotate_for_every_worker(self):
         """Every ROTATION_INTERVAL each worker gets new keys, the previous current one
@@ -804,7 +829,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.end(self.worker(0))
         self.reactor.advance(supervisor.RESTART_DELAY)
         self.assertEqual(
-            self.stdin_frames(self.worker(0)),
+            self.stdin_frames(self.worker(0))[:2],
             [(b"tls", [b"", b""]), (TICKET_KEYS_FRAME, [rotated.to_bytes()])],
         )
         self.pool.stopService()
@@ -1008,6 +1033,16 @@ class FrameTests(SynchronousTestCase):
         os.write(write, credentials_frame(pem) + ticket_keys_frame(keys) + b"later bytes")
         os.close(write)
         return read_credentials(read), read_ticket_keys(read) == keys, os.read(read, 100)
+
+    def test_auth_cache_key(self):
+        """The verified-password key comes back as written; a short one is refused."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        key = os.urandom(32)
+        os.write(write, auth_cache_key_frame(key) + auth_cache_key_frame(b"short"))
+        os.close(write)
+        self.assertEqual(read_auth_cache_key(read), key)
+        self.assertRaises(ValueError, read_auth_cache_key, read)
 
     def test_read_back_exactly(self):
         """The two PEM texts and the keys come back as written, and nothing after them is
