@@ -90,10 +90,20 @@ class DaemonTests(TestCase):
                 time.sleep(0.1)
         client.user("alice")
         self.assertTrue(client.pass_("wonderland").startswith(b"+OK"))
+        # The open-session list is written in the background, after the fork too.
+        _wait_for(lambda: cluster.psql("SELECT count(*) FROM popserv_sessions").strip() == "1")
         client.quit()
-        # Logins that reach the pool (the throttle's calls) were served by its threads.
-        rows = cluster.psql("SELECT count(*) FROM popserv_sessions")
-        self.assertEqual(rows.strip(), "0")
+        _wait_for(lambda: cluster.psql("SELECT count(*) FROM popserv_sessions").strip() == "0")
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
 
 
 def _kill_pidfile(path: str) -> None:
