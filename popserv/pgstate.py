@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from popserv.interfaces import ILoginThrottle, ISessionRegistry, OpenSession
 from popserv.pgdb import CONNECT_TIMEOUT, Database, DatabaseUnavailable
+from popserv.process import process_alive
 from popserv.sessions import MemorySessionRegistry
 from popserv.throttle import FAILURE_MEMORY, MAX_USERS_PER_PEER, ThrottleSettings
 from popserv.workers import Workers
@@ -198,19 +199,6 @@ def forget_dead_processes(connection, node: str, alive: Callable[[int], bool]) -
                     f"DELETE FROM {table} WHERE node = %s AND pid = ANY(%s)", (node, gone)
                 )
     return gone
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (it may belong to another user)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cluster_sessions(connection) -> list[OpenSession]:

@@ -143,3 +143,15 @@ def check_user(config: Config) -> None:
                 f"[server] user = {config.user}: no such user on this machine "
                 "(create it, e.g. useradd --system popserv, or leave the key empty)"
             ) from None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (it may belong to another user):
+    what the shared state of workers and nodes asks before it forgets a process's rows."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -46,6 +46,7 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from popserv import sharedstate
 from popserv.config import Config, ConfigError
 from popserv.notify import NotifyService
+from popserv.process import process_alive
 from popserv.service import Listener
 from popserv.ticketkeys import ROTATION_INTERVAL, TicketKeys
 from popserv.worker import (
@@ -336,7 +337,7 @@ class SharedStateKeeper(Service):
         super().startService()
         try:
             self.db = sharedstate.open_database(self.path)
-            sharedstate.forget_processes_except(self.db, _alive)
+            sharedstate.forget_processes_except(self.db, process_alive)
             sharedstate.forget_verified(self.db)
         except (OSError, sqlite3.Error) as e:
             # No worker could count failed logins: better no server than one without.
@@ -380,16 +381,6 @@ class SharedStateKeeper(Service):
 def _stop(reactor) -> None:
     if reactor.running:
         reactor.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SupervisorNotify(NotifyService):
