@@ -6,6 +6,7 @@ Listens on 127.0.0.1 port 0 only; nothing here contacts any other address.
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 from twisted.internet import endpoints, reactor
@@ -47,8 +48,31 @@ def start_smtp(testcase, server: LiveServer, **config_overrides):
     return endpoint.listen(tracker).addCallback(listening)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(word) for word in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago, for a server in a child process."""
+    """A loopback TCP port that was free a moment ago, for a server in a child process.
+
+    Taken below the kernel's ephemeral range where there is room: a port from that
+    range (what binding port 0 gives) may meanwhile become the local end of any client
+    connection the tests make, and the child then fails to bind it.
+    """
+    low, _ = _ephemeral_range()
+    candidates = random.sample(range(10000, low), min(50, max(low - 10000, 0)))
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
