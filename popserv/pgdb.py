@@ -355,6 +355,28 @@ def ensure_schema(connection) -> int:
     return schema_version(connection)
 
 
+def reach_database(conninfo: str, upgrade: bool = True) -> int:
+    """Connect once to ``conninfo`` and (``upgrade``) make or upgrade the schema; the
+    schema's version (blocking).  ``popserv check`` only reads it: it changes nothing.
+
+    What ``twistd popserv`` and ``popserv check`` ask before anything else starts:
+    raises ``ConfigError`` when psycopg is not installed, ``DatabaseUnavailable`` when
+    the server cannot be reached or refuses (libpq's reason, which names no password).
+    """
+    from popserv.config import ConfigError
+
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "[cluster] database needs psycopg 3 and its pool: pip install 'popserv[cluster]'"
+        ) from None
+    from twisted.internet import reactor
+
+    return Database(conninfo, reactor).call(ensure_schema if upgrade else schema_version)
+
+
 def open_database(conninfo: str, reactor=None, **kw) -> Database:
     """A ``Database`` for ``conninfo``, its schema made or upgraded (blocking).
 

@@ -361,6 +361,22 @@ def _private_file_problems(config: Config) -> list[str]:
     return problems
 
 
+def _database_problems(config: Config) -> list[str]:
+    """``[cluster] database`` out of reach, or psycopg missing (nothing is written there)."""
+    if not config.cluster_database:
+        return []
+    from popserv.interfaces import SharedStateUnavailable
+    from popserv.pgdb import reach_database
+
+    try:
+        reach_database(config.cluster_database, upgrade=False)
+    except ConfigError as e:
+        return [str(e)]
+    except SharedStateUnavailable as e:
+        return [f"[cluster] database: {' '.join(str(e).split())}"]
+    return []
+
+
 def _users_file_problems(config: Config) -> list[str]:
     """A users file that cannot be read, or names the server would refuse."""
     from popserv.auth import Entry, UsersFile
@@ -401,6 +417,7 @@ def server_problems(config: Config, user: str | None = None) -> list[str]:
 
     problems = _listener_problems(config) + _tls_problems(config)
     problems += _private_file_problems(config) + _users_file_problems(config)
+    problems += _database_problems(config)
     try:
         check_user(config)
     except ConfigError as e:

@@ -15,6 +15,7 @@ from popserv.config import (
     parse_domains,
     parse_value,
 )
+from popserv.interfaces import SharedStateUnavailable
 from popserv.startup import LISTENER_SETTINGS, StartupError, check_ports, one_line
 
 _EXAMPLE_LISTENER = "tcp:1110:interface=127.0.0.1"
@@ -293,6 +294,11 @@ def makeService(options: Options) -> IService:
     check_ports(config)
     foreground = options.parent is None or bool(options.parent.get("nodaemon"))
     try:
+        if config.cluster_database:
+            # Before any worker starts: one line if the database is out of reach.
+            from popserv.pgdb import reach_database
+
+            reach_database(config.cluster_database)
         if supervisor.worker_count(config) > 1:
             from twisted.internet import reactor
 
@@ -301,6 +307,8 @@ def makeService(options: Options) -> IService:
             server = service.make_service(config, foreground=foreground)
     except ConfigError as e:
         raise StartupError(str(e)) from None
+    except SharedStateUnavailable as e:
+        raise StartupError(f"[cluster] database: {one_line(e)}") from None
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         raise StartupError(f"{where}{e.strerror or one_line(e)}") from None

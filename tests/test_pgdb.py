@@ -123,3 +123,54 @@ def _kill_pidfile(path: str) -> None:
             return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
+
+
+class StartChecksTests(TestCase):
+    """A database out of reach stops ``twistd popserv`` with one line, and ``popserv check``
+    names it; a reachable one passes both."""
+
+    def _config(self, url: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        config = os.path.join(path, "popserv.ini")
+        with open(config, "w") as f:
+            f.write(
+                f"[server]\nmailroot = {path}/mail\nusers = {path}/users\n"
+                f"state_dir = {path}/state\nworkers = 1\n"
+                f"[pop3]\nlisten = tcp:{free_port()}:interface=127.0.0.1\n"
+                f"[pop3s]\nlisten =\n[smtp]\nlisten =\n[tls]\nself_signed_dir = {path}/tls\n"
+                f"[cluster]\ndatabase = {url}\n"
+            )
+        return config
+
+    def _program(self, *argv: str):
+        import subprocess
+        import sys
+
+        from tests.live_twistd import REPO
+
+        return subprocess.run(
+            [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+
+    def test_unreachable_database(self):
+        from tests.live_twistd import TWISTD
+
+        config = self._config(f"postgresql://popserv:s3cret@127.0.0.1:{free_port()}/popserv")
+        started = self._program("-c", TWISTD, "-n", "--pidfile=", "popserv", "--config", config)
+        self.assertEqual(started.returncode, 1)
+        lines = started.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, started.stderr)
+        self.assertRegex(lines[0], r"^popserv: \[cluster\] database: connection failed: ")
+        self.assertNotIn("s3cret", started.stderr)
+        checked = self._program("-m", "popserv", "check", "--config", config)
+        self.assertEqual(checked.returncode, 1)
+        self.assertIn("popserv: [cluster] database: connection failed: ", checked.stderr)
+
+    def test_reachable_database(self):
+        url = shared_server().new_database()
+        checked = self._program("-m", "popserv", "check", "--config", self._config(url))
+        self.assertEqual(checked.returncode, 0, checked.stderr)
+        # check reads, it writes nothing: the database is still empty.
+        name = url.rsplit("/", 1)[1]
+        self.assertEqual(shared_server().psql("SELECT to_regclass('popserv_schema')", name), "\n")
