@@ -248,6 +248,20 @@ class IConnectionLimiter(Interface):
         """A connection counted by ``opened`` has ended."""
 
 
+class _Busy:
+    """``ILoginThrottle.begin``'s answer when attempts under way, not failures, reach the
+    limit: refuse for now without counting it (a burst of logins from one address)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "BUSY"
+
+
+BUSY = _Busy()
+
+
 class ILoginThrottle(Interface):
     """Failed-login accounting: the delay before a failure's reply, lockout and LOGIN-DELAY.
 
@@ -264,6 +278,10 @@ class ILoginThrottle(Interface):
         Until it ends, the attempt counts against the peer's limit as if it had failed,
         so attempts made in parallel cannot pass the limit.  False: the peer failed
         too often; refuse without verifying, and end the attempt with ``failed``.
+        ``BUSY`` (also false): the peer's failures are below the limit, but with its
+        attempts under way they reach it; refuse without verifying for now, and end the
+        attempt with ``abandoned``, so that a burst of logins from one address (many
+        users behind one NAT) is never counted as failures.
         """
 
     def succeeded(peer, user):

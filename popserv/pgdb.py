@@ -159,6 +159,30 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             " END $$",
         ),
     ),
+    (
+        5,
+        (
+            # popserv_login_begin's two counts apart, {failures, attempts under way}: a
+            # burst of logins from one address is refused for now, not counted as failed.
+            "CREATE FUNCTION popserv_login_admit(p_peer text, p_node text, p_pid integer,"
+            " p_now double precision, p_memory double precision, p_lifetime double precision)"
+            " RETURNS integer[] LANGUAGE plpgsql AS $$"
+            " DECLARE failures integer; attempts integer;"
+            " BEGIN"
+            "  SELECT CASE WHEN p_now - last <= p_memory THEN total ELSE 0 END INTO failures"
+            "   FROM popserv_login_peers WHERE peer = p_peer FOR UPDATE;"
+            "  SELECT coalesce(sum(count), 0) INTO attempts FROM popserv_login_attempts"
+            "   WHERE peer = p_peer AND p_now - at <= p_lifetime;"
+            "  INSERT INTO popserv_login_attempts AS a (peer, node, pid, count, at)"
+            "   VALUES (p_peer, p_node, p_pid, 1, p_now) ON CONFLICT (peer, node, pid) DO UPDATE"
+            "   SET count = CASE WHEN p_now - a.at <= p_lifetime THEN a.count + 1 ELSE 1 END,"
+            "   at = p_now;"
+            "  RETURN ARRAY[coalesce(failures, 0), attempts];"
+            " END $$",
+            "DROP FUNCTION popserv_login_begin(text, text, integer, double precision,"
+            " double precision, double precision)",
+        ),
+    ),
 ]
 
 

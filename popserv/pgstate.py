@@ -33,7 +33,7 @@ from popserv.interfaces import ILoginThrottle, ISessionRegistry, OpenSession
 from popserv.pgdb import CONNECT_TIMEOUT, Database, DatabaseUnavailable
 from popserv.process import process_alive
 from popserv.sessions import MemorySessionRegistry
-from popserv.throttle import FAILURE_MEMORY, MAX_USERS_PER_PEER, ThrottleSettings
+from popserv.throttle import FAILURE_MEMORY, MAX_USERS_PER_PEER, ThrottleSettings, admission
 from popserv.workers import Workers
 
 log = Logger()
@@ -103,10 +103,12 @@ class PostgresLoginThrottle:
     def begin(self, peer: str, user: str | None) -> defer.Deferred:
         d = self._run(
             _one,
-            "SELECT popserv_login_begin(%s, %s, %s, %s, %s, %s)",
+            "SELECT popserv_login_admit(%s, %s, %s, %s, %s, %s)",
             (peer, self.node, self.pid, self.clock.seconds(), self.memory, self.lifetime),
         )
-        return d.addCallback(lambda others: others < self.settings.max_failures)
+        # (failures, attempts under way): one array, so one round trip still.
+        limit = self.settings.max_failures
+        return d.addCallback(lambda counts: admission(counts[0], sum(counts), limit))
 
     def succeeded(self, peer: str, user: str | None) -> defer.Deferred:
         d = self._run(

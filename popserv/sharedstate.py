@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from popserv.interfaces import IConnectionLimiter, ILoginThrottle, IVerifiedDigests
 from popserv.limits import DESCRIPTORS, IN_ALL, PER_PEER, ConnectionLimiter, accounting_key
-from popserv.throttle import FAILURE_MEMORY, MAX_USERS_PER_PEER, ThrottleSettings
+from popserv.throttle import FAILURE_MEMORY, MAX_USERS_PER_PEER, ThrottleSettings, admission
 
 log = Logger()
 
@@ -189,9 +189,9 @@ class SharedLoginThrottle:
     def begin(self, peer: str, user: str | None) -> bool:
         with _immediate(self.db) as db:
             # Failures of an address quiet for ``memory`` seconds no longer count.
-            (others,) = db.execute(
+            failures, attempts = db.execute(
                 "SELECT coalesce((SELECT total FROM login_peers WHERE peer = ?1 AND ?2 - last "
-                "<= ?3), 0) + (SELECT coalesce(sum(count), 0) FROM login_attempts "
+                "<= ?3), 0), (SELECT coalesce(sum(count), 0) FROM login_attempts "
                 "WHERE peer = ?1)",
                 (peer, self.clock.seconds(), self.memory),
             ).fetchone()
@@ -200,7 +200,7 @@ class SharedLoginThrottle:
                 "ON CONFLICT (peer, pid) DO UPDATE SET count = count + 1",
                 (peer, self.pid),
             )
-        return others < self.settings.max_failures
+        return admission(failures, failures + attempts, self.settings.max_failures)
 
     def succeeded(self, peer: str, user: str | None) -> None:
         self._end_attempt(peer)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
-from popserv.interfaces import ILoginThrottle
+from popserv.interfaces import BUSY, ILoginThrottle
 
 #: Addresses whose failed logins are remembered, at most (oldest forgotten first).
 MAX_TRACKED_PEERS = 10000
@@ -96,7 +96,7 @@ class MemoryLoginThrottle:
         record = self._peer(peer)
         others = record.total + record.in_flight
         record.in_flight += 1
-        return others < self.settings.max_failures
+        return admission(record.total, others, self.settings.max_failures)
 
     def succeeded(self, peer: str, user: str | None) -> None:
         record = self._peers.get(peer)
@@ -140,3 +140,10 @@ class MemoryLoginThrottle:
             return False
         logins[user] = now
         return True
+
+
+def admission(failures: int, others: int, limit: int):
+    """``ILoginThrottle.begin``'s answer: True, False (failed too often) or ``BUSY``."""
+    if others < limit:
+        return True
+    return False if failures >= limit else BUSY

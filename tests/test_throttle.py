@@ -310,6 +310,29 @@ class ParallelGuessTests(ThrottleCase):
         self.assertFalse(any(line.startswith(b"+OK Logged in") for line in last), last)
         self.assertFalse(self.store.is_locked("alice"))
 
+    def test_a_burst_of_right_logins_is_not_counted_as_failures(self):
+        """25 right PASS at once from one address (users behind one NAT): those past the
+        limit wait their turn with a temporary reply, and count as no failure, so the
+        address is not locked out afterwards.  (More verifications run at once than the
+        limit, as across several workers or nodes, whose attempts all count.)"""
+        self.config = self.config.replace(auth_max_verifications=30)
+        self.factory.config = self.config
+        checker = ControlledChecker()
+        self.use_checker(checker)
+        users = [f"user{n}" for n in range(25)]
+        sessions = [self.session_from("192.0.2.7") for _ in users]
+        for (proto, _), user in zip(sessions, users, strict=True):
+            proto.dataReceived(b"USER %s\r\nPASS secret\r\n" % user.encode())
+        refused = [t for _, t in sessions if Reply.TOO_MANY_LOGINS in t.value()]
+        self.assertEqual(len(refused), 25 - self.config.pop3_max_failures)
+        while checker.pending:
+            credentials, d = checker.pending.pop(0)
+            d.callback(credentials.username.decode())
+        proto, transport = self.session_from("192.0.2.7")
+        proto.dataReceived(b"USER late\r\nPASS secret\r\n")
+        checker.pending.pop(0)[1].callback("late")
+        self.assertTrue(self.lines(transport)[-1].startswith(b"+OK Logged in"))
+
     def test_waiting_logins_per_address_are_bounded(self):
         """Beyond the verifications running and max_waiting_per_peer, logins are refused."""
         self.config = self.config.replace(auth_max_waiting_per_peer=8)

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popserv.interfaces import (
+    BUSY,
     IMaildrop,
     LockUnavailable,
     MaildropLocked,
@@ -89,6 +90,13 @@ class LoginAttempts:
             if not self.session.connected:
                 # Gone while the throttle answered: nothing to verify for.
                 self.end_attempt(self.factory.throttle.abandoned, user)
+                return None
+            if allowed is BUSY:
+                # Logins under way from the address, not failures, reach the limit.
+                self._give_up()
+                self.end_attempt(self.factory.throttle.abandoned, user)
+                self.log_login_failed(user, "too-many-logins")
+                self.answer(Reply.TOO_MANY_LOGINS)
                 return None
             if not allowed:
                 self._give_up()
