@@ -36,6 +36,30 @@ POOL_SIZE = 4
 #: The advisory lock key (in the first key space) that serializes schema upgrades.
 _SCHEMA_LOCK = 0x706F70  # "pop"
 
+
+def _login_admission(name: str, returns: str, result: str) -> str:
+    """A throttle's ``begin`` as a function: the address's recent failures and attempts
+    under way, counted while its row is locked, then this attempt recorded; it returns
+    ``result`` of the two (migration 4 their sum, migration 5 both)."""
+    return (
+        f"CREATE FUNCTION {name}(p_peer text, p_node text, p_pid integer,"
+        " p_now double precision, p_memory double precision, p_lifetime double precision)"
+        f" RETURNS {returns} LANGUAGE plpgsql AS $$"
+        " DECLARE failures integer; attempts integer;"
+        " BEGIN"
+        "  SELECT CASE WHEN p_now - last <= p_memory THEN total ELSE 0 END INTO failures"
+        "   FROM popserv_login_peers WHERE peer = p_peer FOR UPDATE;"
+        "  SELECT coalesce(sum(count), 0) INTO attempts FROM popserv_login_attempts"
+        "   WHERE peer = p_peer AND p_now - at <= p_lifetime;"
+        "  INSERT INTO popserv_login_attempts AS a (peer, node, pid, count, at)"
+        "   VALUES (p_peer, p_node, p_pid, 1, p_now) ON CONFLICT (peer, node, pid) DO UPDATE"
+        "   SET count = CASE WHEN p_now - a.at <= p_lifetime THEN a.count + 1 ELSE 1 END,"
+        "   at = p_now;"
+        f"  RETURN {result};"
+        " END $$"
+    )
+
+
 #: (version, statements): each upgrade runs once, in order, in one transaction.
 MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     (
@@ -104,21 +128,7 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             # popserv.pgstate's throttle calls, one round trip each.  Every one that
             # writes locks the address's popserv_login_peers row first (when it exists),
             # so calls for one address take their turns and never deadlock.
-            "CREATE FUNCTION popserv_login_begin(p_peer text, p_node text, p_pid integer,"
-            " p_now double precision, p_memory double precision, p_lifetime double precision)"
-            " RETURNS integer LANGUAGE plpgsql AS $$"
-            " DECLARE failures integer; attempts integer;"
-            " BEGIN"
-            "  SELECT CASE WHEN p_now - last <= p_memory THEN total ELSE 0 END INTO failures"
-            "   FROM popserv_login_peers WHERE peer = p_peer FOR UPDATE;"
-            "  SELECT coalesce(sum(count), 0) INTO attempts FROM popserv_login_attempts"
-            "   WHERE peer = p_peer AND p_now - at <= p_lifetime;"
-            "  INSERT INTO popserv_login_attempts AS a (peer, node, pid, count, at)"
-            "   VALUES (p_peer, p_node, p_pid, 1, p_now) ON CONFLICT (peer, node, pid) DO UPDATE"
-            "   SET count = CASE WHEN p_now - a.at <= p_lifetime THEN a.count + 1 ELSE 1 END,"
-            "   at = p_now;"
-            "  RETURN coalesce(failures, 0) + attempts;"
-            " END $$",
+            _login_admission("popserv_login_begin", "integer", "coalesce(failures, 0) + attempts"),
             "CREATE FUNCTION popserv_login_end(p_peer text, p_node text, p_pid integer)"
             " RETURNS void LANGUAGE sql AS $$"
             " UPDATE popserv_login_attempts SET count = count - 1"
@@ -164,21 +174,9 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         (
             # popserv_login_begin's two counts apart, {failures, attempts under way}: a
             # burst of logins from one address is refused for now, not counted as failed.
-            "CREATE FUNCTION popserv_login_admit(p_peer text, p_node text, p_pid integer,"
-            " p_now double precision, p_memory double precision, p_lifetime double precision)"
-            " RETURNS integer[] LANGUAGE plpgsql AS $$"
-            " DECLARE failures integer; attempts integer;"
-            " BEGIN"
-            "  SELECT CASE WHEN p_now - last <= p_memory THEN total ELSE 0 END INTO failures"
-            "   FROM popserv_login_peers WHERE peer = p_peer FOR UPDATE;"
-            "  SELECT coalesce(sum(count), 0) INTO attempts FROM popserv_login_attempts"
-            "   WHERE peer = p_peer AND p_now - at <= p_lifetime;"
-            "  INSERT INTO popserv_login_attempts AS a (peer, node, pid, count, at)"
-            "   VALUES (p_peer, p_node, p_pid, 1, p_now) ON CONFLICT (peer, node, pid) DO UPDATE"
-            "   SET count = CASE WHEN p_now - a.at <= p_lifetime THEN a.count + 1 ELSE 1 END,"
-            "   at = p_now;"
-            "  RETURN ARRAY[coalesce(failures, 0), attempts];"
-            " END $$",
+            _login_admission(
+                "popserv_login_admit", "integer[]", "ARRAY[coalesce(failures, 0), attempts]"
+            ),
             "DROP FUNCTION popserv_login_begin(text, text, integer, double precision,"
             " double precision, double precision)",
         ),
@@ -195,12 +193,13 @@ class Database:
 
     Connections are in autocommit mode; ``f`` opens ``connection.transaction()`` when it
     needs one.  ``start`` opens the pool without waiting for the server, ``stop`` closes it.
+    Without a ``reactor`` (a command-line tool) it serves the blocking ``call`` only.
     """
 
     def __init__(
         self,
         conninfo: str,
-        reactor,
+        reactor=None,
         *,
         size: int = POOL_SIZE,
         timeout: float = CONNECT_TIMEOUT,
@@ -210,7 +209,7 @@ class Database:
 
         self.conninfo = conninfo
         self.timeout = timeout
-        self.threads = Workers(reactor, size, "popserv-db")
+        self.threads = None if reactor is None else Workers(reactor, size, "popserv-db")
         self._connect_options = {
             "autocommit": True,
             "connect_timeout": max(1, int(timeout)),
@@ -236,13 +235,19 @@ class Database:
     def start(self) -> None:
         """Open the pool; connections come as the server answers."""
         if not self._open:
-            self.threads.start()
+            self._threads().start()
             self.pool.open(wait=False)
             self._open = True
 
+    def _threads(self) -> Workers:
+        if self.threads is None:
+            raise RuntimeError("a Database made without a reactor serves blocking calls only")
+        return self.threads
+
     def stop(self) -> None:
         """Close the pool and end the threads; safe to call twice."""
-        self.threads.stop()
+        if self.threads is not None:
+            self.threads.stop()
         if self._open:
             self._open = False
             self.pool.close(timeout=self.timeout)
@@ -284,7 +289,7 @@ class Database:
 
     def run(self, f: Callable, *args) -> defer.Deferred:
         """``f(connection, *args)`` in a database thread; fails with ``DatabaseUnavailable``."""
-        d = self.threads.run(self.call, f, *args)
+        d = self._threads().run(self.call, f, *args)
         d.addBoth(self._note_outcome)
         return d
 
@@ -396,9 +401,7 @@ def reach_database(conninfo: str, upgrade: bool = True) -> int:
         raise ConfigError(
             "[cluster] database needs psycopg 3 and its pool: pip install 'popserv[cluster]'"
         ) from None
-    from twisted.internet import reactor
-
-    return Database(conninfo, reactor).call(ensure_schema if upgrade else schema_version)
+    return Database(conninfo).call(ensure_schema if upgrade else schema_version)
 
 
 def open_database(conninfo: str, reactor=None, **kw) -> Database:
@@ -406,10 +409,9 @@ def open_database(conninfo: str, reactor=None, **kw) -> Database:
 
     Used at start and by the command-line tools; a server that cannot reach the database
     at start fails with ``DatabaseUnavailable``, as one whose users file is unreadable.
-    Its pool opens with ``start`` (``DatabaseService``, once the server runs).
+    Its pool opens with ``start`` (``DatabaseService``, once the server runs), which
+    needs the ``reactor``; the command-line tools, giving none, make blocking calls only.
     """
-    if reactor is None:
-        from twisted.internet import reactor
     database = Database(conninfo, reactor, **kw)
     database.call(ensure_schema)
     return database
