@@ -457,7 +457,7 @@ class PopservCluster(Popserv):
     def _start(self, tls: bool) -> None:
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
-        from popserv.pgdb import ensure_schema, open_database
+        from popserv.pgdb import open_database
         from popserv.proxyproto import V2_SIGNATURE
         from tests.live_pg import LivePostgres
 
@@ -467,7 +467,6 @@ class PopservCluster(Popserv):
         self.url = self.database.new_database()
         db = open_database(self.url)
         try:
-            db.call(ensure_schema)
             rows = ", ".join(f"('{user}', '{password}')" for user, password in self._users())
             db.call(
                 lambda conn: conn.execute(

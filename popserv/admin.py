@@ -85,23 +85,15 @@ def _users(args: argparse.Namespace) -> Iterator[_Users]:
     if not config.cluster_database or args.users:
         yield _Users(config)
         return
-    import logging
-
-    import psycopg
-
     from popserv.pgdb import DatabaseUnavailable, open_database
 
-    # The pool's own retries would each print a warning; the one reason is said below.
-    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
-        # One connection first: what libpq says when it fails is the message to show.
-        psycopg.connect(config.cluster_database, connect_timeout=5).close()
+        # A connection of its own (no pool before a server starts): libpq's reason, first
+        # line, is the message to show.
         database = open_database(config.cluster_database)
-    except psycopg.OperationalError as e:
+    except DatabaseUnavailable as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdminError(f"[cluster] database: {reason}") from None
-    except DatabaseUnavailable as e:
-        raise AdminError(f"[cluster] database: {e}") from None
     try:
         yield _Users(config, database)
     except DatabaseUnavailable as e:

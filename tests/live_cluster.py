@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from popserv.auth import hash_password
-from popserv.pgdb import ensure_schema, open_database
+from popserv.pgdb import reach_database
 from tests.live_pg import shared_server
 from tests.live_twistd import TwistdServer
 
@@ -55,11 +55,7 @@ class LiveCluster:
         self.server = shared_server()
         self.url = self.server.new_database()
         self.database_name = self.url.rsplit("/", 1)[1]
-        database = open_database(self.url)
-        try:
-            database.call(ensure_schema)
-        finally:
-            database.stop()
+        reach_database(self.url)
         self.users = dict(users)
         for user, password in users.items():
             self.add_user(user, password, scheme)
