@@ -41,16 +41,18 @@ class MemoryDigests:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, user: str, now: float) -> bytes | None:
+    def matches(self, user: str, digest: bytes, now: float) -> bool:
         entry = self._entries.get(user)
         if entry is None:
-            return None
-        digest, expires = entry
+            return False
+        remembered, expires = entry
         if expires <= now:
             del self._entries[user]
-            return None
-        self._entries.move_to_end(user)
-        return digest
+            return False
+        if not hmac.compare_digest(remembered, digest):
+            return False
+        self._entries.move_to_end(user)  # only a hit counts as a use
+        return True
 
     def remember(self, user: str, digest: bytes, expires: float, size: int) -> None:
         self._entries[user] = (digest, expires)
@@ -106,8 +108,7 @@ class VerifiedPasswords:
         if self.ttl <= 0:
             return verify()
         digest = self._digest(user, stored, password)
-        remembered = self._store.lookup(user, self.clock.seconds())
-        if remembered is not None and hmac.compare_digest(remembered, digest):
+        if self._store.matches(user, digest, self.clock.seconds()):
             self.metrics.auth_cache(True)
             return defer.succeed(True)
         self.metrics.auth_cache(False)

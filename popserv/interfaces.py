@@ -461,12 +461,13 @@ class IVerifiedDigests(Interface):
     decides nothing: the cache says what expires and how many stay.
     """
 
-    def lookup(user, now):
-        """``user``'s digest if its entry expires after ``now``, else None."""
+    def matches(user, digest, now):
+        """Whether ``user``'s entry is ``digest`` (compared in constant time) and
+        expires after ``now``."""
 
     def remember(user, digest, expires, size):
         """Keep ``digest`` as ``user``'s until ``expires``; beyond ``size`` users, drop
-        others: the least recently looked up (memory) or the soonest to expire (shared)."""
+        others: the least recently matched (memory) or the soonest to expire (shared)."""
 
     def forget(user):
         """Drop ``user``'s entry, if any."""

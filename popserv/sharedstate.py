@@ -27,6 +27,7 @@ refuses the connection as over ``max_connections``.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -367,7 +368,7 @@ class SharedDigests:
         (count,) = self.db.execute("SELECT count(*) FROM verified_passwords").fetchone()
         return count
 
-    def lookup(self, user: str, now: float) -> bytes | None:
+    def matches(self, user: str, digest: bytes, now: float) -> bool:
         try:
             row = self.db.execute(
                 "SELECT digest FROM verified_passwords WHERE user = ? AND expires > ?",
@@ -380,8 +381,8 @@ class SharedDigests:
                 user=user,
                 error=str(e),
             )
-            return None
-        return None if row is None else row[0]
+            return False
+        return row is not None and hmac.compare_digest(row[0], digest)
 
     def remember(self, user: str, digest: bytes, expires: float, size: int) -> None:
         try:

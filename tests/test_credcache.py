@@ -229,6 +229,18 @@ class SizeTests(CacheTestCase):
         self.assertTrue(self.check("bob", b"pw-bob"))
         self.assertEqual(self.run.calls, 4)
 
+    def test_a_wrong_password_is_no_use(self):
+        """Only a hit counts as a use: a wrong password for alice leaves her the oldest."""
+        self.assertTrue(self.check("alice", b"pw-alice"))
+        self.assertTrue(self.check("bob", b"pw-bob"))
+        self.assertFalse(self.check("alice", b"wrong"))
+        self.assertTrue(self.check("carol", b"pw-carol"))  # pushes out alice, not bob
+        calls = self.run.calls
+        self.assertTrue(self.check("bob", b"pw-bob"))
+        self.assertEqual(self.run.calls, calls)
+        self.assertTrue(self.check("alice", b"pw-alice"))
+        self.assertEqual(self.run.calls, calls + 1)
+
 
 class OffTests(CacheTestCase):
     ttl = 0
