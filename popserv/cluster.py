@@ -36,11 +36,6 @@ def node_name(configured: str = "", gethostname=socket.gethostname) -> str:
     return host[:63]
 
 
-def clustered(config) -> bool:
-    """Whether ``config`` names a shared database: users, locks and counters live there."""
-    return bool(config.cluster_database)
-
-
 def naming_node(config) -> str:
     """The node that names shared files in a cluster; empty for a node alone.
 

@@ -58,8 +58,9 @@ def make_service(
     from popserv.workers import Workers, WorkersService
 
     created, secret, tls = prepare_files(config, tls)
+    node = node_name(config.cluster_node)
     # [cluster] database: what the nodes share (users, locks, counters, sessions) is there.
-    database = _database(config, reactor)
+    database = _database(config, node, reactor)
     mailroot = os.path.abspath(config.mailroot)
     users = os.path.abspath(config.users)
     who_dir = os.path.join(os.path.abspath(config.state_dir), WHO_DIR)
@@ -85,12 +86,12 @@ def make_service(
     if database is None:
         userdb = PasswdFile(users, verify.run, secret=secret, cache=cache)
     else:
-        userdb = _database_users(config, database, reactor, verify.run, secret, cache)
-    locks = _maildrop_locks(config, database, reactor)
+        userdb = _database_users(database, node, reactor, verify.run, secret, cache)
+    locks = _maildrop_locks(config, database, node, reactor)
     store = MaildirStore(
         mailroot,
         maildrops.run,
-        node=node_name(config.cluster_node),
+        node=node,
         dovecot_uidl_format=config.pop3_dovecot_uidl_format,
         dovecot_reuse_xuidl=config.pop3_dovecot_reuse_xuidl,
         locks=locks,
@@ -104,7 +105,7 @@ def make_service(
     cluster_state = None
     if database is not None:
         # The nodes' lockout and session list; the connection limits stay per node.
-        cluster_state = _cluster_state(config, database, reactor)
+        cluster_state = _cluster_state(config, database, node, reactor)
         sessions = cluster_state.sessions
         shared_parts["throttle"] = cluster_state.throttle
     factory = POP3Factory(
@@ -214,49 +215,41 @@ def prepare_files(config: Config, tls=None) -> tuple[list[str], bytes, object]:
     return created, secret, tls
 
 
-def _database(config: Config, reactor):
+def _database(config: Config, node: str, reactor):
     """The shared ``popserv.pgdb.Database`` of ``[cluster] database``, or None without one."""
     if not config.cluster_database:
         return None
-    from popserv.cluster import node_name
     from popserv.pgdb import open_database
 
-    node = node_name(config.cluster_node)
     return open_database(config.cluster_database, reactor, name=f"popserv {node}")
 
 
-def _maildrop_locks(config: Config, database, reactor):
+def _maildrop_locks(config: Config, database, node: str, reactor):
     """With a shared database, maildrop locks every node sees (``popserv.pglocks``); else
     None: the store's ``flock`` alone."""
     if database is None:
         return None
-    from popserv.cluster import node_name
     from popserv.pglocks import cluster_locks
 
-    node = node_name(config.cluster_node)
     return cluster_locks(database.conninfo, node, reactor, config.cluster_lock_timeout)
 
 
-def _database_users(config: Config, database, reactor, run, secret, cache):
+def _database_users(database, node: str, reactor, run, secret, cache):
     """The users of ``popserv_users``, read now (blocking, as the database was opened)."""
-    from popserv.cluster import node_name
     from popserv.pgusers import DatabaseUsers
 
-    name = f"popserv {node_name(config.cluster_node)} users"
+    name = f"popserv {node} users"
     userdb = DatabaseUsers(database, reactor, run, secret=secret, cache=cache, name=name)
     userdb.load()
     return userdb
 
 
-def _cluster_state(config: Config, database, reactor):
+def _cluster_state(config: Config, database, node: str, reactor):
     """The ``popserv.pgstate.ClusterState`` of this node: its shared throttle and sessions."""
-    from popserv.cluster import node_name
     from popserv.pgstate import ClusterState
     from popserv.pop3 import throttle_settings
 
-    return ClusterState(
-        database, reactor, node_name(config.cluster_node), throttle_settings(config)
-    )
+    return ClusterState(database, reactor, node, throttle_settings(config))
 
 
 def _endpoint_listener(reactor, proxy_timeout: float):
