@@ -128,6 +128,7 @@ class TwistdServer:
             "".join(f"{user}:{hash_password(pw, 'PLAIN')}\n" for user, pw in users.items()),
         )
         self.log_path = os.path.join(self.root, "twistd.log")
+        self.stderr_path = os.path.join(self.root, "twistd.stderr")
         self.pop3_port = free_port()
         self.smtp_port = free_port() if smtp else None
         sections = {
@@ -174,13 +175,17 @@ class TwistdServer:
             "--pidfile=",
             "--logfile=-" if self.stdout_log else f"--logfile={self.log_path}",
         ]
-        with open(self.log_path, "ab") if self.stdout_log else open(os.devnull, "wb") as out:
+        # Standard error holds what stops twistd before it logs (a one-line startup error).
+        with (
+            open(self.log_path, "ab") if self.stdout_log else open(os.devnull, "wb") as out,
+            open(self.stderr_path, "ab") as err,
+        ):
             self.process = subprocess.Popen(
                 [*argv, "popserv", "--config", self.config_path],
                 cwd=REPO,
                 env=env,
                 stdout=out,
-                stderr=subprocess.DEVNULL,
+                stderr=err,
             )
         return self.process
 
@@ -195,7 +200,9 @@ class TwistdServer:
             and self.wait_workers(timeout)
         ):
             self.kill()
-            raise AssertionError(f"twistd did not start:\n{self.log()}")
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                err = f.read()
+            raise AssertionError(f"twistd did not start:\n{self.log()}\nstderr:\n{err}")
 
     def wait_workers(self, timeout: float) -> bool:
         """Whether, within ``timeout`` seconds, every worker runs and has its popserv who
